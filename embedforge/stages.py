@@ -13,6 +13,17 @@ from typing import Any, Callable
 # stage name -> ("module:ConfigClass", "module:runner")
 STAGES: dict[str, tuple[str, str]] = {
     "eval": ("embedforge.evaluation_config:EvalConfig", "embedforge.evaluation:run_stage"),
+    # convert/ (owner: convert workflow)
+    "convert": ("embedforge.convert.config:ConvertConfig", "embedforge.convert.pipeline:run_convert"),
+    "mntp": ("embedforge.convert.config:MntpConfig", "embedforge.convert.pipeline:run_mntp"),
+    "simcse": ("embedforge.convert.config:SimcseConfig", "embedforge.convert.pipeline:run_simcse"),
+    "contrastive": ("embedforge.convert.config:ContrastiveConfig", "embedforge.convert.pipeline:run_contrastive"),
+    # distill/
+    "distill": ("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
+    # compress/
+    "compress": ("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run"),
+    # export/
+    "export": ("embedforge.export.config:ExportConfig", "embedforge.export.pipeline:run"),
 }
 
 
