@@ -15,12 +15,13 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("embedforge.evaluation_config:EvalConfig", "embedforge.evaluation:run_stage"),
     # convert/ (owner: convert workflow)
     "convert": ("embedforge.convert.config:ConvertConfig", "embedforge.convert.pipeline:run_convert"),
-    "mntp": ("embedforge.convert.config:MntpConfig", "embedforge.convert.pipeline:run_mntp"),
-    "simcse": ("embedforge.convert.config:SimcseConfig", "embedforge.convert.pipeline:run_simcse"),
-    "contrastive": ("embedforge.convert.config:ContrastiveConfig", "embedforge.convert.pipeline:run_contrastive"),
+    "mntp": ("embedforge.convert.train_config:MntpConfig", "embedforge.convert.training:run_mntp"),
+    "simcse": ("embedforge.convert.train_config:SimcseConfig", "embedforge.convert.training:run_simcse"),
+    "contrastive": ("embedforge.convert.train_config:ContrastiveConfig", "embedforge.convert.training:run_contrastive"),
     # distill/
     "distill": ("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
-    # compress/
+    # compress/ (also: embedding quantizer / learned binarizer training)
+    "binarizer": ("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer"),
     "compress": ("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run"),
     # export/
     "export": ("embedforge.export.config:ExportConfig", "embedforge.export.pipeline:run"),
