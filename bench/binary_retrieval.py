@@ -1,0 +1,289 @@
+"""Binary retrieval benchmark: SciFact dev queries over the whole corpus, float vs binary indexes.
+
+    python bench/binary_retrieval.py --model minilm-l6 --out runs/bench-binary
+
+Compares, in one run and on the same vectors:
+
+* exact float search (FAISS ``IndexFlatIP``) — the reference nDCG@10, search time and index memory;
+* sign binarization in a FAISS ``IndexBinaryFlat``: hamming only, and top-``k`` by hamming rescored with the float
+  query against int8 document vectors (calibrated ranges) or float document vectors;
+* the learned multi-bit binarizer (BEBR-style, :mod:`embedforge.compress.binarizer`) trained on vectors of texts
+  that are NOT dev queries (SciFact corpus, SciFact train queries, generic sentences), scored with bit operations
+  only, and as a candidate generator with rescoring;
+* an equal-bit baseline for the learned 2-bit code: sign of a random 2x rotation (LSH with ``2 * D`` bits).
+
+Search times are single-threaded medians over repeats, for the 200 queries as one batch and one query at a time.
+Writes ``results.json`` (partial after every step) and ``results.md`` under ``--out``; ``run()`` returns the dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("bench.binary_retrieval")
+
+RESCORE_K = 100  # binary candidates per query handed to rescoring (10x the evaluated depth)
+
+
+def _texts_for_training(beir_train_queries: dict[str, str], dev_queries: dict[str, str], corpus: dict[str, str],
+                        n_generic: int) -> list[str]:
+    """Training texts for the binarizer: corpus + non-dev SciFact queries + generic sentences; no dev query."""
+    from embedforge.data import builtin
+
+    dev = set(dev_queries.values())
+    texts = list(corpus.values()) + [t for t in beir_train_queries.values() if t not in dev]
+    if n_generic:
+        generic = builtin("texts")["text"][:n_generic]
+        texts += [t for t in generic if t not in dev]
+    return texts
+
+
+def _encode_cached(encoder: Any, texts: list[str], cache: Path, desc: str) -> np.ndarray:
+    from embedforge.evaluation import encode
+
+    if cache.is_file():
+        arr = np.load(cache)
+        if arr.shape[0] == len(texts):
+            return arr
+    emb = encode(encoder, texts, batch_size=32, normalize=True, desc=desc)
+    np.save(cache, emb)
+    return emb
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` in seconds (one warm-up call first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _scores_from_topk(ids: np.ndarray, scores: np.ndarray, n_docs: int) -> np.ndarray:
+    """Dense query x doc matrix holding the given top-k scores and -inf elsewhere (for the metric code)."""
+    out = np.full((ids.shape[0], n_docs), -np.inf, dtype=np.float32)
+    for i in range(ids.shape[0]):
+        keep = ids[i] >= 0
+        out[i, ids[i][keep]] = scores[i][keep]
+    return out
+
+
+def _rank_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _write(out_dir: Path, result: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_dir / "results.json")
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    rows = ["| method | bits/doc | nDCG@10 | % of float | index bytes | memory ratio | search ms (batch) | "
+            "speed-up (batch) | search ms (1 query) | speed-up (1 query) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in result.get("methods", {}).items():
+        rows.append(
+            f"| {name} | {m.get('bits', '')} | {m['ndcg@10']:.2f} | {m.get('retention', 0) * 100:.1f} | "
+            f"{m.get('index_bytes', '')} | {m.get('memory_ratio', 0):.1f}x | {m.get('search_ms_batch', float('nan')):.2f} | "
+            f"{m.get('speedup_batch', float('nan')):.1f}x | {m.get('search_ms_single', float('nan')):.3f} | "
+            f"{m.get('speedup_single', float('nan')):.1f}x |")
+    head = [f"# Binary retrieval on SciFact dev ({result.get('model')})", "",
+            f"queries {result.get('n_queries')}, documents {result.get('n_docs')}, dim {result.get('dim')}, "
+            f"rescoring depth {RESCORE_K}", ""]
+    tail = ["", "Comparisons:", ""] + [f"- {k}: {v}" for k, v in result.get("comparisons", {}).items()]
+    return "\n".join(head + rows + tail) + "\n"
+
+
+def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int = 2, train_steps: int = 1500,
+        n_generic: int = 5000, repeats: int = 20, seed: int = 0, scifact_dir: str | None = None) -> dict[str, Any]:
+    """Run the whole benchmark for one model (a model dir / alias, a SentenceTransformer or an Encoder)."""
+    import faiss
+    import torch
+
+    from embedforge.compress.binarizer import BinarizerTraining, binarize, level_scores, train_binarizer
+    from embedforge.compress.quantization import (
+        Int8Calibration, binary_search, faiss_binary_index, pack_binary, rescore,
+    )
+    from embedforge.data import load_beir, shared_data_dir
+    from embedforge.evaluation import as_encoder, retrieval_metrics
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    root = Path(scifact_dir) if scifact_dir else shared_data_dir() / "scifact"
+    dev = load_beir(root, "dev")
+    train = load_beir(root, "train")
+    name = str(model_dir_or_encoder) if isinstance(model_dir_or_encoder, (str, os.PathLike)) else type(
+        model_dir_or_encoder).__name__
+    encoder = as_encoder(model_dir_or_encoder)
+    result: dict[str, Any] = {"model": name, "bits_learned": bits, "rescore_k": RESCORE_K, "methods": {},
+                              "comparisons": {}, "notes": {}}
+
+    # 1. vectors (cached in out_dir so reruns only redo the search part)
+    doc_ids = list(dev.corpus)
+    query_ids = list(dev.queries)
+    docs = _encode_cached(encoder, [dev.corpus[i] for i in doc_ids], out / "docs.npy", "corpus")
+    queries = _encode_cached(encoder, [dev.queries[i] for i in query_ids], out / "queries.npy", "queries")
+    train_texts = _texts_for_training(train.queries, dev.queries, dev.corpus, n_generic)
+    train_vecs = _encode_cached(encoder, train_texts, out / "train.npy", "binarizer texts")
+    n, dim = docs.shape
+    result.update(n_docs=n, n_queries=len(query_ids), dim=dim, n_train_vectors=len(train_texts))
+    metric = lambda s: retrieval_metrics(s, doc_ids, query_ids, dev.qrels)  # noqa: E731
+
+    def add(method: str, scores: np.ndarray, bits_per_doc: int, index_bytes: int, t_batch: float | None,
+            t_single: float | None, **extra: Any) -> None:
+        m = metric(scores)
+        entry = {"ndcg@10": m["ndcg@10"], "recall@100": m["recall@100"], "mrr@10": m["mrr@10"],
+                 "bits": bits_per_doc, "index_bytes": index_bytes, **extra}
+        if t_batch is not None:
+            entry["search_ms_batch"] = t_batch * 1000
+        if t_single is not None:
+            entry["search_ms_single"] = t_single * 1000
+        ref = result["methods"].get("float32 exact")
+        if ref is not None:
+            entry["retention"] = entry["ndcg@10"] / ref["ndcg@10"]
+            entry["memory_ratio"] = ref["index_bytes"] / index_bytes
+            if t_batch is not None:
+                entry["speedup_batch"] = ref["search_ms_batch"] / entry["search_ms_batch"]
+            if t_single is not None:
+                entry["speedup_single"] = ref["search_ms_single"] / entry["search_ms_single"]
+        else:
+            entry.update(retention=1.0, memory_ratio=1.0, speedup_batch=1.0, speedup_single=1.0)
+        result["methods"][method] = entry
+        logger.info("%s: nDCG@10 %.2f", method, entry["ndcg@10"])
+        _write(out, result)
+        (out / "results.md").write_text(_markdown(result))
+
+    # 2. exact float search
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(docs)
+    t_b = _time(lambda: flat.search(queries, 10), repeats)
+    t_s = _time(lambda: [flat.search(queries[i:i + 1], 10) for i in range(len(queries))], max(3, repeats // 4))
+    t_s /= len(queries)
+    add("float32 exact", queries @ docs.T, 32 * dim, docs.nbytes, t_b, t_s)
+
+    # 3. sign binarization: hamming only, then rescoring with int8 / float documents
+    codes = pack_binary(docs)
+    qcodes = pack_binary(queries)
+    index = faiss_binary_index(codes)
+    calib = Int8Calibration.fit(train_vecs)
+    docs_int8 = calib.quantize(docs)
+    _, cand = binary_search(index, qcodes, RESCORE_K)
+    hd, hi = binary_search(index, qcodes, RESCORE_K)
+    t_b = _time(lambda: binary_search(index, qcodes, 10), repeats)
+    t_s = _time(lambda: [binary_search(index, qcodes[i:i + 1], 10) for i in range(len(queries))],
+                max(3, repeats // 4)) / len(queries)
+    ham_scores = _scores_from_topk(hi, -hd.astype(np.float32) + 1e-3 * np.linspace(1, 0, RESCORE_K)[None], n)
+    add("sign binary (hamming)", ham_scores, dim, codes.nbytes, t_b, t_s)
+
+    def search_rescore_int8(qs: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, c = binary_search(index, qc, RESCORE_K)
+        return rescore(qs, c, docs_int8, 10, calibration=calib)
+
+    def search_rescore_float(qs: np.ndarray, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, c = binary_search(index, qc, RESCORE_K)
+        return rescore(qs, c, docs, 10)
+
+    for label, fn, extra_bytes in (("int8", search_rescore_int8, docs_int8.nbytes),
+                                   ("float", search_rescore_float, docs.nbytes)):
+        s, ids = fn(queries, qcodes)
+        s100, ids100 = rescore(queries, cand, docs_int8 if label == "int8" else docs, RESCORE_K,
+                               calibration=calib if label == "int8" else None)
+        t_b = _time(lambda: fn(queries, qcodes), repeats)
+        t_s = _time(lambda: [fn(queries[i:i + 1], qcodes[i:i + 1]) for i in range(len(queries))],
+                    max(3, repeats // 4)) / len(queries)
+        add(f"sign binary + {label} rescore", _scores_from_topk(ids100, s100, n), dim, codes.nbytes, t_b, t_s,
+            rescore_vectors_bytes=extra_bytes,
+            note=f"index in memory = packed bits; {label} document vectors read only for the {RESCORE_K} candidates "
+                 "(kept on disk / mmap, as in sentence-transformers' rescoring recipe)")
+
+    # 4. equal-bit baseline: sign of a random rotation to bits * dim
+    rng = np.random.default_rng(seed)
+    proj = np.linalg.qr(rng.standard_normal((bits * dim, dim)))[0].astype(np.float32)  # orthonormal columns
+    lsh_d, lsh_q = pack_binary(docs @ proj.T), pack_binary(queries @ proj.T)
+    lsh_index = faiss_binary_index(lsh_d)
+    hd2, hi2 = binary_search(lsh_index, lsh_q, RESCORE_K)
+    add(f"random-projection sign, {bits * dim} bits (hamming)",
+        _scores_from_topk(hi2, -hd2.astype(np.float32) + 1e-3 * np.linspace(1, 0, RESCORE_K)[None], n),
+        bits * dim, lsh_d.nbytes, None, None)
+
+    # 5. learned binarizers (k = 1 at equal bits with sign, k = bits)
+    for k in sorted({1, bits}):
+        hp = BinarizerTraining(bits=k, steps=train_steps, seed=seed)
+        t0 = time.perf_counter()
+        binarizer, hist = train_binarizer(train_vecs, hp)
+        train_s = time.perf_counter() - t0
+        d_codes, d_rec = binarize(binarizer, docs)
+        q_codes, q_rec = binarize(binarizer, queries)
+        scales = binarizer.scales.detach().numpy().astype(np.float64)
+        sym = level_scores(q_codes, d_codes, scales, dim)
+        check = float(np.abs(sym - q_rec @ d_rec.T).max())
+        add(f"learned {k}-bit (bit ops, symmetric)", sym, k * dim, d_codes.nbytes, None, None,
+            train_seconds=train_s, loss=hist, bitop_vs_float_max_abs=check)
+        add(f"learned {k}-bit (float query x codes)", queries @ d_rec.T, k * dim, d_codes.nbytes, None, None)
+        l_index = faiss_binary_index(d_codes)
+        _, lc = binary_search(l_index, q_codes, RESCORE_K)
+        s100, ids100 = rescore(queries, lc, docs_int8, RESCORE_K, calibration=calib)
+        add(f"learned {k}-bit + int8 rescore", _scores_from_topk(ids100, s100, n), k * dim, d_codes.nbytes, None,
+            None)
+
+    # 6. headline comparisons
+    m = result["methods"]
+    best = m["sign binary + int8 rescore"]
+    result["comparisons"] = {
+        "binary+int8 rescore retention (target >= 0.96)": round(best["retention"], 4),
+        "index memory ratio, float / packed bits (target >= 32)": round(best["memory_ratio"], 2),
+        "search speed-up, 1 query at a time, binary+int8 rescore (target >= 15)": round(best["speedup_single"], 2),
+        "search speed-up, 200-query batch, binary+int8 rescore": round(best["speedup_batch"], 2),
+        "search speed-up, 1 query, hamming only": round(m["sign binary (hamming)"]["speedup_single"], 2),
+        f"learned {bits}-bit (bit ops) minus sign 1-bit (hamming), nDCG points (target >= 2)": round(
+            m[f"learned {bits}-bit (bit ops, symmetric)"]["ndcg@10"] - m["sign binary (hamming)"]["ndcg@10"], 2),
+        f"learned {bits}-bit (bit ops) minus random-projection sign at equal bits, nDCG points": round(
+            m[f"learned {bits}-bit (bit ops, symmetric)"]["ndcg@10"]
+            - m[f"random-projection sign, {bits * dim} bits (hamming)"]["ndcg@10"], 2),
+        "learned 1-bit (bit ops) minus sign 1-bit, nDCG points (equal bits)": round(
+            m["learned 1-bit (bit ops, symmetric)"]["ndcg@10"] - m["sign binary (hamming)"]["ndcg@10"], 2),
+    }
+    result["notes"]["timing"] = ("single-threaded FAISS, median of repeats, top-10; 'batch' = all queries in one "
+                                 "search call, '1 query' = per-query latency averaged over the queries")
+    _write(out, result)
+    (out / "results.md").write_text(_markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6", help="model dir or alias (default: minilm-l6)")
+    parser.add_argument("--out", required=True, help="output folder (results.json, results.md, cached vectors)")
+    parser.add_argument("--bits", type=int, default=2, help="levels of the learned binarizer (default 2)")
+    parser.add_argument("--train-steps", type=int, default=1500)
+    parser.add_argument("--generic-texts", type=int, default=5000, help="generic sentences added to training")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--copy-json", default=None, help="also copy results.json to this path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = run(args.model, args.out, bits=args.bits, train_steps=args.train_steps, n_generic=args.generic_texts,
+                 repeats=args.repeats)
+    if args.copy_json:
+        Path(args.copy_json).write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Configs of the ``compress`` and ``binarizer`` recipe stages (torch-free).
+
+``compress`` makes a model smaller — fewer layers (with a short healing distillation), a vocabulary cut down to the
+tokens a corpus uses, weight quantization — and can attach an embedding quantizer (binary / int8 with calibration
+ranges). ``binarizer`` trains the learned multi-bit binarizer on the model's own vectors and appends it to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from embedforge.configs import check, choice, opt
+
+
+class EmbeddingPrecision(str, Enum):
+    """How stored vectors are quantized (see :mod:`embedforge.compress.quantization`)."""
+
+    FLOAT32 = "float32"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    BINARY = "binary"  # packbits bytes viewed as int8 (Vespa)
+    UBINARY = "ubinary"  # packbits uint8 (FAISS, Qdrant)
+
+
+class WeightQuant(str, Enum):
+    """Weight quantization applied to the backbone."""
+
+    NONE = "none"
+    QUANTO_INT8 = "quanto-int8"  # optimum-quanto, CPU or GPU; applied when the model is loaded
+    QUANTO_INT4 = "quanto-int4"
+    BNB_8BIT = "bnb-8bit"  # bitsandbytes LLM.int8, CUDA only, saved pre-quantized
+    BNB_4BIT = "bnb-4bit"  # bitsandbytes NF4, CUDA only, saved pre-quantized
+
+
+@dataclass
+class CompressConfig:
+    """Shrink a model directory: layers, vocabulary, weights; optionally attach an embedding quantizer."""
+
+    model: str = opt(help="model directory (or alias) to compress")
+    keep_layers: list[int] | None = opt(None, help="indices of transformer layers to keep (0-based; negative ok)")
+    num_layers: int | None = opt(None, help="keep this many layers, evenly spaced, always the first and last "
+                                            "(alternative to keep_layers)")
+    heal_steps: int = opt(0, help="healing distillation steps towards the unpruned model's vectors (0: none)")
+    heal_data: str = opt("texts", help="texts for healing: a built-in name or a file with a 'text' column")
+    heal_limit: int = opt(2000, help="at most this many healing texts")
+    heal_lr: float = opt(5e-5, help="learning rate of the healing distillation")
+    heal_batch_size: int = opt(32, help="texts per healing step")
+    max_seq_length: int = opt(128, help="token limit during healing")
+    vocab_corpus: str | None = opt(None, help="prune the vocabulary to the tokens this corpus uses "
+                                              "(built-in name or file with a 'text' column)")
+    vocab_limit: int | None = opt(None, help="read at most this many corpus texts for vocabulary pruning")
+    weights: WeightQuant = opt(WeightQuant.NONE, help="weight quantization: none, quanto-int8, quanto-int4, "
+                                                      "bnb-8bit, bnb-4bit")
+    embedding_precision: EmbeddingPrecision = opt(
+        EmbeddingPrecision.FLOAT32, help="stored-vector quantization recorded with the model "
+                                         "(float32, int8, uint8, binary, ubinary)")
+    truncate_dim: int | None = opt(None, help="Matryoshka truncation before embedding quantization")
+    calibration_data: str = opt("texts", help="texts whose vectors calibrate int8 ranges")
+    calibration_limit: int = opt(2000, help="at most this many calibration texts")
+    seed: int = opt(0, help="random seed")
+
+    def __post_init__(self) -> None:
+        self.weights = choice(WeightQuant, self.weights, "weights")
+        self.embedding_precision = choice(EmbeddingPrecision, self.embedding_precision, "embedding_precision")
+        check(bool(self.model), "model", "name the model directory to compress")
+        check(not (self.keep_layers is not None and self.num_layers is not None), "keep_layers",
+              "give keep_layers or num_layers, not both")
+        if self.keep_layers is not None:
+            check(len(self.keep_layers) > 0, "keep_layers", "keep at least one layer")
+            check(len(set(self.keep_layers)) == len(self.keep_layers), "keep_layers", "indices must be unique")
+        check(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
+        check(self.heal_steps >= 0, "heal_steps", "must be >= 0")
+        check(self.heal_steps == 0 or self.keep_layers is not None or self.num_layers is not None, "heal_steps",
+              "healing only makes sense after layer pruning (set keep_layers or num_layers)")
+        check(self.heal_lr > 0, "heal_lr", "must be positive")
+        check(self.heal_batch_size > 0, "heal_batch_size", "must be positive")
+        check(self.heal_limit > 0, "heal_limit", "must be positive")
+        check(self.max_seq_length > 0, "max_seq_length", "must be positive")
+        check(self.vocab_limit is None or self.vocab_limit > 0, "vocab_limit", "must be positive")
+        check(self.truncate_dim is None or self.truncate_dim > 0, "truncate_dim", "must be positive")
+        check(self.calibration_limit >= 2, "calibration_limit", "needs at least 2 texts")
+
+
+@dataclass
+class BinarizerConfig:
+    """Train the learned multi-bit binarizer (BEBR) on the model's vectors and append it to the model."""
+
+    model: str = opt(help="model directory (or alias) whose vectors the binarizer learns")
+    data: str = opt("texts", help="training texts: a built-in name or a file with a 'text' column "
+                                  "(keep evaluation queries out)")
+    limit: int = opt(20000, help="at most this many training texts")
+    bits: int = opt(2, help="bit levels per dimension (the code has bits x dim bits)")
+    hidden_dim: int | None = opt(None, help="width of each level's residual MLP (default 2 x dim)")
+    steps: int = opt(1500, help="optimizer steps")
+    batch_size: int = opt(1024, help="vectors per step (the similarity losses compare within a batch)")
+    lr: float = opt(1e-3, help="learning rate")
+    temperature: float = opt(0.05, help="softmax temperature of the similarity-distribution losses")
+    sym_weight: float = opt(1.0, help="weight of the code-vs-code similarity loss")
+    asym_weight: float = opt(1.0, help="weight of the float-query-vs-code similarity loss")
+    mse_weight: float = opt(1.0, help="weight of the reconstruction loss")
+    output: str = opt("float", help="what the model's sentence_embedding becomes: float (reconstruction), "
+                                    "packed (uint8 codes) or passthrough (input unchanged, codes on the side)")
+    encode_batch_size: int = opt(64, help="texts per forward pass when encoding the training texts")
+    seed: int = opt(0, help="random seed")
+
+    def __post_init__(self) -> None:
+        check(bool(self.model), "model", "name the model directory")
+        check(1 <= self.bits <= 8, "bits", "must be between 1 and 8")
+        check(self.hidden_dim is None or self.hidden_dim > 0, "hidden_dim", "must be positive")
+        check(self.steps > 0, "steps", "must be positive")
+        check(self.batch_size >= 2, "batch_size", "needs at least 2 vectors per batch")
+        check(self.limit >= 2, "limit", "needs at least 2 texts")
+        check(self.lr > 0, "lr", "must be positive")
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(min(self.sym_weight, self.asym_weight, self.mse_weight) >= 0, "sym_weight",
+              "loss weights must be >= 0")
+        check(self.sym_weight + self.asym_weight + self.mse_weight > 0, "sym_weight", "some loss weight must be > 0")
+        check(self.output in ("float", "packed", "passthrough"), "output",
+              f"{self.output!r} is not one of 'float', 'packed', 'passthrough'")
+        check(self.encode_batch_size > 0, "encode_batch_size", "must be positive")

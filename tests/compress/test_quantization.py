@@ -1,0 +1,137 @@
+"""Embedding quantization: packed layouts vs FAISS / sentence-transformers, int8 calibration artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedforge.compress.quantization import (
+    EmbeddingQuantizer,
+    Int8Calibration,
+    binary_search,
+    faiss_binary_index,
+    hamming_distances,
+    pack_binary,
+    rescore,
+    truncate,
+    unpack_binary,
+)
+
+
+@pytest.fixture()
+def vecs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_packed_layout_is_numpy_packbits_msb_first(vecs):
+    codes = pack_binary(vecs)
+    assert codes.dtype == np.uint8 and codes.shape == (300, 8)
+    # Independent: byte j holds dims 8j..8j+7, first dim in the most significant bit.
+    bits = (vecs > 0).astype(np.int64)
+    manual = (bits.reshape(300, 8, 8) * (1 << np.arange(7, -1, -1))).sum(-1).astype(np.uint8)
+    np.testing.assert_array_equal(codes, manual)
+    np.testing.assert_array_equal(unpack_binary(codes, 64), bits)
+
+
+def test_ubinary_matches_sentence_transformers_and_binary_is_vespa_int8_view(vecs):
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    np.testing.assert_array_equal(pack_binary(vecs), quantize_embeddings(vecs, precision="ubinary"))
+    signed = pack_binary(vecs, signed=True)
+    assert signed.dtype == np.int8
+    # Vespa's recipe: np.packbits(...).astype(np.int8) -- same bytes reinterpreted.
+    np.testing.assert_array_equal(signed, np.packbits(vecs > 0, axis=-1).astype(np.int8))
+    # sentence-transformers' "binary" stores other bytes but the same hamming distances.
+    st_binary = quantize_embeddings(vecs, precision="binary")
+    assert not np.array_equal(st_binary, signed)
+    np.testing.assert_array_equal(hamming_distances(st_binary[:5], st_binary), hamming_distances(signed[:5], signed))
+
+
+def test_faiss_binary_flat_search_equals_numpy_hamming(vecs):
+    docs, queries = pack_binary(vecs[:250]), pack_binary(vecs[250:])
+    index = faiss_binary_index(docs)
+    dist, ids = binary_search(index, queries, 250)
+    # Independent hamming: count differing unpacked bits.
+    qb, db = unpack_binary(queries), unpack_binary(docs)
+    expected = (qb[:, None, :] != db[None, :, :]).sum(-1)
+    np.testing.assert_array_equal(hamming_distances(queries, docs), expected)
+    for i in range(len(queries)):
+        np.testing.assert_array_equal(dist[i], expected[i, ids[i]])
+        np.testing.assert_array_equal(np.sort(dist[i]), np.sort(expected[i]))
+    # Vespa int8 layout searched through the same index gives the same result.
+    dist2, ids2 = binary_search(index, pack_binary(vecs[250:], signed=True), 250)
+    np.testing.assert_array_equal(dist2, dist)
+
+
+def test_int8_calibration_matches_st_and_round_trips(tmp_path, vecs):
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    calib_set, data = vecs[:200], vecs[200:]
+    quant = EmbeddingQuantizer.calibrate("int8", calib_set)
+    codes = quant(data)
+    assert codes.dtype == np.int8
+    np.testing.assert_array_equal(codes, quantize_embeddings(data, "int8", calibration_embeddings=calib_set))
+    quant.save(tmp_path)
+    again = EmbeddingQuantizer.load(tmp_path)
+    np.testing.assert_array_equal(again(data), codes)
+    np.testing.assert_allclose(again.calibration.ranges, np.stack([calib_set.min(0), calib_set.max(0)]))
+    # Dequantized values sit within one bucket of the input (inside the calibrated range).
+    calib = quant.calibration
+    inside = (data >= calib.ranges[0]) & (data <= calib.ranges[1])
+    err = np.abs(calib.dequantize(codes) - data)
+    assert np.all(err[inside] <= np.broadcast_to(calib.steps, data.shape)[inside] * 1.0001)
+    # scores() is the float query against the dequantized documents.
+    np.testing.assert_allclose(calib.scores(data[:7], codes), data[:7] @ calib.dequantize(codes).T,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_uint8_and_percentile_calibration(vecs):
+    calib = Int8Calibration.fit(vecs, precision="uint8", percentile=1.0)
+    codes = calib.quantize(vecs)
+    assert codes.dtype == np.uint8 and codes.min() == 0 and codes.max() == 255
+    np.testing.assert_allclose(calib.ranges[0], np.percentile(vecs, 1.0, axis=0), rtol=1e-5)
+
+
+def test_matryoshka_truncation_before_quantization(tmp_path, vecs):
+    t = truncate(vecs, 16)
+    assert t.shape == (300, 16)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
+    q = EmbeddingQuantizer(precision="ubinary", truncate_dim=16)
+    np.testing.assert_array_equal(q(vecs), np.packbits(vecs[:, :16] > 0, axis=-1))
+    assert q.code_width == 2
+    q8 = EmbeddingQuantizer.calibrate("int8", vecs, truncate_dim=16)
+    q8.save(tmp_path)
+    loaded = EmbeddingQuantizer.load(tmp_path / "embedding_quantization.json")
+    assert loaded.truncate_dim == 16 and loaded(vecs).shape == (300, 16)
+    np.testing.assert_array_equal(loaded(vecs), q8(vecs))
+
+
+def test_rescore_reranks_candidates_exactly(vecs):
+    docs, queries = vecs[:250], vecs[250:260]
+    rng = np.random.default_rng(1)
+    cand = np.stack([rng.choice(250, 30, replace=False) for _ in range(10)])
+    cand[0, -3:] = -1  # FAISS padding
+    scores, ids = rescore(queries, cand, docs, 5)
+    for i in range(10):
+        c = cand[i][cand[i] >= 0]
+        s = docs[c] @ queries[i]
+        best = c[np.argsort(-s)[:5]]
+        np.testing.assert_array_equal(ids[i], best)
+        np.testing.assert_allclose(scores[i], np.sort(s)[::-1][:5], rtol=1e-5)
+    calib = Int8Calibration.fit(vecs)
+    s8, ids8 = rescore(queries, cand, calib.quantize(docs), 5, calibration=calib)
+    deq = calib.dequantize(calib.quantize(docs))
+    for i in range(10):
+        c = cand[i][cand[i] >= 0]
+        np.testing.assert_array_equal(ids8[i], c[np.argsort(-(deq[c] @ queries[i]), kind="stable")[:5]])
+
+
+def test_quantizer_rejects_bad_input(vecs):
+    with pytest.raises(ValueError, match="calibration"):
+        EmbeddingQuantizer(precision="int8")
+    with pytest.raises(ValueError, match="precision"):
+        EmbeddingQuantizer(precision="int4")
+    with pytest.raises(ValueError, match="dims"):
+        Int8Calibration.fit(vecs).quantize(vecs[:, :10])
