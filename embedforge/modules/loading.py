@@ -1,0 +1,63 @@
+"""Load sentence-transformers directories that contain embedforge modules.
+
+sentence-transformers 6 refuses to import a module class outside its own namespace unless ``trust_remote_code``
+is set, and that flag would also let ``transformers`` run a checkpoint's own modelling code. embedforge's classes
+are installed code, not code shipped with the checkpoint, so :func:`load_embedder` resolves exactly those
+``modules.json`` entries to the imported classes and keeps ``trust_remote_code`` off for everything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "embedforge."
+
+
+def module_classes_for(path: str | os.PathLike[str]) -> dict[str, type]:
+    """``{modules.json type: class}`` for every ``embedforge.*`` module of the saved model at ``path``."""
+    modules_json = Path(path) / "modules.json"
+    if not modules_json.is_file():
+        return {}
+    classes: dict[str, type] = {}
+    for entry in json.loads(modules_json.read_text()):
+        ref = entry.get("type", "")
+        if ref.startswith(PACKAGE_PREFIX):
+            module_name, _, class_name = ref.rpartition(".")
+            classes[ref] = getattr(importlib.import_module(module_name), class_name)
+    return classes
+
+
+def load_embedder(
+    path: str | os.PathLike[str], *, device: str | None = None, trust_remote_code: bool = False, **kwargs: Any
+) -> SentenceTransformer:
+    """``SentenceTransformer(path)`` that also resolves embedforge's own module classes.
+
+    Uses sentence-transformers' ``_load_with_module_classes`` hook where it exists (the path its trainer uses to
+    reload a model); on versions without it, falls back to ``trust_remote_code=True`` only when the checkpoint's
+    ``config.json`` declares no custom code (``auto_map``).
+    """
+    from sentence_transformers import SentenceTransformer
+
+    path = os.fspath(path)
+    classes = module_classes_for(path)
+    kwargs = {"device": device or "cpu", "trust_remote_code": trust_remote_code, **kwargs}
+    if not classes:
+        return SentenceTransformer(path, **kwargs)
+    loader = getattr(SentenceTransformer, "_load_with_module_classes", None)
+    if loader is not None:
+        return loader(path, classes, **kwargs)
+    config = Path(path) / "config.json"
+    if not trust_remote_code and config.is_file() and "auto_map" in json.loads(config.read_text()):
+        raise ValueError(f"{path} ships its own model code (auto_map); pass trust_remote_code=True to load it")
+    kwargs["trust_remote_code"] = True
+    return SentenceTransformer(path, **kwargs)
