@@ -44,7 +44,7 @@ def pooling_mask(features: dict[str, Any], *, include_prompt: bool = True) -> Te
     """
     tokens = features["token_embeddings"]
     mask = features.get("attention_mask")
-    if mask is None or mask.shape[-1] != tokens.shape[1]:
+    if mask is None:
         mask = torch.ones(tokens.shape[:2], dtype=torch.int64, device=tokens.device)
     prompt_length = None if include_prompt else prompt_length_of(features)
     if prompt_length:
