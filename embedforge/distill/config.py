@@ -1,0 +1,147 @@
+"""Config of the ``distill`` stage: a small student learns a teacher's vectors (torch-free).
+
+The teacher (one model directory, or several whose normalized vectors are concatenated as in Jasper) encodes a
+text corpus once; the vectors are cached on disk. A student (a layer subset of the teacher, a static
+token-embedding table, or any HF model) is trained to reproduce them with the Jasper/Stella losses, optionally
+at several Matryoshka dimensions and (layer, dim) pairs at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from embedforge.configs import check, choice, opt
+
+
+class StudentKind(str, enum.Enum):
+    """Where the student comes from."""
+
+    LAYERS = "layers"   # the teacher with a subset of its transformer layers (keeps its tokenizer)
+    STATIC = "static"   # a token-embedding table initialised model2vec-style from the teacher
+    MODEL = "model"     # any HF model or sentence-transformers directory named by ``student_model``
+
+
+class Projection(str, enum.Enum):
+    """Whether to put a linear head that maps the student's output to the teacher's dimension."""
+
+    AUTO = "auto"       # only when the student's dimension differs from the teacher's
+    ALWAYS = "always"   # always (identity-initialised when the dimensions already match)
+    NEVER = "never"     # never (the dimensions must match)
+
+
+@dataclass
+class DistillConfig:
+    """Distill one or more teachers into a smaller, faster student."""
+
+    model: str = opt(help="the teacher: model directory, alias (minilm-l6) or hub id")
+    extra_teachers: list[str] = opt(
+        factory=list, help="more teachers; their normalized vectors are concatenated after the first one's"
+    )
+    teacher_weights: list[float] = opt(
+        factory=list, help="one weight per teacher (model first, then extra_teachers); default all 1"
+    )
+    texts: list[str] = opt(
+        factory=lambda: ["texts"],
+        help="unlabeled training texts: built-in data set names or files; every text column is used",
+    )
+    text_limit: int | None = opt(None, help="use at most this many texts (after de-duplication)")
+    student: StudentKind = opt(StudentKind.LAYERS, help="layers | static | model")
+    student_model: str | None = opt(None, help="student=model only: HF model or sentence-transformers directory")
+    keep_layers: list[int] = opt(
+        factory=list, help="student=layers: 0-based teacher layers to keep, e.g. [1, 3, 5]"
+    )
+    layer_stride: int | None = opt(
+        None, help="student=layers: keep every k-th layer (layers k-1, 2k-1, ...; the last one when k divides n)"
+    )
+    first_layers: int | None = opt(None, help="student=layers: keep the first n layers")
+    static_dims: int | None = opt(
+        None, help="student=static: PCA dimensions of the token table (default: the teacher's dimension)"
+    )
+    static_sif: float | None = opt(1e-4, help="student=static: SIF coefficient of the token weighting (None: off)")
+    projection: Projection = opt(Projection.AUTO, help="auto | always | never: linear head to the teacher dim")
+    max_seq_length: int = opt(128, help="longest input in tokens, for teacher and student")
+    teacher_batch_size: int = opt(64, help="texts per teacher forward pass")
+    teacher_processes: int = opt(
+        1, help="encoding processes (one per GPU when there are GPUs); each writes its own shards"
+    )
+    shard_size: int = opt(4096, help="texts per cached shard of teacher vectors")
+    teacher_prompt: str | None = opt(None, help="text put before every text when the teacher encodes it")
+    batch_size: int = opt(128, help="student training batch size (the in-batch similarity losses need >= 2)")
+    epochs: float = opt(1.0, help="passes over the texts")
+    max_steps: int = opt(-1, help="stop after this many steps (overrides epochs when > 0)")
+    learning_rate: float = opt(1e-4, help="peak learning rate (static students like ~1e-2)")
+    warmup_ratio: float = opt(0.05, help="share of the steps spent warming up the learning rate")
+    weight_decay: float = opt(0.0, help="AdamW weight decay")
+    cosine_weight: float = opt(10.0, help="weight of the cosine loss (1 - cos to the teacher vector)")
+    similarity_weight: float = opt(200.0, help="weight of the similarity-matrix MSE loss")
+    relative_weight: float = opt(20.0, help="weight of the relative-similarity hinge loss")
+    relative_margin: float = opt(0.015, help="margin of the relative-similarity hinge")
+    relative_pairs: int = opt(
+        512, help="in-batch pair scores sampled per step for the relative loss (all pairs of them are compared)"
+    )
+    matryoshka_dims: list[int] = opt(
+        factory=list, help="extra output dims trained at once, e.g. [256, 128, 64, 32] (the full dim is implied)"
+    )
+    layer_dims: list[list[int]] = opt(
+        factory=list, help="Starbucks 2D pairs [[layer, dim], ...]: the state after that layer, cut to dim"
+    )
+    save_steps: int = opt(200, help="write a resumable checkpoint every this many steps")
+    seed: int = opt(42, help="random seed")
+    eval_tasks: list[str] = opt(factory=list, help="evaluate the student on these tasks after training")
+
+    def __post_init__(self) -> None:
+        self.student = choice(StudentKind, self.student, "student")
+        self.projection = choice(Projection, self.projection, "projection")
+        check(bool(self.model), "model", "name the teacher")
+        n_teachers = 1 + len(self.extra_teachers)
+        check(not self.teacher_weights or len(self.teacher_weights) == n_teachers, "teacher_weights",
+              f"give one weight per teacher ({n_teachers}), or none")
+        check(all(w > 0 for w in self.teacher_weights), "teacher_weights", "weights must be positive")
+        check(bool(self.texts), "texts", "list at least one text source")
+        check(self.text_limit is None or self.text_limit > 1, "text_limit", "must be > 1")
+        if self.student == StudentKind.MODEL:
+            check(bool(self.student_model), "student_model", "student=model needs student_model")
+        if self.student == StudentKind.LAYERS:
+            chosen = sum([bool(self.keep_layers), self.layer_stride is not None, self.first_layers is not None])
+            check(chosen == 1, "keep_layers",
+                  "student=layers needs exactly one of keep_layers, layer_stride, first_layers")
+            check(all(i >= 0 for i in self.keep_layers), "keep_layers", "layer indices are 0-based, >= 0")
+            check(len(set(self.keep_layers)) == len(self.keep_layers), "keep_layers", "repeated layer")
+            check(self.layer_stride is None or self.layer_stride >= 1, "layer_stride", "must be >= 1")
+            check(self.first_layers is None or self.first_layers >= 1, "first_layers", "must be >= 1")
+        else:
+            check(not self.keep_layers and self.layer_stride is None and self.first_layers is None,
+                  "keep_layers", "layer selection only applies to student=layers")
+        check(self.static_dims is None or self.static_dims > 0, "static_dims", "must be positive")
+        check(self.static_sif is None or 0 < self.static_sif < 1, "static_sif", "must be in (0, 1)")
+        check(self.max_seq_length > 0, "max_seq_length", "must be positive")
+        check(self.teacher_batch_size > 0, "teacher_batch_size", "must be positive")
+        check(self.teacher_processes >= 1, "teacher_processes", "must be >= 1")
+        check(self.shard_size > 0, "shard_size", "must be positive")
+        check(self.batch_size >= 2, "batch_size", "the in-batch losses need at least 2 texts per batch")
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        for key in ("cosine_weight", "similarity_weight", "relative_weight", "relative_margin"):
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        check(self.cosine_weight + self.similarity_weight + self.relative_weight > 0, "cosine_weight",
+              "at least one loss weight must be positive")
+        check(self.relative_pairs >= 2, "relative_pairs", "must be >= 2")
+        check(all(d > 0 for d in self.matryoshka_dims), "matryoshka_dims", "dims must be positive")
+        for pair in self.layer_dims:
+            check(len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1, "layer_dims",
+                  f"each entry is [layer >= 1, dim >= 1], got {pair!r}")
+        if self.layer_dims:
+            check(self.student != StudentKind.STATIC, "layer_dims", "a static student has no layers")
+        check(self.save_steps > 0, "save_steps", "must be positive")
+
+    @property
+    def teachers(self) -> list[str]:
+        """All teachers, the main one first."""
+        return [self.model, *self.extra_teachers]
+
+    @property
+    def weights(self) -> list[float]:
+        """One weight per teacher (all 1 unless given)."""
+        return list(self.teacher_weights) or [1.0] * len(self.teachers)

@@ -1,0 +1,127 @@
+"""The training objective: Jasper/Stella losses averaged over Matryoshka prefixes and Starbucks (layer, dim) pairs.
+
+One forward pass of the student gives its full vector (and, for 2D training, the hidden state after every
+layer). Each *view* of it is scored against the teacher with :class:`JasperStellaLoss`, and the views' losses
+are averaged:
+
+- a Matryoshka dim ``d``: the first ``d`` components of the final vector, renormalized (Kusupati et al., 2022);
+- a Starbucks pair ``(layer, dim)``: the hidden state after ``layer`` sent through the student's remaining
+  modules (pooling, projection, normalization), cut to ``dim`` (Zhuang et al., 2024, "Starbucks: Improved
+  Training for 2D Matryoshka Embeddings"). The pairs are fixed, not sampled as in ``Matryoshka2dLoss``.
+
+The object plugs into ``SentenceTransformerTrainer`` as its loss: the data set's ``label`` column holds each
+text's row in the teacher matrix, so the (possibly large) teacher vectors never pass through Arrow or the
+collator.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embedforge.distill.losses import JasperStellaLoss
+
+logger = logging.getLogger(__name__)
+
+
+def prefix(vectors: Tensor, dim: int) -> Tensor:
+    """The first ``dim`` components of each row, L2-normalized."""
+    if dim > vectors.shape[-1]:
+        raise ValueError(f"dim {dim} exceeds the embedding size {vectors.shape[-1]}")
+    return F.normalize(vectors[..., :dim], dim=-1)
+
+
+def full_dims(dims: Sequence[int], full: int) -> list[int]:
+    """The Matryoshka dims to train, largest first, with the full dimension always included."""
+    bad = [d for d in dims if d > full]
+    if bad:
+        raise ValueError(f"matryoshka dims {bad} exceed the student's output dimension {full}")
+    return sorted({*dims, full}, reverse=True)
+
+
+def transformer_layers(model: Any) -> int:
+    """Number of transformer layers of a SentenceTransformer whose first module is a ``Transformer``."""
+    first = model[0]
+    config = getattr(getattr(first, "auto_model", None), "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise ValueError("layer/dim pairs need a student whose first module is a transformer")
+    return int(config.num_hidden_layers)
+
+
+class DistillObjective(nn.Module):
+    """Mean Jasper/Stella loss over the Matryoshka dims and (layer, dim) pairs of a student.
+
+    Args:
+        model: the student ``SentenceTransformer``.
+        targets: teacher vectors, one row per training text (N x D).
+        loss: the per-view loss.
+        dims: Matryoshka dims (the full output dim is added when missing).
+        layer_dims: Starbucks pairs ``(layer, dim)``; ``layer`` counts from 1 (the state after that layer).
+    """
+
+    def __init__(self, model: Any, targets: Tensor, loss: JasperStellaLoss, dims: Sequence[int] = (),
+                 layer_dims: Iterable[Sequence[int]] = ()):
+        super().__init__()
+        self.model = model
+        self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.float32), persistent=False)
+        self.loss = loss
+        self.out_dim = int(model.get_embedding_dimension())
+        self.dims = full_dims(dims, self.out_dim)
+        self.layer_dims = [(int(layer), int(dim)) for layer, dim in layer_dims]
+        if self.layer_dims:
+            n_layers = transformer_layers(model)
+            for layer, dim in self.layer_dims:
+                if layer > n_layers or dim > self.out_dim:
+                    raise ValueError(f"layer/dim pair ({layer}, {dim}) is outside the student "
+                                     f"({n_layers} layers, {self.out_dim} dims)")
+        self.last_views: dict[str, float] = {}
+
+    def teacher_rows(self, labels: Tensor) -> Tensor:
+        """Teacher vectors for a batch: ``labels`` are row indices (1-D ints) or the vectors themselves."""
+        if labels.ndim == 1 and not labels.is_floating_point():
+            return self.targets[labels.to(self.targets.device)]
+        return labels.float()
+
+    def _layer_view(self, features: dict[str, Any], layer: int) -> Tensor:
+        """The student's output when its transformer stops after ``layer``."""
+        feats = {**features, "token_embeddings": features["all_layer_embeddings"][layer]}
+        for module in list(self.model)[1:]:
+            feats = module(feats)
+        return feats["sentence_embedding"]
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        features = list(sentence_features)[0]
+        config = getattr(getattr(self.model[0], "auto_model", None), "config", None)
+        restore = None
+        if self.layer_dims and config is not None:
+            restore = config.output_hidden_states
+            config.output_hidden_states = True
+        try:
+            out = self.model(features)
+        finally:
+            if restore is not None:
+                config.output_hidden_states = restore
+        student = out["sentence_embedding"]
+        teacher = self.teacher_rows(labels).to(student.device)
+        views: list[tuple[str, Tensor]] = [(f"dim{d}", prefix(student, d)) for d in self.dims]
+        for layer, dim in self.layer_dims:
+            views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim)))
+        total = student.new_zeros(())
+        logged: dict[str, float] = {}
+        for name, view in views:
+            value = self.loss(view, teacher)
+            logged[name] = float(value.detach())
+            total = total + value
+        self.last_views = logged
+        return total / len(views)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """What sentence-transformers writes into the model card about this loss."""
+        w = self.loss.weights
+        return {"dims": self.dims, "layer_dims": self.layer_dims, "cosine_weight": w.cosine,
+                "similarity_weight": w.similarity, "relative_weight": w.relative,
+                "margin": self.loss.relative.margin, "max_pairs": self.loss.relative.max_pairs}

@@ -1,0 +1,213 @@
+"""The ``distill`` stage: teacher vectors once, then a student trained to reproduce them.
+
+``run`` reads top to bottom as the steps of the recipe:
+
+1. gather the unlabeled texts;
+2. encode them with every teacher (cached on disk, reused, resumable) and combine the teachers;
+3. build the student (teacher layer subset, static token table, or any model) and its projection head;
+4. train it with the Jasper/Stella losses over Matryoshka dims and (layer, dim) pairs, checkpointing to
+   ``<out_dir>.ckpt/`` so that a killed run resumes;
+5. save it as an ordinary model directory (``stage="distill"``, Matryoshka dims in ``extra``);
+6. optionally evaluate it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedforge.configs import StageContext
+from embedforge.distill.config import DistillConfig, Projection, StudentKind
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def gather_texts(specs: Sequence[str], limit: int | None = None) -> list[str]:
+    """Every non-empty text of the listed data sets (built-in names or files), de-duplicated, in order.
+
+    All string columns of a set are used (a pairs file gives its anchors and its positives).
+    """
+    from embedforge.data import BUILTINS, DataKind, builtin, load_data
+
+    seen: dict[str, None] = {}
+    for spec in specs:
+        if spec in BUILTINS:
+            ds = builtin(spec)
+        else:
+            try:
+                ds = load_data(spec, DataKind.TEXTS)
+            except Exception:  # noqa: BLE001 - a pairs/triplets file: read it with its own columns
+                ds = load_data(spec)
+        for column in ds.column_names:
+            values = ds[column]
+            if values and isinstance(values[0], str):
+                for text in values:
+                    text = text.strip()
+                    if text:
+                        seen.setdefault(text, None)
+    texts = list(seen)
+    if limit is not None:
+        texts = texts[:limit]
+    if len(texts) < 2:
+        raise ValueError(f"need at least 2 training texts, found {len(texts)} in {list(specs)}")
+    logger.info("distill: %d unique texts from %s", len(texts), ", ".join(specs))
+    return texts
+
+
+def teacher_vectors(config: DistillConfig, texts: list[str], cache_dir: Path) -> tuple[np.ndarray, list[Any]]:
+    """The combined teacher targets for ``texts`` (computed once per teacher, then read from the cache)."""
+    from embedforge.distill.teacher import EncodeSettings, teacher_targets
+
+    settings = EncodeSettings(max_seq_length=config.max_seq_length, batch_size=config.teacher_batch_size,
+                              prompt=config.teacher_prompt, shard_size=config.shard_size)
+    return teacher_targets(config.teachers, texts, cache_dir, settings, weights=config.weights,
+                           processes=config.teacher_processes)
+
+
+def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], targets: np.ndarray) -> Any:
+    """The untrained student, with a projection head to ``teacher_dim`` where the config asks for one."""
+    from embedforge.distill import students
+    from embedforge.model import load_model
+    from embedforge.sources import resolve_source
+
+    if config.student == StudentKind.MODEL:
+        student = students.model_student(config.student_model or "", max_seq_length=config.max_seq_length)
+    else:
+        teacher_path = resolve_source(config.model)
+        teacher = load_model(teacher_path)
+        teacher.max_seq_length = config.max_seq_length
+        if config.student == StudentKind.LAYERS:
+            n_layers = teacher[0].auto_model.config.num_hidden_layers
+            keep = students.select_layers(n_layers, keep=config.keep_layers, stride=config.layer_stride,
+                                          first=config.first_layers)
+            student = students.layer_student(teacher, keep)
+        else:
+            student = students.static_student(teacher, dims=config.static_dims, sif=config.static_sif,
+                                              teacher_path=teacher_path)
+    dim = int(student.get_embedding_dimension())
+    if config.projection == Projection.NEVER and dim != teacher_dim:
+        raise ValueError(f"projection=never but the student gives {dim} dims and the teachers {teacher_dim}")
+    if config.projection == Projection.ALWAYS or dim != teacher_dim:
+        identity = dim == teacher_dim
+        student = students.add_projection(student, teacher_dim, identity=identity)
+        if not identity:
+            sample = min(len(texts), 4096)
+            cos = students.fit_projection(student, texts[:sample], targets[:sample])
+            logger.info("projection %d -> %d fitted by least squares: mean cosine %.3f", dim, teacher_dim, cos)
+    return student
+
+
+def train_student(student: Any, config: DistillConfig, texts: list[str], targets: np.ndarray,
+                  checkpoint_dir: Path) -> dict[str, Any]:
+    """Train ``student`` on the teacher targets with SentenceTransformerTrainer; resumes from checkpoints."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from embedforge.distill.losses import JasperStellaLoss, LossWeights
+    from embedforge.distill.matryoshka import DistillObjective
+
+    generator = torch.Generator().manual_seed(config.seed)
+    loss = JasperStellaLoss(
+        LossWeights(config.cosine_weight, config.similarity_weight, config.relative_weight),
+        margin=config.relative_margin, max_pairs=config.relative_pairs, generator=generator,
+    )
+    objective = DistillObjective(student, torch.from_numpy(targets), loss, dims=config.matryoshka_dims,
+                                 layer_dims=config.layer_dims)
+    batch_size = min(config.batch_size, len(texts))
+    steps_per_epoch = max(1, len(texts) // batch_size)
+    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=os.fspath(checkpoint_dir),
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=int(config.warmup_ratio * total),
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        logging_steps=max(1, min(50, total // 10)),
+        report_to="none",
+        seed=config.seed,
+        dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
+    trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
+    resume = checkpoint_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoint_dir.iterdir())
+    if resume:
+        logger.info("distill: resuming from %s", checkpoint_dir)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    return {
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "last_views": objective.last_views,
+        "last_terms": loss.last_terms,
+        "matryoshka_dims": objective.dims,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
+    """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
+    from embedforge.model import is_complete, save_model
+
+    out_dir = Path(out_dir)
+    if is_complete(out_dir, config) and not ctx.force:
+        logger.info("distill: %s is already complete; skipping", out_dir)
+        return
+    start = time.perf_counter()
+
+    # 1. texts
+    texts = gather_texts(config.texts, config.text_limit)
+
+    # 2. teacher vectors
+    targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))
+    teacher_dim = int(targets.shape[1])
+
+    # 3. student
+    student = build_student(config, teacher_dim, texts, targets)
+
+    # 4. training
+    checkpoint_dir = out_dir.parent / f"{out_dir.name}.ckpt"
+    stats = train_student(student, config, texts, targets, checkpoint_dir)
+
+    # 5. save
+    extra = {
+        "matryoshka_dims": stats.pop("matryoshka_dims"),
+        "layer_dims": [list(p) for p in config.layer_dims],
+        "student": config.student.value,
+        "teachers": [{"source": t, "weight": w, "cache": os.fspath(r.directory), "dim": r.dim}
+                     for t, w, r in zip(config.teachers, config.weights, reports)],
+        "n_texts": len(texts),
+    }
+    metrics = {"distill": {**stats, "seconds": round(time.perf_counter() - start, 2)}}
+    parent = config.model if Path(config.model).is_dir() else None
+    save_model(student, out_dir, stage="distill", source=config.model, config=config, metrics=metrics,
+               parent=parent, recipe_hash=ctx.recipe_hash, extra=extra)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    # 6. evaluation
+    if config.eval_tasks:
+        from embedforge.evaluation import evaluate
+        from embedforge.model import update_metrics
+
+        update_metrics(out_dir, {"eval": evaluate(student, config.eval_tasks, show_progress=False)})
+    logger.info("distill: saved the student to %s", out_dir)

@@ -1,0 +1,304 @@
+"""Teacher vectors, computed once and cached on disk in shards.
+
+Layout of one teacher's cache (``<cache_dir>/teacher-vectors/<fingerprint>/``)::
+
+    meta.json            teacher, settings, number of texts, shard size (written first)
+    shard-00000.npy      float32 rows for texts [0, shard_size)
+    shard-00001.npy      ...
+    done.json            written last, once every shard exists: dimension and timings
+
+The fingerprint hashes the teacher's files, the texts and the encoding settings, so any change gives a new
+folder and an identical rerun finds the finished one. Each shard is written to a temporary file and renamed,
+so an interrupted run (or a crashed worker process) loses only the shards it had not finished; a rerun
+encodes just the missing ones. Several processes (one per GPU, or CPU processes) can share the work.
+
+Several teachers are combined as in Jasper: each teacher's rows are L2-normalized, multiplied by its weight,
+concatenated, and the result normalized again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_BIG_FILE = 1 << 20  # files larger than this are fingerprinted by size plus their first and last MiB
+
+
+def directory_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A sha256 over a model directory's file names and contents (large files: size and both ends)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    if not root.is_dir():  # a hub id: the name is all we know
+        h.update(os.fspath(path).encode())
+        return h.hexdigest()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel or rel == "embedforge.json":
+            continue  # lineage records change with metrics; they say nothing about the vectors
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= _BIG_FILE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(_BIG_FILE))
+                fh.seek(size - _BIG_FILE)
+                h.update(fh.read(_BIG_FILE))
+    return h.hexdigest()
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """A sha256 of the texts in order."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class EncodeSettings:
+    """What, besides the teacher and the texts, decides the vectors."""
+
+    max_seq_length: int = 128
+    batch_size: int = 64
+    prompt: str | None = None
+    shard_size: int = 4096
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change the vectors (batch size does not, up to float noise)."""
+        return {"max_seq_length": self.max_seq_length, "prompt": self.prompt, "shard_size": self.shard_size}
+
+
+@dataclass
+class CacheReport:
+    """What one :func:`encode_teacher` call did."""
+
+    directory: Path
+    n_texts: int
+    dim: int
+    encoded_shards: list[int] = field(default_factory=list)
+    reused_shards: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def cache_fingerprint(teacher: str | os.PathLike[str], texts: Sequence[str], settings: EncodeSettings) -> str:
+    """Fingerprint of (teacher files, texts, settings): the name of the cache folder."""
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "teacher": directory_fingerprint(teacher),
+            "texts": texts_fingerprint(texts),
+            "settings": settings.key(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:05d}.npy"
+
+
+def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` through a temporary file in the same folder and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_teacher(teacher: str, settings: EncodeSettings, device: str | None) -> Any:
+    """Load a teacher as a SentenceTransformer on ``device`` with the cache's max length."""
+    from embedforge.model import load_model
+
+    model = load_model(teacher, device=device or "cpu")
+    model.max_seq_length = settings.max_seq_length
+    model.eval()
+    return model
+
+
+def _encode_texts(model: Any, texts: list[str], settings: EncodeSettings) -> np.ndarray:
+    """Encode one shard's texts (length-sorted batches) as normalized float32 rows."""
+    from embedforge.evaluation import encode
+
+    return encode(model, texts, batch_size=settings.batch_size, prompt=settings.prompt, normalize=True,
+                  show_progress=False)
+
+
+# ------------------------------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(teacher: str, settings: EncodeSettings, devices: Any, threads: int) -> None:
+    """Runs once in each worker process: pick a device, load the teacher there."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    device = devices.get() if devices is not None else "cpu"
+    _WORKER["model"] = _load_teacher(teacher, settings, device)
+    _WORKER["settings"] = settings
+
+
+def _worker_encode(index: int, texts: list[str], directory: str) -> tuple[int, int]:
+    """Encode one shard in a worker process and write it; returns (shard index, number of texts)."""
+    vectors = _encode_texts(_WORKER["model"], texts, _WORKER["settings"])
+    _write_atomic_npy(_shard_path(Path(directory), index), vectors)
+    return index, len(texts)
+
+
+def _devices(processes: int) -> list[str]:
+    """One CUDA device per process where there are GPUs, else CPU for all."""
+    import torch
+
+    n_gpu = torch.cuda.device_count()
+    if n_gpu > 0:
+        return [f"cuda:{i % n_gpu}" for i in range(processes)]
+    return ["cpu"] * processes
+
+
+def encode_teacher(
+    teacher: str,
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike[str],
+    settings: EncodeSettings | None = None,
+    *,
+    processes: int = 1,
+    show_progress: bool = True,
+) -> CacheReport:
+    """Encode ``texts`` with ``teacher`` into the shard cache, reusing whatever shards already exist.
+
+    With ``processes > 1`` the shards are spread over worker processes (spawned; one per GPU when there are
+    GPUs), each of which loads the teacher once and writes every shard it finishes on its own.
+    """
+    from tqdm.auto import tqdm
+
+    from embedforge.sources import resolve_source
+
+    settings = settings or EncodeSettings()
+    teacher = os.fspath(resolve_source(teacher))
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to encode")
+    start = time.perf_counter()
+    directory = Path(cache_dir) / "teacher-vectors" / cache_fingerprint(teacher, texts, settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(texts) + settings.shard_size - 1) // settings.shard_size
+    meta = {"teacher": os.fspath(teacher), "n_texts": len(texts), "n_shards": n_shards,
+            "settings": settings.key(), "version": CACHE_VERSION}
+    if not (directory / "meta.json").is_file():
+        _write_atomic_json(directory / "meta.json", meta)
+
+    def shard_texts(i: int) -> list[str]:
+        return texts[i * settings.shard_size:(i + 1) * settings.shard_size]
+
+    todo = [i for i in range(n_shards) if not _shard_path(directory, i).is_file()]
+    report = CacheReport(directory=directory, n_texts=len(texts), dim=0,
+                         reused_shards=[i for i in range(n_shards) if i not in set(todo)])
+    if todo:
+        logger.info("teacher %s: encoding %d of %d shards into %s", teacher, len(todo), n_shards, directory)
+        bar = tqdm(total=sum(len(shard_texts(i)) for i in todo), desc="teacher vectors", unit="text",
+                   disable=not show_progress, smoothing=0.1)
+        if processes <= 1:
+            model = _load_teacher(teacher, settings, _devices(1)[0])
+            for i in todo:
+                _write_atomic_npy(_shard_path(directory, i), _encode_texts(model, shard_texts(i), settings))
+                report.encoded_shards.append(i)
+                bar.update(len(shard_texts(i)))
+        else:
+            report.encoded_shards = _encode_parallel(teacher, settings, directory, todo, shard_texts,
+                                                     processes, bar)
+        bar.close()
+    first = np.load(_shard_path(directory, 0), mmap_mode="r")
+    report.dim = int(first.shape[1])
+    report.seconds = time.perf_counter() - start
+    if report.encoded_shards or not (directory / "done.json").is_file():
+        _write_atomic_json(directory / "done.json", {**meta, "dim": report.dim,
+                                                     "seconds": round(report.seconds, 2)})
+    return report
+
+
+def _encode_parallel(teacher: str, settings: EncodeSettings, directory: Path, todo: list[int],
+                     shard_texts: Any, processes: int, bar: Any) -> list[int]:
+    """Spread shards over ``processes`` spawned workers; returns the shards they finished, in order."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")
+    devices = ctx.Queue()
+    for d in _devices(processes):
+        devices.put(d)
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    done: list[int] = []
+    with ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_worker_init,
+                             initargs=(teacher, settings, devices, threads)) as pool:
+        futures = [pool.submit(_worker_encode, i, shard_texts(i), os.fspath(directory)) for i in todo]
+        for fut in as_completed(futures):
+            index, n = fut.result()  # a crashed worker raises here; finished shards stay on disk
+            done.append(index)
+            bar.update(n)
+    return sorted(done)
+
+
+def load_vectors(directory: str | os.PathLike[str]) -> np.ndarray:
+    """All rows of one finished teacher cache, in text order (float32)."""
+    d = Path(directory)
+    done = d / "done.json"
+    if not done.is_file():
+        raise FileNotFoundError(f"{d}: teacher cache is not complete (no done.json); rerun the encoding")
+    n_shards = json.loads(done.read_text())["n_shards"]
+    return np.concatenate([np.load(_shard_path(d, i)) for i in range(n_shards)]).astype(np.float32, copy=False)
+
+
+def combine_teachers(vectors: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Jasper's multi-teacher target: normalize each teacher's rows, scale by its weight, concatenate, renormalize."""
+    if not vectors:
+        raise ValueError("no teacher vectors")
+    weights = list(weights) if weights else [1.0] * len(vectors)
+    if len(weights) != len(vectors):
+        raise ValueError(f"{len(weights)} weights for {len(vectors)} teachers")
+    n = {v.shape[0] for v in vectors}
+    if len(n) != 1:
+        raise ValueError(f"teachers disagree on the number of rows: {sorted(n)}")
+    parts = [w * v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None)
+             for v, w in zip(vectors, weights)]
+    out = np.concatenate(parts, axis=1).astype(np.float32)
+    out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+    return out
+
+
+def teacher_targets(
+    teachers: Sequence[str],
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike[str],
+    settings: EncodeSettings | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    processes: int = 1,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, list[CacheReport]]:
+    """Encode (or reuse) every teacher's vectors and combine them; returns (targets, one report per teacher)."""
+    reports = [encode_teacher(t, texts, cache_dir, settings, processes=processes, show_progress=show_progress)
+               for t in teachers]
+    vectors = [load_vectors(r.directory) for r in reports]
+    return combine_teachers(vectors, weights), reports
