@@ -1,0 +1,192 @@
+"""Configs of the convert training stages: ``mntp``, ``simcse`` and ``contrastive`` (torch-free).
+
+All three share the LoRA / precision / schedule / checkpoint fields of :class:`TrainOptions`; each adds what its
+objective needs. The input ``model`` is an embedforge model directory (e.g. the output of the ``convert`` stage) or
+an LLM source, which is first turned into a bidirectional mean-pooling embedder.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from embedforge.configs import check, choice, opt
+
+
+class AdapterMode(str, enum.Enum):
+    """What happens to the LoRA adapter at the end of training."""
+
+    MERGE = "merge"  # fold the adapter into the backbone weights (plain model, fastest inference)
+    KEEP = "keep"    # save the unmerged backbone plus the adapter in ``adapter/`` beside it
+
+
+class Quantization(str, enum.Enum):
+    """Backbone weights during training: ``none`` (LoRA) or ``4bit`` (QLoRA, needs CUDA + bitsandbytes)."""
+
+    NONE = "none"
+    NF4 = "4bit"
+
+
+class Precision(str, enum.Enum):
+    """Compute precision: ``auto`` = bf16 autocast where the device supports it, else fp32."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+def _data_help(kind: str) -> str:
+    return (f"{kind} data: built-in names (e.g. snli-triplets) or paths to JSONL/CSV/TSV/Parquet files, or "
+            "dicts with DataSpec fields (path, columns, limit, ...)")
+
+
+@dataclass
+class TrainOptions:
+    """Fields every convert training stage shares."""
+
+    model: str = opt(help="embedforge model directory to train (or an LLM source: built as bidirectional mean)")
+    lora_r: int = opt(16, help="LoRA rank (0 = train all weights, no adapter)")
+    lora_alpha: int = opt(32, help="LoRA scaling numerator (effective scale alpha / r)")
+    lora_dropout: float = opt(0.05, help="dropout on the LoRA input")
+    lora_targets: list[str] = opt(
+        factory=lambda: ["all-linear"], help="module names to adapt (e.g. [q_proj, v_proj]) or [all-linear]"
+    )
+    adapter: AdapterMode = opt(AdapterMode.MERGE, help="merge | keep: merge LoRA into the weights or save it apart")
+    quantization: Quantization = opt(
+        Quantization.NONE, help="none | 4bit (QLoRA: the frozen backbone in NF4; CUDA + bitsandbytes only)"
+    )
+    precision: Precision = opt(Precision.AUTO, help="auto | fp32 | bf16 (bf16 autocast)")
+    gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass to save memory")
+    keep_layers: int | None = opt(
+        None, help="keep only the first N decoder layers before training (a faster, smaller embedder)"
+    )
+    max_seq_length: int | None = opt(None, help="truncate inputs to this many tokens (default: the model's)")
+    learning_rate: float = opt(2e-4, help="peak learning rate (linear warmup, then linear decay)")
+    warmup_ratio: float = opt(0.05, help="fraction of the steps spent warming up")
+    weight_decay: float = opt(0.0, help="AdamW weight decay")
+    batch_size: int = opt(32, help="examples per device per step")
+    max_steps: int = opt(100, help="optimizer steps (the run ends at whichever of max_steps / epochs comes first)")
+    epochs: float = opt(1.0, help="passes over the data (upper bound next to max_steps)")
+    save_steps: int = opt(50, help="write a resumable checkpoint every N steps (and on SIGTERM / Ctrl-C)")
+    save_total_limit: int = opt(2, help="checkpoints kept on disk")
+    logging_steps: int = opt(10, help="log the loss every N steps")
+    seed: int = opt(0, help="random seed")
+    data_limit: int | None = opt(None, help="use at most this many rows of each data set")
+    trust_remote_code: bool = opt(False, help="allow the model's own Python code")
+
+    def _check_common(self) -> None:
+        self.adapter = choice(AdapterMode, self.adapter, "adapter")
+        self.quantization = choice(Quantization, self.quantization, "quantization")
+        self.precision = choice(Precision, self.precision, "precision")
+        check(bool(self.model), "model", "name the model directory or LLM to train")
+        check(self.lora_r >= 0, "lora_r", "must be >= 0")
+        check(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        check(bool(self.lora_targets), "lora_targets", "name at least one module (or all-linear)")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.max_steps > 0, "max_steps", "must be positive")
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(self.save_steps > 0, "save_steps", "must be positive")
+        check(self.save_total_limit > 0, "save_total_limit", "must be positive")
+        check(self.logging_steps > 0, "logging_steps", "must be positive")
+        check(self.keep_layers is None or self.keep_layers > 0, "keep_layers", "must be positive")
+        check(self.max_seq_length is None or self.max_seq_length > 1, "max_seq_length", "must be > 1")
+        check(self.data_limit is None or self.data_limit > 0, "data_limit", "must be positive")
+        check(
+            self.quantization == Quantization.NONE or self.lora_r > 0, "quantization",
+            "4bit (QLoRA) trains only a LoRA adapter: set lora_r > 0",
+        )
+        check(
+            self.adapter == AdapterMode.MERGE or self.lora_r > 0, "adapter", "keep needs a LoRA adapter (lora_r > 0)"
+        )
+
+
+@dataclass
+class MntpConfig(TrainOptions):
+    """LLM2Vec masked next-token prediction: under bidirectional attention, mask tokens and predict token i from
+    the hidden state at i-1 with the LM head; the LoRA-adapted backbone goes back into the embedder."""
+
+    data: list[str | dict[str, Any]] = opt(factory=lambda: ["texts"], help=_data_help("raw text (column text)"))
+    mask_probability: float = opt(0.2, help="fraction of tokens masked (LLM2Vec: 0.2 for Llama)")
+    mask_token: str | None = opt(
+        None, help="token used for masking (default: the tokenizer's mask token, else '_' as LLM2Vec does)"
+    )
+    lm_source: str | None = opt(
+        None, help="where to load the LM head from when the embedder has none and the embeddings are not tied"
+    )
+    max_seq_length: int | None = opt(128, help="truncate texts to this many tokens")
+    learning_rate: float = opt(5e-5, help="peak learning rate")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        check(0.0 < self.mask_probability < 1.0, "mask_probability", "must be in (0, 1)")
+        check(bool(self.data), "data", "give at least one text data set")
+
+
+@dataclass
+class SimcseConfig(TrainOptions):
+    """Unsupervised SimCSE: each text twice through the model (different dropout), in-batch negatives."""
+
+    data: list[str | dict[str, Any]] = opt(factory=lambda: ["texts"], help=_data_help("raw text (column text)"))
+    temperature: float = opt(0.05, help="InfoNCE temperature (logits = cosine / temperature)")
+    dropout: float = opt(0.1, help="attention dropout set on the backbone while training (the two views differ)")
+    max_seq_length: int | None = opt(64, help="truncate texts to this many tokens")
+    learning_rate: float = opt(3e-5, help="peak learning rate")
+    gather_across_devices: bool = opt(True, help="multi-process runs: use every process's batch as negatives")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(bool(self.data), "data", "give at least one text data set")
+
+
+@dataclass
+class ContrastiveConfig(TrainOptions):
+    """Supervised contrastive tuning: InfoNCE over (anchor, positive[, negatives]) with in-batch negatives."""
+
+    data: list[str | dict[str, Any]] = opt(factory=list, help=_data_help("pair / triplet") + "; stage 1 of a two-stage schedule")
+    stage2_data: list[str | dict[str, Any]] = opt(
+        factory=list, help="optional stage 2 data (NV-Embed: retrieval first, then mixed tasks); same forms as data"
+    )
+    stage2_max_steps: int | None = opt(None, help="steps of stage 2 (default: max_steps)")
+    stage2_learning_rate: float | None = opt(None, help="stage 2 peak learning rate (default: learning_rate)")
+    prompts: dict[str, str] = opt(
+        factory=dict,
+        help="query instruction per data set name, e.g. {scifact-train-pairs: 'Given a claim, find evidence: '}; "
+             "put before the anchor column and excluded from pooling",
+    )
+    temperature: float = opt(0.05, help="InfoNCE temperature (logits = cosine / temperature)")
+    hard_negatives: bool = opt(True, help="use the data's negative columns as extra negatives")
+    cache_minibatch: int | None = opt(
+        None, help="GradCache: embed in chunks of this size (CachedMultipleNegativesRankingLoss) for big batches"
+    )
+    false_negative_margin: float | None = opt(
+        None,
+        help="mask any negative whose cosine exceeds the positive's by more than this (e.g. 0.0 or -0.05); "
+             "None = no filtering",
+    )
+    gather_across_devices: bool = opt(True, help="multi-process runs: use every process's batch as negatives")
+    distill_teacher: str | None = opt(
+        None, help="ABLATION: teacher model whose in-batch similarity matrix the student also matches"
+    )
+    distill_weight: float = opt(1.0, help="weight of the teacher similarity-matching term")
+    max_seq_length: int | None = opt(64, help="truncate texts to this many tokens")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        check(bool(self.data), "data", "give at least one pair or triplet data set")
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(self.cache_minibatch is None or self.cache_minibatch > 0, "cache_minibatch", "must be positive")
+        check(self.stage2_max_steps is None or self.stage2_max_steps > 0, "stage2_max_steps", "must be positive")
+        check(
+            self.cache_minibatch is None or (self.false_negative_margin is None and self.distill_teacher is None),
+            "cache_minibatch",
+            "GradCache (CachedMultipleNegativesRankingLoss) cannot be combined with false_negative_margin or "
+            "distill_teacher",
+        )
+        check(self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        check(isinstance(self.prompts, dict), "prompts", "must map data set names to instructions")
