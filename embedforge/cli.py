@@ -1,0 +1,255 @@
+"""The ``embedforge`` command line: thin click commands over the library.
+
+Each workflow command builds a one-stage recipe from its arguments and runs it through the same validation as
+``embedforge run``, so a CLI call and a recipe stage with the same keys do the same thing. Usage errors (bad keys,
+wrong types, missing files) exit with status 2 before any work starts. torch is imported only when a stage runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embedforge import __version__
+
+logger = logging.getLogger("embedforge")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _usage_error(exc: Exception) -> click.UsageError:
+    return click.UsageError(str(exc))
+
+
+def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: str | None) -> dict[str, Any]:
+    """Merge a stage YAML file, KEY=VALUE overrides and the positional MODEL into one mapping of config keys."""
+    from embedforge.recipe import RecipeError, load_yaml, parse_overrides
+
+    values: dict[str, Any] = {}
+    if config_file:
+        doc, _ = load_yaml(Path(config_file).read_text(), config_file)
+        if not isinstance(doc, dict):
+            raise RecipeError(f"{config_file}: a stage config is a mapping of keys to values")
+        values.update(doc)
+    for key, value in parse_overrides(list(overrides)).items():
+        values[key] = value
+    if model is not None:
+        values["model"] = model
+    return values
+
+
+def _run_single(kind: str, model: str | None, out: str, config_file: str | None, overrides: tuple[str, ...],
+                force: bool) -> None:
+    from embedforge.recipe import RecipeError, run_recipe, single_stage
+
+    try:
+        values = _stage_values(config_file, overrides, model)
+        recipe = single_stage(kind, values, out, source=f"embedforge {kind}")
+    except (RecipeError, ValueError) as exc:
+        raise _usage_error(exc) from None
+    result = run_recipe(recipe, force=force)
+    for stage, status in result:
+        click.echo(f"{stage.name}: {status} -> {stage.out}")
+
+
+_common_options = [
+    click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="output directory"),
+    click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False),
+                 help="YAML file with the stage's keys"),
+    click.option("--force", is_flag=True, help="redo the stage even if its output is complete"),
+    click.argument("overrides", nargs=-1),
+]
+
+
+def _with_common(func: Any) -> Any:
+    for opt in reversed(_common_options):
+        func = opt(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedforge")
+@click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
+@click.option("-q", "--quiet", is_flag=True, help="warnings and errors only")
+def main(verbose: int, quiet: bool) -> None:
+    """Turn decoder LLMs into embedders; distill, compress and export them.
+
+    Workflow commands take KEY=VALUE overrides for any key of their stage config
+    (see `embedforge recipes explain STAGE`).
+    """
+    _setup_logging(-1 if quiet else verbose)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--step", type=click.Choice(["convert", "mntp", "simcse", "contrastive"]), default="convert",
+              show_default=True, help="zero-shot conversion, or an adaptation / tuning step")
+@_with_common
+def convert(model: str, step: str, out: str, config_file: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Make an embedder from MODEL (hub id, directory, .gguf file or alias such as smollm2-135m)."""
+    _run_single(step, model, out, config_file, overrides, force)
+
+
+@main.command()
+@click.argument("model", required=False)
+@_with_common
+def distill(model: str | None, out: str, config_file: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Train a small student from teacher MODEL's cached vectors."""
+    _run_single("distill", model, out, config_file, overrides, force)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--step", type=click.Choice(["compress", "binarizer"]), default="compress", show_default=True,
+              help="prune / quantize the model, or train a learned embedding binarizer")
+@_with_common
+def compress(model: str, step: str, out: str, config_file: str | None, force: bool,
+             overrides: tuple[str, ...]) -> None:
+    """Make MODEL smaller: layer / vocabulary pruning, weight quantization, embedding quantizers."""
+    _run_single(step, model, out, config_file, overrides, force)
+
+
+@main.command()
+@click.argument("model")
+@_with_common
+def export(model: str, out: str, config_file: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Export MODEL to ONNX (fp32 / fp16 / int8) with pooling and normalization in the graph."""
+    _run_single("export", model, out, config_file, overrides, force)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--task", "-t", "tasks", multiple=True, required=True,
+              help="stsb-dev, sick-trial, scifact-dev, banking77, sts:FILE, retrieval:FOLDER[:split], "
+              "classification:FILE (repeatable)")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="write metrics.json and report.md here")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--truncate-dim", type=int, default=None, help="evaluate the first N dimensions (Matryoshka)")
+@click.option("--query-prompt", default=None, help="text put before queries")
+@click.option("--doc-prompt", default=None, help="text put before documents")
+def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: int, truncate_dim: int | None,
+             query_prompt: str | None, doc_prompt: str | None) -> None:
+    """Evaluate MODEL (a model directory, alias or hub id) on STS, retrieval and classification tasks."""
+    from embedforge.configs import ConfigError
+    from embedforge.evaluation_config import EvalConfig
+
+    try:
+        config = EvalConfig(model=model, tasks=list(tasks), batch_size=batch_size, truncate_dim=truncate_dim,
+                            query_prompt=query_prompt, doc_prompt=doc_prompt, record_in_model=out is not None)
+    except ConfigError as exc:
+        raise _usage_error(exc) from None
+    if out:
+        from embedforge.configs import StageContext
+        from embedforge.evaluation import run_stage
+
+        run_stage(config, Path(out), StageContext(stage_name="eval"))
+        results = json.loads((Path(out) / "metrics.json").read_text())
+    else:
+        from embedforge.evaluation import evaluate
+
+        results = evaluate(model, config.tasks, batch_size=batch_size, truncate_dim=truncate_dim,
+                           query_prompt=query_prompt, doc_prompt=doc_prompt)
+    from embedforge.report import metrics_table
+
+    click.echo(metrics_table(results))
+    if out:
+        click.echo(f"wrote {Path(out) / 'metrics.json'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--force", is_flag=True, help="rerun stages whose outputs are already complete")
+@click.option("--only", multiple=True, help="run only the named stage(s)")
+@click.option("--dry-run", is_flag=True, help="validate and print the plan, run nothing")
+def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, ...], dry_run: bool) -> None:
+    """Run a YAML RECIPE; KEY=VALUE overrides (vars.out=..., STAGE.KEY=...) apply first."""
+    from embedforge.model import is_complete
+    from embedforge.recipe import RecipeError, load_recipe, parse_overrides, run_recipe
+
+    try:
+        parsed = load_recipe(recipe, parse_overrides(list(overrides)))
+    except RecipeError as exc:
+        raise _usage_error(exc) from None
+    if dry_run:
+        for st in parsed.stages:
+            state = "complete" if is_complete(st.out, st.config) else "to run"
+            click.echo(f"{st.name} ({st.stage}) -> {st.out} [{state}]")
+        return
+    try:
+        result = run_recipe(parsed, force=force, only=list(only) or None)
+    except RecipeError as exc:
+        raise _usage_error(exc) from None
+    for stage, status in result:
+        click.echo(f"{stage.name}: {status} -> {stage.out}")
+
+
+@main.group()
+def recipes() -> None:
+    """List, validate and explain recipes."""
+
+
+@recipes.command("list")
+def recipes_list() -> None:
+    """Shipped recipes, with their first comment line."""
+    from embedforge.recipe import shipped_recipes
+
+    for path in shipped_recipes():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        click.echo(f"{path}  {first}")
+
+
+@recipes.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help="KEY=VALUE override (repeatable)")
+def recipes_validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Validate recipe FILES completely without running anything (exit 2 on the first error)."""
+    from embedforge.recipe import RecipeError, load_recipe, parse_overrides
+
+    for f in files:
+        try:
+            parsed = load_recipe(f, parse_overrides(list(overrides)))
+        except RecipeError as exc:
+            raise _usage_error(exc) from None
+        click.echo(f"{f}: ok ({len(parsed.stages)} stages: {', '.join(s.name for s in parsed.stages)})")
+
+
+@recipes.command("explain")
+@click.argument("stage")
+def recipes_explain(stage: str) -> None:
+    """Every key of STAGE's config with its type, default and help."""
+    from embedforge import stages
+    from embedforge.recipe import describe_config
+
+    try:
+        cls = stages.config_class(stage)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
+    click.echo(f"{stage}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    for row in describe_config(cls):
+        click.echo(f"  {row['key']}: {row['type']} = {row['default']}\n      {row['help']}")
+
+
+@recipes.command("stages")
+def recipes_stages() -> None:
+    """The registered stage types."""
+    from embedforge import stages
+
+    for name in sorted(stages.STAGES):
+        click.echo(name)
+
+
+def entry() -> None:  # pragma: no cover - console entry point alias
+    main(prog_name="embedforge")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

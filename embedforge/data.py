@@ -1,0 +1,430 @@
+"""Data loading and validation.
+
+Every loader returns a ``datasets.Dataset`` with canonical column names, so the trainers and evaluators never
+care where the data came from:
+
+=============  ==========================================
+kind           columns
+=============  ==========================================
+texts          text
+pairs          anchor, positive
+triplets       anchor, positive, negative (, negative_2, ...)
+scored         sentence1, sentence2, score
+labeled        text, label
+=============  ==========================================
+
+Files may be JSONL, CSV/TSV, Parquet, a directory written by ``Dataset.save_to_disk``, or (online only) a hub
+dataset name. ``columns`` maps canonical names to the file's own column names (or, for header-less CSV/TSV, to
+0-based field indexes). Problems raise :class:`DataError` naming the file, the line or row and the column, and they
+are found before any long job starts. BEIR retrieval folders load with :func:`load_beir`.
+
+The public data sets used for development live in ``../shared/data`` (or ``$EMBEDFORGE_DATA``); :func:`builtin`
+knows them by short names such as ``stsb-dev`` or ``snli-triplets``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, line/row and column."""
+
+
+class DataKind(str, Enum):
+    TEXTS = "texts"
+    PAIRS = "pairs"
+    TRIPLETS = "triplets"
+    SCORED = "scored"
+    LABELED = "labeled"
+
+
+COLUMNS: dict[DataKind, tuple[str, ...]] = {
+    DataKind.TEXTS: ("text",),
+    DataKind.PAIRS: ("anchor", "positive"),
+    DataKind.TRIPLETS: ("anchor", "positive", "negative"),
+    DataKind.SCORED: ("sentence1", "sentence2", "score"),
+    DataKind.LABELED: ("text", "label"),
+}
+NUMERIC = {"score"}
+
+
+@dataclass
+class DataSpec:
+    """Where a data set comes from and how its columns map to the canonical ones."""
+
+    path: str
+    kind: DataKind | str = DataKind.PAIRS
+    format: str = "auto"
+    columns: dict[str, str | int] = field(default_factory=dict)
+    header: bool = True
+    limit: int | None = None
+    split: str = "train"
+    min_score: float | None = None  # for scored -> pairs: keep rows scoring at least this
+    extra_negatives: int = 0  # triplets: how many additional negative_N columns to expect
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kind, str) and not isinstance(self.kind, DataKind):
+            try:
+                self.kind = DataKind(self.kind)
+            except ValueError:
+                valid = ", ".join(k.value for k in DataKind)
+                raise DataError(f"data kind {self.kind!r} is not one of {valid}") from None
+
+
+def _detect_format(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf-disk"
+        raise DataError(f"{path}: a directory but not a saved datasets directory (no dataset_info.json)")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".tsv", "tsv"), (".csv", "csv"),
+                     (".parquet", "parquet"), (".txt", "tsv")):
+        if suffixes.endswith(ext):
+            return fmt
+    raise DataError(f"{path}: cannot tell the format from the suffix; set format: jsonl|csv|tsv|parquet|hf-disk")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _read_delimited(path: Path, delimiter: str, header: bool) -> Iterator[tuple[int, dict[str | int, Any]]]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    names: list[str] | None = None
+    for lineno, fields in enumerate(reader, start=1):
+        if not fields:
+            continue
+        if header and names is None:
+            names = [f.strip() for f in fields]
+            continue
+        if names is not None:
+            yield lineno, {n: (fields[i] if i < len(fields) else None) for i, n in enumerate(names)}
+        else:
+            yield lineno, dict(enumerate(fields))
+
+
+def _read_rows(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
+    """Yield (line-or-row number, row) pairs from any supported source."""
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        if spec.format in ("auto", "hub") and "/" in spec.path and not spec.path.startswith((".", "/", "~")):
+            yield from _read_hub(spec)
+            return
+        raise DataError(f"{path}: file not found")
+    fmt = _detect_format(path, spec.format)
+    if fmt == "jsonl":
+        yield from _read_jsonl(path)
+    elif fmt in ("csv", "tsv"):
+        yield from _read_delimited(path, "\t" if fmt == "tsv" else ",", spec.header)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield i, row
+    elif fmt == "hf-disk":
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if spec.split not in ds:
+                raise DataError(f"{path}: no split {spec.split!r} (has {', '.join(ds)})")
+            ds = ds[spec.split]
+        for i, row in enumerate(ds, start=1):
+            yield i, row
+    else:
+        raise DataError(f"{path}: unknown format {fmt!r}")
+
+
+def _read_hub(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(spec.path, split=spec.split)
+    except Exception as exc:  # network errors, unknown names
+        raise DataError(f"{spec.path}: not a local file, and loading it from the dataset hub failed: {exc}") from exc
+    for i, row in enumerate(ds, start=1):
+        yield i, row
+
+
+def expected_columns(spec: DataSpec) -> tuple[str, ...]:
+    cols = COLUMNS[DataKind(spec.kind)]
+    if spec.kind == DataKind.TRIPLETS and spec.extra_negatives:
+        cols = cols + tuple(f"negative_{i + 2}" for i in range(spec.extra_negatives))
+    return cols
+
+
+def _convert(value: Any, column: str, where: str) -> Any:
+    if column in NUMERIC:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: column {column!r}: expected a number, got {value!r}") from None
+    if column == "label":
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: column {column!r} is empty")
+        return value if isinstance(value, (int, str)) else str(value)
+    if not isinstance(value, str):
+        if value is None:
+            raise DataError(f"{where}: column {column!r} is missing or null")
+        raise DataError(f"{where}: column {column!r}: expected text, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise DataError(f"{where}: column {column!r} is empty")
+    return value
+
+
+def load_records(spec: DataSpec) -> dict[str, list[Any]]:
+    """Read and validate a data set into canonical columns (plain lists; no ``datasets`` import)."""
+    wanted = expected_columns(spec)
+    mapping = {c: spec.columns.get(c, c) for c in wanted}
+    if spec.min_score is not None and spec.kind == DataKind.PAIRS:
+        mapping.setdefault("score", spec.columns.get("score", "score"))
+    out: dict[str, list[Any]] = {c: [] for c in wanted}
+    checked_header = False
+    n = 0
+    for lineno, row in _read_rows(spec):
+        where = f"{spec.path}:{lineno}"
+        if not checked_header:
+            missing = [f"{canon} (as {src!r})" if canon != src else repr(canon)
+                       for canon, src in mapping.items() if src not in row]
+            if missing:
+                have = ", ".join(repr(k) for k in row)
+                raise DataError(f"{spec.path}: missing column(s) {', '.join(missing)}; the file has {have}. "
+                                f"Map them with columns: {{canonical: source}}")
+            checked_header = True
+        if spec.min_score is not None and "score" in mapping:
+            score = _convert(row.get(mapping["score"]), "score", where)
+            if score < spec.min_score:
+                continue
+        for canon in wanted:
+            if mapping[canon] not in row:
+                raise DataError(f"{where}: row has no column {mapping[canon]!r}")
+            out[canon].append(_convert(row[mapping[canon]], canon, where))
+        n += 1
+        if spec.limit is not None and n >= spec.limit:
+            break
+    if n == 0:
+        raise DataError(f"{spec.path}: no rows" + (" after filtering" if spec.min_score is not None else ""))
+    return out
+
+
+def load_data(spec: DataSpec | dict[str, Any] | str, kind: DataKind | str | None = None) -> Dataset:
+    """Load a data set described by ``spec`` (a :class:`DataSpec`, a dict of its fields, or a path / builtin name)."""
+    from datasets import Dataset
+
+    if isinstance(spec, str):
+        if spec in BUILTINS:
+            return builtin(spec)
+        spec = DataSpec(path=spec, kind=kind or DataKind.PAIRS)
+    elif isinstance(spec, dict):
+        fields = dict(spec)
+        if kind is not None:
+            fields.setdefault("kind", kind)
+        if fields.get("path") in BUILTINS and set(fields) <= {"path", "kind", "limit"}:
+            ds = builtin(fields["path"])
+            return ds.select(range(min(len(ds), fields["limit"]))) if fields.get("limit") else ds
+        spec = DataSpec(**fields)
+    elif kind is not None:
+        spec.kind = DataKind(kind)
+    return Dataset.from_dict(load_records(spec))
+
+
+# --------------------------------------------------------------------------------------------------- BEIR
+
+
+@dataclass
+class BeirData:
+    """A retrieval task: corpus and queries by id, and graded relevance per query."""
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limit: int | None = None) -> BeirData:
+    """Load a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+
+    Only queries that appear in the split's qrels are kept. Documents are ``title + " " + text``.
+    """
+    root = Path(folder)
+    for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (root / name).is_file():
+            raise DataError(f"{root / name}: file not found (BEIR layout needs corpus.jsonl, queries.jsonl, qrels/)")
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, row in _read_delimited(root / "qrels" / f"{split}.tsv", "\t", header=True):
+        where = f"{root / 'qrels' / (split + '.tsv')}:{lineno}"
+        try:
+            qid, did, score = str(row["query-id"]), str(row["corpus-id"]), int(float(row["score"]))
+        except KeyError as exc:
+            raise DataError(f"{where}: missing column {exc.args[0]!r} (expected query-id, corpus-id, score)") from None
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: column 'score': expected a number, got {row.get('score')!r}") from None
+        qrels.setdefault(qid, {})[did] = score
+    corpus: dict[str, str] = {}
+    for lineno, row in _read_jsonl(root / "corpus.jsonl"):
+        if "_id" not in row:
+            raise DataError(f"{root / 'corpus.jsonl'}:{lineno}: missing column '_id'")
+        title = (row.get("title") or "").strip()
+        text = (row.get("text") or "").strip()
+        corpus[str(row["_id"])] = f"{title} {text}".strip() if title else text
+    queries: dict[str, str] = {}
+    for lineno, row in _read_jsonl(root / "queries.jsonl"):
+        if "_id" not in row or "text" not in row:
+            raise DataError(f"{root / 'queries.jsonl'}:{lineno}: missing column '_id' or 'text'")
+        if str(row["_id"]) in qrels:
+            queries[str(row["_id"])] = row["text"]
+    qrels = {q: rel for q, rel in qrels.items() if q in queries}
+    if query_limit is not None:
+        keep = sorted(queries)[:query_limit]
+        queries = {q: queries[q] for q in keep}
+        qrels = {q: qrels[q] for q in keep}
+    if not queries:
+        raise DataError(f"{root}: no queries of split {split!r} found in queries.jsonl")
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels)
+
+
+# ---------------------------------------------------------------------------------------- built-in data
+
+
+def shared_data_dir() -> Path:
+    """``$EMBEDFORGE_DATA``, else ``../shared/data`` next to the repository (where the dev machines keep it)."""
+    env = os.environ.get("EMBEDFORGE_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    raise DataError("shared data not found: set EMBEDFORGE_DATA to the folder that holds stsb/, sick/, scifact/ ...")
+
+
+def _stsb(split: str, min_score: float | None = None, kind: DataKind = DataKind.SCORED) -> dict[str, list[Any]]:
+    path = shared_data_dir() / "stsb" / f"sts-{split}.csv"
+    spec = DataSpec(str(path), kind=kind, format="tsv", header=False, min_score=min_score,
+                    columns={"sentence1": 5, "sentence2": 6, "score": 4, "anchor": 5, "positive": 6})
+    return load_records(spec)
+
+
+def _sick(split: str) -> dict[str, list[Any]]:
+    path = shared_data_dir() / "sick" / f"SICK_{split}.txt"
+    spec = DataSpec(str(path), kind=DataKind.SCORED, format="tsv",
+                    columns={"sentence1": "sentence_A", "sentence2": "sentence_B", "score": "relatedness_score"})
+    return load_records(spec)
+
+
+def _snli_triplets() -> dict[str, list[Any]]:
+    path = shared_data_dir() / "snli" / "snli_triplets_devtest.jsonl"
+    return load_records(DataSpec(str(path), kind=DataKind.TRIPLETS))
+
+
+def _scifact_pairs() -> dict[str, list[Any]]:
+    beir = load_beir(shared_data_dir() / "scifact", "train")
+    anchors, positives = [], []
+    for qid, rels in sorted(beir.qrels.items()):
+        for did, score in sorted(rels.items()):
+            if score > 0 and did in beir.corpus:
+                anchors.append(beir.queries[qid])
+                positives.append(beir.corpus[did])
+    return {"anchor": anchors, "positive": positives}
+
+
+def _newsgroups_pairs() -> dict[str, list[Any]]:
+    path = shared_data_dir() / "20newsgroups_train.jsonl"
+    anchors, positives = [], []
+    for _, row in _read_jsonl(path):
+        subject = (row.get("subject") or "").strip()
+        body = (row.get("text") or "").strip()
+        # The body repeats the headers; keep what follows the first blank line.
+        body = body.split("\n\n", 1)[-1].strip()
+        if len(subject) > 8 and len(body) > 40:
+            anchors.append(subject)
+            positives.append(body)
+    return {"anchor": anchors, "positive": positives}
+
+
+def _banking77() -> dict[str, list[Any]]:
+    path = shared_data_dir() / "banking77" / "train.csv"
+    return load_records(DataSpec(str(path), kind=DataKind.LABELED, format="csv", columns={"label": "category"}))
+
+
+def _texts() -> dict[str, list[Any]]:
+    """Unlabeled sentences from every built-in set (deduplicated, shuffled with a fixed seed)."""
+    seen: dict[str, None] = {}
+    for part in (_stsb("train"), _sick("train")):
+        for s in part["sentence1"] + part["sentence2"]:
+            seen.setdefault(s, None)
+    trip = _snli_triplets()
+    for col in ("anchor", "positive", "negative"):
+        for s in trip[col]:
+            seen.setdefault(s.strip(), None)
+    for s in _banking77()["text"]:
+        seen.setdefault(s, None)
+    texts = list(seen)
+    random.Random(0).shuffle(texts)
+    return {"text": texts}
+
+
+BUILTINS: dict[str, tuple[DataKind, Any]] = {
+    "stsb-train": (DataKind.SCORED, lambda: _stsb("train")),
+    "stsb-dev": (DataKind.SCORED, lambda: _stsb("dev")),
+    "stsb-train-pairs": (DataKind.PAIRS, lambda: _stsb("train", min_score=4.0, kind=DataKind.PAIRS)),
+    "sick-train": (DataKind.SCORED, lambda: _sick("train")),
+    "sick-trial": (DataKind.SCORED, lambda: _sick("trial")),
+    "snli-triplets": (DataKind.TRIPLETS, _snli_triplets),
+    "scifact-train-pairs": (DataKind.PAIRS, _scifact_pairs),
+    "newsgroups-pairs": (DataKind.PAIRS, _newsgroups_pairs),
+    "banking77": (DataKind.LABELED, _banking77),
+    "texts": (DataKind.TEXTS, _texts),
+}
+
+
+def builtin(name: str) -> Dataset:
+    """A built-in development data set from the shared data folder, as a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    if name not in BUILTINS:
+        raise DataError(f"unknown built-in data set {name!r}; known: {', '.join(sorted(BUILTINS))}")
+    return Dataset.from_dict(BUILTINS[name][1]())
+
+
+def builtin_beir(name: str = "scifact-dev") -> BeirData:
+    """Built-in retrieval tasks: ``scifact-dev`` (SciFact dev qrels over the whole corpus)."""
+    if name != "scifact-dev":
+        raise DataError(f"unknown built-in retrieval task {name!r}; known: scifact-dev")
+    return load_beir(shared_data_dir() / "scifact", "dev")

@@ -1,0 +1,322 @@
+"""Evaluation shared by every stage and benchmark: STS, retrieval over a whole BEIR corpus, classification.
+
+Anything with ``encode(texts, batch_size, prompt) -> np.ndarray`` can be evaluated (an :class:`Encoder`); a
+``SentenceTransformer`` is wrapped automatically, and export/ provides one for ONNX sessions. Texts are encoded in
+length-sorted batches with a progress bar. All scores are reported x100.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from embedforge.data import BeirData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
+    from embedforge.configs import StageContext
+    from embedforge.evaluation_config import EvalConfig
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """The one thing evaluation needs from a model."""
+
+    def encode(self, texts: list[str], batch_size: int, prompt: str | None) -> np.ndarray: ...
+
+
+class STEncoder:
+    """Adapts a ``SentenceTransformer`` to :class:`Encoder` (prompts go through ST so pooling can skip them)."""
+
+    def __init__(self, model: Any, truncate_dim: int | None = None):
+        self.model = model
+        self.truncate_dim = truncate_dim
+
+    def encode(self, texts: list[str], batch_size: int, prompt: str | None) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.encode(
+                texts, batch_size=batch_size, prompt=prompt, convert_to_numpy=True, show_progress_bar=False,
+                truncate_dim=self.truncate_dim,
+            )
+        return np.asarray(out, dtype=np.float32)
+
+    def prompt_for(self, role: str) -> str | None:
+        prompts = getattr(self.model, "prompts", None) or {}
+        return prompts.get(role) or None
+
+
+def as_encoder(model: Any, truncate_dim: int | None = None) -> Encoder:
+    """Wrap a SentenceTransformer (or a model dir path) as an :class:`Encoder`; pass encoders through."""
+    if isinstance(model, (str, Path)):
+        from embedforge.model import load_model
+
+        model = load_model(model)
+    if isinstance(model, STEncoder) or (isinstance(model, Encoder) and not hasattr(model, "_modules")):
+        return model
+    return STEncoder(model, truncate_dim=truncate_dim)
+
+
+def _default_prompt(encoder: Encoder, role: str, given: str | None) -> str | None:
+    if given is not None:
+        return given or None
+    prompt_for = getattr(encoder, "prompt_for", None)
+    return prompt_for(role) if callable(prompt_for) else None
+
+
+def encode(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    prompt: str | None = None,
+    normalize: bool = True,
+    truncate_dim: int | None = None,
+    show_progress: bool = True,
+    desc: str = "encode",
+) -> np.ndarray:
+    """Encode ``texts`` in length-sorted batches (restored to input order); optionally truncate and L2-normalize."""
+    from tqdm.auto import tqdm
+
+    encoder = as_encoder(model)
+    texts = list(texts)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    chunks: list[np.ndarray] = []
+    n_batches = math.ceil(len(texts) / batch_size)
+    for b in tqdm(range(n_batches), desc=desc, disable=not show_progress or n_batches < 2, unit="batch"):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        chunks.append(np.asarray(encoder.encode([texts[i] for i in idx], batch_size, prompt), dtype=np.float32))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    sorted_emb = np.concatenate(chunks)
+    emb = np.empty_like(sorted_emb)
+    emb[order] = sorted_emb
+    if truncate_dim is not None:
+        emb = emb[:, :truncate_dim]
+    if normalize:
+        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------- STS
+
+
+def evaluate_sts(model: Any, data: Dataset | dict[str, list[Any]], *, batch_size: int = 32,
+                 truncate_dim: int | None = None, show_progress: bool = True) -> dict[str, float]:
+    """Spearman and Pearson correlation (x100) between cosine similarity and the gold scores."""
+    from scipy.stats import pearsonr, spearmanr
+
+    s1, s2, gold = list(data["sentence1"]), list(data["sentence2"]), np.asarray(data["score"], dtype=np.float64)
+    uniq = list(dict.fromkeys(s1 + s2))
+    emb = encode(model, uniq, batch_size=batch_size, truncate_dim=truncate_dim, show_progress=show_progress,
+                 desc="sts")
+    pos = {t: i for i, t in enumerate(uniq)}
+    a = emb[[pos[t] for t in s1]]
+    b = emb[[pos[t] for t in s2]]
+    cos = np.sum(a * b, axis=1)
+    return {
+        "spearman": float(spearmanr(cos, gold).statistic * 100),
+        "pearson": float(pearsonr(cos, gold).statistic * 100),
+        "n": len(gold),
+    }
+
+
+# ----------------------------------------------------------------------------------------- retrieval
+
+
+def retrieval_metrics(scores: np.ndarray, doc_ids: list[str], query_ids: list[str],
+                      qrels: dict[str, dict[str, int]], *, k_ndcg: int = 10, k_recall: int = 100,
+                      k_mrr: int = 10) -> dict[str, float]:
+    """nDCG@10 (graded gains, log2 discount), Recall@100 and MRR@10 (x100) from a query x doc score matrix."""
+    top = max(k_ndcg, k_recall, k_mrr)
+    top = min(top, scores.shape[1])
+    # argpartition then sort only the head: the corpus can be large.
+    part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
+    ndcgs, recalls, rrs = [], [], []
+    for qi, qid in enumerate(query_ids):
+        rel = {d: g for d, g in qrels.get(qid, {}).items() if g > 0}
+        if not rel:
+            continue
+        cand = part[qi]
+        ranked = cand[np.argsort(-scores[qi, cand], kind="stable")]
+        ranked_ids = [doc_ids[j] for j in ranked]
+        dcg = sum(rel.get(d, 0) / math.log2(r + 2) for r, d in enumerate(ranked_ids[:k_ndcg]))
+        ideal = sorted(rel.values(), reverse=True)[:k_ndcg]
+        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+        ndcgs.append(dcg / idcg if idcg > 0 else 0.0)
+        recalls.append(len(set(ranked_ids[:k_recall]) & set(rel)) / len(rel))
+        rr = 0.0
+        for r, d in enumerate(ranked_ids[:k_mrr]):
+            if d in rel:
+                rr = 1.0 / (r + 1)
+                break
+        rrs.append(rr)
+    return {
+        f"ndcg@{k_ndcg}": float(np.mean(ndcgs) * 100),
+        f"recall@{k_recall}": float(np.mean(recalls) * 100),
+        f"mrr@{k_mrr}": float(np.mean(rrs) * 100),
+        "queries": len(ndcgs),
+    }
+
+
+def evaluate_retrieval(model: Any, beir: BeirData, *, query_prompt: str | None = None,
+                       doc_prompt: str | None = None, batch_size: int = 32, truncate_dim: int | None = None,
+                       show_progress: bool = True) -> dict[str, float]:
+    """Dense retrieval over the whole corpus with cosine similarity; nDCG@10, Recall@100, MRR@10 (x100)."""
+    encoder = as_encoder(model)
+    qp = _default_prompt(encoder, "query", query_prompt)
+    dp = _default_prompt(encoder, "document", doc_prompt)
+    doc_ids = list(beir.corpus)
+    query_ids = list(beir.queries)
+    d = encode(encoder, [beir.corpus[i] for i in doc_ids], batch_size=batch_size, prompt=dp,
+               truncate_dim=truncate_dim, show_progress=show_progress, desc="corpus")
+    q = encode(encoder, [beir.queries[i] for i in query_ids], batch_size=batch_size, prompt=qp,
+               truncate_dim=truncate_dim, show_progress=show_progress, desc="queries")
+    return retrieval_metrics(q @ d.T, doc_ids, query_ids, beir.qrels)
+
+
+# ------------------------------------------------------------------------------------ classification
+
+
+def split_labeled(data: Dataset | dict[str, list[Any]], dev_fraction: float = 0.2, seed: int = 0
+                  ) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Deterministic stratified train/dev split of a labeled set (every label keeps a share in both)."""
+    import random
+
+    texts, labels = list(data["text"]), list(data["label"])
+    by_label: dict[Any, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    rng = random.Random(seed)
+    train_idx, dev_idx = [], []
+    for lab in sorted(by_label, key=str):
+        idx = by_label[lab]
+        rng.shuffle(idx)
+        n_dev = max(1, round(len(idx) * dev_fraction)) if len(idx) > 1 else 0
+        dev_idx += idx[:n_dev]
+        train_idx += idx[n_dev:]
+    pick = lambda ids: {"text": [texts[i] for i in ids], "label": [labels[i] for i in ids]}  # noqa: E731
+    return pick(sorted(train_idx)), pick(sorted(dev_idx))
+
+
+def evaluate_classification(model: Any, train: Dataset | dict[str, list[Any]],
+                            test: Dataset | dict[str, list[Any]], *, batch_size: int = 32,
+                            truncate_dim: int | None = None, show_progress: bool = True) -> dict[str, float]:
+    """Logistic-regression accuracy (x100) on embeddings: fit on ``train``, score on ``test``."""
+    from sklearn.linear_model import LogisticRegression
+
+    x_train = encode(model, list(train["text"]), batch_size=batch_size, truncate_dim=truncate_dim,
+                     show_progress=show_progress, desc="clf-train")
+    x_test = encode(model, list(test["text"]), batch_size=batch_size, truncate_dim=truncate_dim,
+                    show_progress=show_progress, desc="clf-test")
+    clf = LogisticRegression(max_iter=1000, C=10.0)
+    clf.fit(x_train, list(train["label"]))
+    acc = float(np.mean(clf.predict(x_test) == np.asarray(list(test["label"]), dtype=object)))
+    return {"accuracy": acc * 100, "n_train": len(x_train), "n_test": len(x_test)}
+
+
+# ---------------------------------------------------------------------------------------- task driver
+
+
+@dataclass(frozen=True)
+class Task:
+    """A parsed task spec: a built-in name, or ``sts:FILE``, ``retrieval:FOLDER[:split]``, ``classification:FILE``."""
+
+    kind: str
+    name: str
+    path: str | None = None
+    split: str | None = None
+
+
+BUILTIN_TASKS = {
+    "stsb-dev": Task("sts", "stsb-dev"),
+    "sick-trial": Task("sts", "sick-trial"),
+    "scifact-dev": Task("retrieval", "scifact-dev"),
+    "banking77": Task("classification", "banking77"),
+}
+
+
+def parse_task(spec: str) -> Task:
+    if spec in BUILTIN_TASKS:
+        return BUILTIN_TASKS[spec]
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("sts", "retrieval", "classification") or not rest:
+        raise ValueError(
+            f"unknown task {spec!r}: use a built-in ({', '.join(BUILTIN_TASKS)}) or sts:FILE, "
+            "retrieval:FOLDER[:split], classification:FILE"
+        )
+    split = None
+    if kind == "retrieval" and ":" in rest and not Path(rest).exists():
+        rest, split = rest.rsplit(":", 1)
+    return Task(kind, spec, rest, split)
+
+
+def run_task(model: Any, task: Task, *, batch_size: int = 32, truncate_dim: int | None = None,
+             query_prompt: str | None = None, doc_prompt: str | None = None,
+             show_progress: bool = True) -> dict[str, float]:
+    """Load the task's data (validated before encoding starts) and evaluate ``model`` on it."""
+    from embedforge import data as D
+
+    common = dict(batch_size=batch_size, truncate_dim=truncate_dim, show_progress=show_progress)
+    if task.kind == "sts":
+        ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.SCORED)
+        return evaluate_sts(model, ds, **common)
+    if task.kind == "retrieval":
+        beir = D.builtin_beir(task.name) if task.path is None else D.load_beir(task.path, task.split or "test")
+        return evaluate_retrieval(model, beir, query_prompt=query_prompt, doc_prompt=doc_prompt, **common)
+    ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.LABELED)
+    train, dev = split_labeled(ds)
+    return evaluate_classification(model, train, dev, **common)
+
+
+def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate_dim: int | None = None,
+             query_prompt: str | None = None, doc_prompt: str | None = None,
+             show_progress: bool = True) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` (a SentenceTransformer, a model dir, or an :class:`Encoder`) on several tasks."""
+    parsed = [parse_task(t) for t in tasks]  # fail on a bad name before encoding anything
+    encoder = as_encoder(model, truncate_dim=None)
+    results: dict[str, dict[str, float]] = {}
+    for task in parsed:
+        start = time.perf_counter()
+        results[task.name] = run_task(encoder, task, batch_size=batch_size, truncate_dim=truncate_dim,
+                                      query_prompt=query_prompt, doc_prompt=doc_prompt, show_progress=show_progress)
+        results[task.name]["seconds"] = round(time.perf_counter() - start, 2)
+        logger.info("%s: %s", task.name, results[task.name])
+    return results
+
+
+MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "classification": "accuracy"}
+
+
+def main_score(task_name: str, metrics: dict[str, float]) -> float:
+    """The headline number of a task's metrics (Spearman, nDCG@10 or accuracy)."""
+    return metrics[MAIN_METRIC[parse_task(task_name).kind]]
+
+
+def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
+    """Recipe stage ``eval``: write metrics.json and report.md to ``out_dir``; record metrics in the model's lineage."""
+    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, update_metrics
+    from embedforge.report import metrics_table
+
+    results = evaluate(config.model, config.tasks, batch_size=config.batch_size, truncate_dim=config.truncate_dim,
+                       query_prompt=config.query_prompt, doc_prompt=config.doc_prompt)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "report.md").write_text(f"# Evaluation of {config.model}\n\n" + metrics_table(results) + "\n")
+        lineage = make_lineage(stage="eval", source=config.model, config=config, metrics=results,
+                               parent=config.model if Path(config.model).is_dir() else None,
+                               recipe_hash=ctx.recipe_hash)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    if config.record_in_model and Path(config.model).is_dir():
+        update_metrics(config.model, {"eval": results})

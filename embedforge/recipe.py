@@ -1,0 +1,467 @@
+"""YAML recipes: a list of stages, each mapped to one typed config, validated before anything runs.
+
+A recipe looks like this::
+
+    # embedforge run recipes/quickstart.yaml
+    name: quickstart
+    vars:
+      out: runs/quickstart
+    stages:
+      - name: embedder            # optional; defaults to the stage type
+        stage: convert            # a registered stage (embedforge recipes list-stages)
+        out: ${vars.out}/model    # where the stage writes its result
+        model: smollm2-135m       # every other key is a field of the stage's config
+        pooling: mean
+      - stage: eval
+        model: ${stages.embedder.out}
+        out: ${vars.out}/eval
+        tasks: [stsb-dev]
+
+``${vars.NAME}``, ``${stages.NAME.out}`` (or any key of an earlier stage), ``${env:NAME}`` and ``${recipe_dir}``
+are substituted; ``key=value`` overrides (``vars.out=/tmp/x``, ``embedder.pooling=last_token``) are applied
+first. Every error names the file, the line and the key. A rerun skips stages whose output is complete (same
+config) unless ``force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import hashlib
+import json
+import logging
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedforge.configs import ConfigError, StageContext
+from embedforge import stages as stage_registry
+
+logger = logging.getLogger(__name__)
+
+RESERVED = ("name", "stage", "out")
+TOP_LEVEL = ("name", "description", "vars", "stages")
+_REF = re.compile(r"\$\{([^}]+)\}")
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gguf", ".txt", ".yaml", ".yml", ".npy", ".npz")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, located as ``file:line: key: message``."""
+
+
+# ------------------------------------------------------------------------------------- YAML with lines
+
+
+def _construct(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
+    """Build plain Python values from a composed YAML node, remembering the line of every key path."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(yaml.safe_load(yaml.serialize(key_node)))
+            sub = f"{path}.{key}" if path else key
+            lines[sub] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, sub, lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, f"{path}[{i}]", lines) for i, v in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]:
+    """Parse YAML into plain values plus a map from key path (``stages[0].pooling``) to line number."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if node is None:
+        raise RecipeError(f"{source}: the recipe is empty")
+    lines: dict[str, int] = {}
+    return _construct(node, "", lines), lines
+
+
+# ------------------------------------------------------------------------------------- typed configs
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise :class:`ConfigError` naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}", key=key)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}", key=key)
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}", key=key)
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}", key=key)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in tp)
+            raise ConfigError(f"{key}: {value!r} is not one of {valid}", key=key) from None
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}", key=key)
+        return build_config(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", key=key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}", key=key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}", key=key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected text, got {type(value).__name__} {value!r}", key=key)
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{key}: expected a path, got {value!r}", key=key)
+    return value
+
+
+def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``values``: unknown keys, wrong types and missing fields are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{full}: unknown key for {cls.__name__}{hint}; valid keys: {', '.join(fields)}",
+                              key=full)
+        kwargs[key] = coerce(value, hints[key], full)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            full = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{full}: required key is missing", key=full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if prefix and exc.key and not exc.key.startswith(prefix):
+            raise ConfigError(f"{prefix}.{exc}", key=f"{prefix}.{exc.key}") from None
+        raise
+
+
+def describe_config(cls: type) -> list[dict[str, str]]:
+    """Field name, type, default and help of a stage config (for ``embedforge recipes explain``)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default.value if isinstance(f.default, enum.Enum) else f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append({"key": f.name, "type": _type_name(hints[f.name]), "default": default,
+                     "help": f.metadata.get("help", "")})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Stage:
+    """One validated stage of a recipe."""
+
+    name: str
+    stage: str
+    out: Path
+    config: Any
+    raw: dict[str, Any]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: stages in order, with the hash of the resolved document."""
+
+    name: str
+    path: Path | None
+    stages: list[Stage]
+    hash: str
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["a.b=1", "x=[1,2]"]`` -> ``{"a.b": 1, "x": [1, 2]}`` (values parsed as YAML scalars/flows)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+    stages = doc.get("stages") or []
+    by_name = {}
+    for i, st in enumerate(stages):
+        if isinstance(st, dict):
+            by_name[str(st.get("name") or st.get("stage"))] = st
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head == "vars" and rest:
+            doc.setdefault("vars", {})[rest] = value
+        elif head == "stages" and rest:
+            name, _, sub = rest.partition(".")
+            if name not in by_name or not sub:
+                raise RecipeError(f"{source}: override {key!r}: no stage named {name!r} (stages: {', '.join(by_name)})")
+            _set_dotted(by_name[name], sub, value)
+        elif head in by_name and rest:
+            _set_dotted(by_name[head], rest, value)
+        elif head in ("name", "description") and not rest:
+            doc[head] = value
+        else:
+            raise RecipeError(
+                f"{source}: override {key!r}: use vars.NAME=..., STAGE.KEY=... or stages.STAGE.KEY=... "
+                f"(stages: {', '.join(by_name) or 'none'})"
+            )
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        target = target.setdefault(p, {})
+    target[parts[-1]] = value
+
+
+def _substitute(value: Any, scope: dict[str, Any], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, scope, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, scope, where) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(ref: str) -> Any:
+        ref = ref.strip()
+        if ref.startswith("env:"):
+            name = ref[4:]
+            if name not in os.environ:
+                raise RecipeError(f"{where}: ${{{ref}}}: environment variable {name} is not set")
+            return os.environ[name]
+        cur: Any = scope
+        for part in ref.split("."):
+            if isinstance(cur, dict) and part in cur:
+                cur = cur[part]
+            else:
+                known = ", ".join(sorted(scope.get("stages", {}))) or "none yet"
+                raise RecipeError(f"{where}: ${{{ref}}} does not name a var or an earlier stage key "
+                                  f"(earlier stages: {known})")
+        return cur
+
+    whole = _REF.fullmatch(value)
+    if whole:
+        return lookup(whole.group(1))
+    return _REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def _looks_like_local_path(value: str) -> bool:
+    if value.startswith(("/", "./", "../", "~")):
+        return True
+    return value.lower().endswith(_FILE_SUFFIXES) and "\n" not in value and len(value) < 400
+
+
+def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
+    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_inputs(v, f"{key}.{k}", produced, where)
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_inputs(v, f"{key}[{i}]", produced, where)
+        return
+    if not isinstance(value, str) or not _looks_like_local_path(value):
+        return
+    from embedforge.data import BUILTINS
+    from embedforge.sources import ALIASES
+
+    if value in BUILTINS or value in ALIASES:
+        return
+    path = Path(value).expanduser().resolve()
+    if path.exists():
+        return
+    if any(path == p or p in path.parents for p in produced):
+        return
+    raise RecipeError(f"{where}: {key}: file or directory not found: {value}")
+
+
+def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *,
+                    recipe_dir: Path | None = None) -> Recipe:
+    """Check a parsed recipe document completely and build every stage's typed config."""
+
+    def at(path: str) -> str:
+        line = lines.get(path)
+        while line is None and path:
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+            line = lines.get(path)
+        return f"{source}:{line}" if line else source
+
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with keys {', '.join(TOP_LEVEL)}")
+    for key in doc:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(key, TOP_LEVEL, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{at(key)}: {key}: unknown top-level key{hint}; valid keys: {', '.join(TOP_LEVEL)}")
+    raw_stages = doc.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError(f"{at('stages')}: stages: expected a non-empty list of stages")
+    variables = doc.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise RecipeError(f"{at('vars')}: vars: expected a mapping")
+    base = recipe_dir or Path.cwd()
+    scope: dict[str, Any] = {"vars": {}, "stages": {}, "recipe_dir": str(base)}
+    scope["vars"] = _substitute(variables, scope, at("vars"))
+    built: list[Stage] = []
+    produced: list[Path] = []
+    for i, raw in enumerate(raw_stages):
+        p = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{at(p)}: {p}: expected a mapping with 'stage' and 'out'")
+        kind = raw.get("stage")
+        if kind not in stage_registry.STAGES:
+            known = ", ".join(sorted(stage_registry.STAGES))
+            raise RecipeError(f"{at(p + '.stage')}: {p}.stage: {kind!r} is not a stage; known stages: {known}")
+        name = str(raw.get("name") or kind)
+        if name in scope["stages"]:
+            raise RecipeError(f"{at(p + '.name')}: {p}.name: duplicate stage name {name!r}; give each a 'name'")
+        if "out" not in raw:
+            raise RecipeError(f"{at(p)}: {p}.out: required key is missing (where the stage writes its result)")
+        values = {}
+        for key, value in raw.items():
+            values[key] = _substitute(value, scope, at(f"{p}.{key}"))
+        out = Path(str(values["out"])).expanduser()
+        if not out.is_absolute():
+            out = (Path.cwd() / out)
+        out = out.resolve()
+        cfg_values = {k: v for k, v in values.items() if k not in RESERVED}
+        try:
+            cls = stage_registry.config_class(kind)
+            config = build_config(cls, cfg_values)
+        except ConfigError as exc:
+            key = exc.key.split("[")[0].split(".")[0] if exc.key else ""
+            raise RecipeError(f"{at(f'{p}.{key}' if key else p)}: stage {name!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"{at(p)}: stage {name!r}: {exc}") from None
+        for key, value in cfg_values.items():
+            _check_inputs(value, key, produced, f"{at(f'{p}.{key}')}: stage {name!r}")
+        built.append(Stage(name=name, stage=kind, out=out, config=config, raw=values))
+        produced.append(out)
+        scope["stages"][name] = {**values, "out": str(out)}
+    resolved = {"name": doc.get("name"), "vars": scope["vars"], "stages": [s.raw | {"out": str(s.out)} for s in built]}
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
+    return Recipe(name=str(doc.get("name") or (Path(source).stem if source else "recipe")),
+                  path=Path(source) if source and not source.startswith("<") else None,
+                  stages=built, hash=digest, resolved=resolved)
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override, substitute and validate a recipe file; nothing runs."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    doc, lines = load_yaml(p.read_text(), str(p))
+    if overrides:
+        if not isinstance(doc, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping")
+        _apply_overrides(doc, overrides, str(p))
+    return validate_recipe(doc, lines, str(p), recipe_dir=p.parent.resolve())
+
+
+def single_stage(kind: str, values: dict[str, Any], out: str | os.PathLike[str], source: str) -> Recipe:
+    """A one-stage recipe built from CLI options (so the CLI validates exactly like recipes do)."""
+    doc = {"name": kind, "stages": [{"stage": kind, "out": os.fspath(out), **values}]}
+    return validate_recipe(doc, {}, source)
+
+
+def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
+    """Run the stages in order. Returns ``(stage, "ran" | "skipped")`` for each stage considered."""
+    from embedforge.model import is_complete
+
+    if only:
+        names = {s.name for s in recipe.stages}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+    done: list[tuple[Stage, str]] = []
+    for st in recipe.stages:
+        if only and st.name not in only:
+            continue
+        if not force and is_complete(st.out, st.config):
+            logger.info("stage %s: %s is complete, skipping (use --force to redo)", st.name, st.out)
+            done.append((st, "skipped"))
+            continue
+        if not force and is_complete(st.out):
+            logger.warning("stage %s: %s was made with a different config; running it again", st.name, st.out)
+        ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name, force=force)
+        logger.info("stage %s (%s) -> %s", st.name, st.stage, st.out)
+        stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        done.append((st, "ran"))
+    return done
+
+
+def shipped_recipes() -> list[Path]:
+    """Recipes shipped in the repository's ``recipes/`` folder (and ``./recipes`` when run elsewhere)."""
+    roots = [Path(__file__).resolve().parent.parent / "recipes", Path.cwd() / "recipes"]
+    seen: dict[Path, None] = {}
+    for root in roots:
+        if root.is_dir():
+            for f in sorted(root.rglob("*.yaml")):
+                seen.setdefault(f.resolve(), None)
+    return list(seen)

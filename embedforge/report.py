@@ -1,0 +1,50 @@
+"""Markdown tables (and optional plots) for metrics and benchmark results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A markdown table of ``rows`` (dicts); columns default to the union of keys in first-seen order."""
+    if not rows:
+        return "_no rows_"
+    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per task with every metric it reported."""
+    rows = [{"task": task, **{k: v for k, v in m.items()}} for task, m in results.items()]
+    return table(rows)
+
+
+def bar_plot(values: dict[str, float], path: str | Path, title: str = "", ylabel: str = "") -> Path:
+    """Save a simple bar chart (PNG) of ``values``; used by benchmarks' reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.9), 3.2))
+    ax.bar(list(values), list(values.values()))
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
