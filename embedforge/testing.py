@@ -107,7 +107,10 @@ def tiny_bert_st(path: str | os.PathLike[str], *, seed: int = 0, layers: int = 2
     """Save a tiny random BERT sentence-transformers model (WordPiece tokenizer) to ``path``."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize, Pooling, Transformer
+    try:  # sentence-transformers >= 6.1 moved the modules
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # pragma: no cover
+        from sentence_transformers.models import Normalize, Pooling, Transformer
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
