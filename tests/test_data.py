@@ -1,0 +1,91 @@
+"""Data loading: formats, column mapping, and errors that name file, line and column."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embedforge.data import DataError, DataKind, DataSpec, load_beir, load_data, load_records
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_pairs_with_column_mapping(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "p.jsonl", [{"q": "a cat", "d": "a small cat"}, {"q": "a dog", "d": "a puppy"}])
+    ds = load_data({"path": str(f), "kind": "pairs", "columns": {"anchor": "q", "positive": "d"}})
+    assert ds.column_names == ["anchor", "positive"] and ds["positive"] == ["a small cat", "a puppy"]
+
+
+def test_csv_tsv_parquet_and_saved_dataset(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    (tmp_path / "s.csv").write_text('sentence1,sentence2,score\n"a, b",c,4.5\nd,e,1\n')
+    ds = load_data(str(tmp_path / "s.csv"), DataKind.SCORED)
+    assert ds["sentence1"] == ["a, b", "d"] and ds["score"] == [4.5, 1.0]
+    (tmp_path / "t.tsv").write_text("x\t0\ty\n")
+    recs = load_records(DataSpec(str(tmp_path / "t.tsv"), kind="texts", header=False, columns={"text": 2}))
+    assert recs == {"text": ["y"]}
+    Dataset.from_dict({"text": ["u", "v"], "label": [1, 0]}).to_parquet(str(tmp_path / "l.parquet"))
+    assert load_data(str(tmp_path / "l.parquet"), "labeled")["label"] == [1, 0]
+    Dataset.from_dict({"anchor": ["a"], "positive": ["b"], "negative": ["c"]}).save_to_disk(str(tmp_path / "hf"))
+    assert load_data(str(tmp_path / "hf"), "triplets")["negative"] == ["c"]
+
+
+def test_missing_column_names_file_and_columns(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "bad.jsonl", [{"query": "a", "doc": "b"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: missing column\(s\) 'anchor', 'positive'; the file has 'query', 'doc'"):
+        load_data(str(f), "pairs")
+
+
+def test_wrong_type_and_empty_value_name_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "s.tsv"
+    f.write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\tlots\n")
+    with pytest.raises(DataError, match=r"s\.tsv:3: column 'score': expected a number, got 'lots'"):
+        load_data(str(f), "scored")
+    g = _jsonl(tmp_path / "e.jsonl", [{"text": "fine"}, {"text": "  "}])
+    with pytest.raises(DataError, match=r"e\.jsonl:2: column 'text' is empty"):
+        load_data(str(g), "texts")
+    h = _jsonl(tmp_path / "n.jsonl", [{"text": 5}])
+    with pytest.raises(DataError, match=r"n\.jsonl:1: column 'text': expected text, got int"):
+        load_data(str(h), "texts")
+
+
+def test_undecodable_bytes_empty_file_bad_json(tmp_path: Path) -> None:
+    f = tmp_path / "u.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"u\.jsonl:2: not valid UTF-8"):
+        load_data(str(f), "texts")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        load_data(str(tmp_path / "empty.jsonl"), "texts")
+    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"j\.jsonl:2: invalid JSON"):
+        load_data(str(tmp_path / "j.jsonl"), "texts")
+    with pytest.raises(DataError, match="file not found"):
+        load_data(str(tmp_path / "missing.jsonl"), "texts")
+
+
+def test_min_score_turns_scored_rows_into_pairs_and_limit(tmp_path: Path) -> None:
+    f = tmp_path / "s.csv"
+    f.write_text("a,b,score\nx,y,4.5\np,q,2\nm,n,5\n")
+    spec = DataSpec(str(f), kind="pairs", columns={"anchor": "a", "positive": "b"}, min_score=4.0)
+    assert load_records(spec) == {"anchor": ["x", "m"], "positive": ["y", "n"]}
+    spec.limit = 1
+    assert load_records(spec) == {"anchor": ["x"], "positive": ["y"]}
+
+
+def test_beir_folder(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "body one"}, {"_id": "d2", "text": "two"}])
+    _jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first?"}, {"_id": "q2", "text": "unused"}])
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    beir = load_beir(tmp_path, "dev")
+    assert beir.corpus == {"d1": "T body one", "d2": "two"}
+    assert beir.queries == {"q1": "first?"} and beir.qrels == {"q1": {"d2": 1}}
+    with pytest.raises(DataError, match="qrels/test.tsv: file not found"):
+        load_beir(tmp_path, "test")
