@@ -147,14 +147,17 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
     )
     dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
     trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
-    resume = checkpoint_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoint_dir.iterdir())
+    done_steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("checkpoint-*")
+                  if p.name.split("-")[1].isdigit()] if checkpoint_dir.is_dir() else []
+    resume = bool(done_steps)
     if resume:
-        logger.info("distill: resuming from %s", checkpoint_dir)
+        logger.info("distill: resuming from %s at step %d", checkpoint_dir, max(done_steps))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     return {
         "train_seconds": round(time.perf_counter() - start, 2),
         "steps": int(result.global_step),
+        "resumed_from_step": max(done_steps) if resume else 0,
         "train_loss": float(result.training_loss),
         "last_views": objective.last_views,
         "last_terms": loss.last_terms,

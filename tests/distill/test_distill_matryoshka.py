@@ -1,0 +1,76 @@
+"""The training objective: mean over Matryoshka prefixes and Starbucks (layer, dim) views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedforge.distill.losses import JasperStellaLoss
+from embedforge.distill.matryoshka import DistillObjective, full_dims, prefix
+
+
+def _load(path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu")
+
+
+def test_prefix_and_full_dims():
+    x = torch.tensor([[3.0, 4.0, 12.0]])
+    torch.testing.assert_close(prefix(x, 2), torch.tensor([[0.6, 0.8]]))
+    assert full_dims([8, 16], 32) == [32, 16, 8]
+    assert full_dims([32, 8, 8], 32) == [32, 8]
+    with pytest.raises(ValueError, match="exceed"):
+        full_dims([64], 32)
+
+
+def test_objective_is_the_mean_over_prefixes(bert_teacher, texts):
+    model = _load(bert_teacher)
+    rng = np.random.default_rng(0)
+    targets = torch.tensor(rng.normal(size=(len(texts), 32)), dtype=torch.float32)
+    loss = JasperStellaLoss(max_pairs=10_000)
+    objective = DistillObjective(model, targets, loss, dims=[16, 8])
+    batch = [3, 7, 11, 20, 42]
+    features = model.preprocess([texts[i] for i in batch])
+    with torch.no_grad():
+        got = objective([features], torch.tensor(batch)).item()
+        full = model(model.preprocess([texts[i] for i in batch]))["sentence_embedding"]
+        t = targets[batch]
+        by_hand = np.mean([loss(full[:, :d] / full[:, :d].norm(dim=1, keepdim=True), t).item() for d in (32, 16, 8)])
+    assert got == pytest.approx(by_hand, rel=1e-5)
+    assert set(objective.last_views) == {"dim32", "dim16", "dim8"}
+    # Teacher vectors may also come as labels directly.
+    with torch.no_grad():
+        direct = objective([model.preprocess([texts[i] for i in batch])], targets[batch]).item()
+    assert direct == pytest.approx(got, rel=1e-5)
+
+
+def test_layer_dim_view_is_the_truncated_model(bert_teacher, texts):
+    """The (layer, dim) view equals what a student cut after that layer outputs, cut to dim."""
+    from embedforge.distill.students import layer_student
+
+    model = _load(bert_teacher)
+    targets = torch.randn(len(texts), 32)
+    objective = DistillObjective(model, targets, JasperStellaLoss(max_pairs=10_000), layer_dims=[[1, 8]])
+    batch = [0, 1, 2, 3]
+    with torch.no_grad():
+        objective([model.preprocess([texts[i] for i in batch])], torch.tensor(batch))
+        features = model.preprocess([texts[i] for i in batch])
+        model[0].auto_model.config.output_hidden_states = True
+        out = model(features)
+        model[0].auto_model.config.output_hidden_states = False
+        view = objective._layer_view(out, 1)
+    one_layer = layer_student(model, [0])
+    expected = one_layer.encode([texts[i] for i in batch], convert_to_tensor=True)
+    torch.testing.assert_close(prefix(view, 8), prefix(expected, 8), atol=1e-5, rtol=1e-4)
+    assert set(objective.last_views) == {"dim32", "layer1_dim8"}
+    assert model[0].auto_model.config.output_hidden_states is False  # restored after the forward pass
+
+
+def test_objective_rejects_pairs_outside_the_student(bert_teacher):
+    model = _load(bert_teacher)
+    with pytest.raises(ValueError, match="outside"):
+        DistillObjective(model, torch.zeros(4, 32), JasperStellaLoss(), layer_dims=[[4, 8]])
+    with pytest.raises(ValueError, match="outside"):
+        DistillObjective(model, torch.zeros(4, 32), JasperStellaLoss(), layer_dims=[[1, 64]])

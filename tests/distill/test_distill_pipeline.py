@@ -1,0 +1,152 @@
+"""The distill stage end to end on tiny models: config checks, saved model, resume, training lowers the loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedforge.configs import ConfigError, StageContext
+from embedforge.distill.config import DistillConfig, StudentKind
+
+
+def test_config_imports_without_torch():
+    code = "import sys, embedforge.distill.config as c; c.DistillConfig(model='x', first_layers=1); " \
+           "assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"first_layers": 2, "layer_stride": 2}, "keep_layers"),
+        ({}, "keep_layers"),
+        ({"student": "static", "first_layers": 2}, "keep_layers"),
+        ({"student": "model"}, "student_model"),
+        ({"student": "nope"}, "student"),
+        ({"first_layers": 1, "teacher_weights": [1.0, 2.0]}, "teacher_weights"),
+        ({"first_layers": 1, "batch_size": 1}, "batch_size"),
+        ({"first_layers": 1, "layer_dims": [[0, 8]]}, "layer_dims"),
+        ({"student": "static", "layer_dims": [[1, 8]]}, "layer_dims"),
+        ({"first_layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
+    ],
+)
+def test_config_errors_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError) as err:
+        DistillConfig(model="teacher", **kwargs)
+    assert err.value.key == key
+
+
+def test_config_defaults_and_enums():
+    cfg = DistillConfig(model="t", extra_teachers=["u"], student="static")
+    assert cfg.student is StudentKind.STATIC
+    assert cfg.teachers == ["t", "u"] and cfg.weights == [1.0, 1.0]
+    assert (cfg.cosine_weight, cfg.similarity_weight, cfg.relative_weight, cfg.relative_margin) == (10, 200, 20, 0.015)
+
+
+def test_stage_is_registered():
+    from embedforge.stages import config_class, runner
+
+    assert config_class("distill") is DistillConfig
+    from embedforge.distill.pipeline import run
+
+    assert runner("distill") is run
+
+
+def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.model import read_lineage
+
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], keep_layers=[0, 2], batch_size=16,
+                        max_steps=4, save_steps=2, matryoshka_dims=[16, 8], layer_dims=[[1, 8]], shard_size=40)
+    out = tmp_path / "student"
+    ctx = StageContext(cache_dir=tmp_path / "cache")
+    from embedforge.distill.pipeline import run
+
+    run(cfg, out, ctx)
+    lineage = read_lineage(out)
+    assert lineage["stage"] == "distill" and lineage["source"] == str(bert_teacher)
+    assert lineage["extra"]["matryoshka_dims"] == [32, 16, 8]
+    assert lineage["extra"]["layer_dims"] == [[1, 8]]
+    assert lineage["extra"]["teachers"][0]["dim"] == 32
+    assert lineage["metrics"]["distill"]["steps"] == 4
+    assert not (tmp_path / "student.ckpt").exists()
+    model = SentenceTransformer(str(out), device="cpu")
+    assert model[0].auto_model.config.num_hidden_layers == 2
+    emb = model.encode(["a man is playing a guitar"], truncate_dim=8)
+    assert emb.shape == (1, 8)
+    # A finished output is skipped on rerun.
+    stamp = (out / "embedforge.json").stat().st_mtime_ns
+    run(cfg, out, ctx)
+    assert (out / "embedforge.json").stat().st_mtime_ns == stamp
+
+
+def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
+    from embedforge.distill import pipeline
+
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], first_layers=1, batch_size=16,
+                        max_steps=4, save_steps=2, shard_size=64)
+    out = tmp_path / "student"
+    cache = tmp_path / "cache"
+    # A first run that stopped after 2 steps left its checkpoint behind.
+    texts = pipeline.gather_texts(cfg.texts)
+    targets, _ = pipeline.teacher_vectors(cfg, texts, cache)
+    partial = DistillConfig(**{**cfg.__dict__, "max_steps": 2})
+    student = pipeline.build_student(partial, 32, texts, targets)
+    pipeline.train_student(student, partial, texts, targets, tmp_path / "student.ckpt")
+    assert (tmp_path / "student.ckpt" / "checkpoint-2").is_dir()
+
+    pipeline.run(cfg, out, StageContext(cache_dir=cache))
+    stats = json.loads((out / "embedforge.json").read_text())["metrics"]["distill"]
+    assert stats["resumed_from_step"] == 2 and stats["steps"] == 4
+
+
+def test_two_teachers_any_model_student_gets_a_fitted_projection(bert_teacher, bert_teacher_b, texts, tmp_path):
+    """Two concatenated teachers (64 dims) and a 32-dim decoder student: the head is fitted, not random."""
+    from embedforge.distill import pipeline, students
+    from embedforge.distill.losses import CosineLoss
+    from embedforge.testing import tiny_decoder
+
+    decoder = tiny_decoder("qwen2", tmp_path / "qwen2")
+    cfg = DistillConfig(model=str(bert_teacher), extra_teachers=[str(bert_teacher_b)], teacher_weights=[1, 2],
+                        student="model", student_model=str(decoder), texts=["unused"])
+    targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
+    assert targets.shape == (len(texts), 64)
+    student = pipeline.build_student(cfg, 64, texts, targets)
+    assert student.get_embedding_dimension() == 64
+    assert student[0].auto_model.config.is_causal is False
+    torch.manual_seed(0)
+    unfitted = students.add_projection(students.model_student(str(decoder)), 64)
+    t = torch.tensor(targets)
+    fitted_loss = CosineLoss()(torch.tensor(student.encode(texts)), t).item()
+    random_loss = CosineLoss()(torch.tensor(unfitted.encode(texts)), t).item()
+    assert fitted_loss < 0.5 * random_loss, (fitted_loss, random_loss)
+
+
+def test_training_lowers_the_loss(bert_teacher, texts, tmp_path):
+    """A random decoder student trained on the teacher vectors gets closer to them."""
+    from embedforge.distill import pipeline
+    from embedforge.distill.losses import JasperStellaLoss
+    from embedforge.testing import tiny_decoder
+
+    decoder = tiny_decoder("qwen2", tmp_path / "qwen2")
+    cfg = DistillConfig(model=str(bert_teacher), student="model", student_model=str(decoder), batch_size=16,
+                        max_steps=12, learning_rate=2e-4, warmup_ratio=0.0, save_steps=100, texts=["unused"])
+    targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
+    student = pipeline.build_student(cfg, 32, texts, targets)
+    loss = JasperStellaLoss(max_pairs=10_000)
+
+    def full_loss() -> float:
+        emb = torch.tensor(student.encode(texts, batch_size=32))
+        return loss(emb, torch.tensor(targets)).item()
+
+    before = full_loss()
+    pipeline.train_student(student, cfg, texts, targets, tmp_path / "ckpt")
+    after = full_loss()
+    assert np.isfinite(after) and after < 0.9 * before, (before, after)
