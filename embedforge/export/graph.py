@@ -1,0 +1,238 @@
+"""Build one ONNX graph from a sentence-transformers model: backbone, pooling head, extras, normalization.
+
+:class:`EmbeddingGraph` runs the model's own module chain on a ``features`` dict built from the graph inputs, so
+any head whose forward is traceable (sentence-transformers ``Pooling``, ``Dense``, ``Normalize`` and the
+embedforge heads in :mod:`embedforge.modules`) exports without export-specific code. After the chain come the
+optional Matryoshka truncation, L2 normalization and packed-bit output, in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+#: graph inputs in the order the graphs take them (those the tokenizer does not produce are left out)
+INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+SENTENCE_OUTPUT = "sentence_embedding"
+TOKENS_OUTPUT = "last_hidden_state"
+BINARY_OUTPUT = "binary_embedding"
+#: ONNX protobufs are limited to 2 GB; bigger graphs keep their weights in a side file
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(RuntimeError):
+    """A model cannot be exported (unsupported module, unsupported option, exporter failure)."""
+
+
+@dataclass
+class GraphSpec:
+    """What one exported graph takes and returns (recorded in ``manifest.json``)."""
+
+    file: str
+    inputs: list[str]
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"dtype": ..., "shape": [...]}
+    kind: str = "sentence_embedding"  # or "last_hidden_state"
+    external_data: bool = False
+
+
+def graph_inputs(model: SentenceTransformer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts`` with the model's own preprocessing and keep only the tensors a graph takes."""
+    features = model.preprocess(list(texts))
+    return {name: features[name] for name in INPUT_ORDER if name in features}
+
+
+class EmbeddingGraph:
+    """Factory for the traceable wrapper (a ``torch.nn.Module`` subclass built lazily, so importing is cheap)."""
+
+    @staticmethod
+    def build(
+        model: SentenceTransformer,
+        input_names: Sequence[str],
+        *,
+        kind: str = SENTENCE_OUTPUT,
+        truncate_dim: int | None = None,
+        normalize: bool = True,
+        binary: bool = False,
+    ) -> torch.nn.Module:
+        """Return a module ``forward(*inputs) -> tuple[Tensor, ...]`` in the order of :func:`output_names`."""
+        return _wrapper_class()(model, list(input_names), kind=kind, truncate_dim=truncate_dim,
+                                normalize=normalize, binary=binary)
+
+
+def _wrapper_class() -> type:
+    import torch
+
+    from embedforge.modules.binarizer import pack_bits
+
+    class _Wrapper(torch.nn.Module):
+        def __init__(self, model: Any, input_names: list[str], *, kind: str, truncate_dim: int | None,
+                     normalize: bool, binary: bool) -> None:
+            super().__init__()
+            self.chain = torch.nn.ModuleList(list(model))
+            self.input_names = input_names
+            self.kind = kind
+            self.truncate_dim = truncate_dim
+            self.normalize = normalize
+            self.binary = binary
+            self.has_model_binarizer = False
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features: dict[str, Any] = dict(zip(self.input_names, inputs))
+            if self.kind == TOKENS_OUTPUT:
+                return (self.chain[0](features)["token_embeddings"],)
+            for module in self.chain:
+                features = module(features)
+            emb = features[SENTENCE_OUTPUT]
+            if emb.is_floating_point():
+                if self.truncate_dim is not None:
+                    emb = emb[:, : self.truncate_dim]
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2.0, dim=-1)
+            outputs = [emb]
+            if BINARY_OUTPUT in features:  # the model carries its own binarizer module
+                outputs.append(features[BINARY_OUTPUT])
+            elif self.binary:
+                outputs.append(pack_bits(emb > 0))
+            return tuple(outputs)
+
+    return _Wrapper
+
+
+def output_names(model: SentenceTransformer, kind: str, binary: bool) -> list[str]:
+    """Names of the graph outputs, matching what the wrapper returns."""
+    if kind == TOKENS_OUTPUT:
+        return [TOKENS_OUTPUT]
+    names = [SENTENCE_OUTPUT]
+    if binary or has_binarizer(model):
+        names.append(BINARY_OUTPUT)
+    return names
+
+
+def has_binarizer(model: SentenceTransformer) -> bool:
+    """True when one of the model's modules writes ``binary_embedding`` (an embedforge binarizer)."""
+    return any(type(m).__name__.endswith("Binarizer") for m in model)
+
+
+@contextlib.contextmanager
+def attention_kernel(model: SentenceTransformer, implementation: str) -> Iterator[None]:
+    """Temporarily switch every transformers model inside ``model`` to another attention implementation."""
+    from transformers import PreTrainedModel
+
+    changed: list[tuple[Any, str]] = []
+    if implementation != "keep":
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and hasattr(module, "set_attn_implementation"):
+                before = module.config._attn_implementation
+                if before == implementation:
+                    continue
+                try:
+                    module.set_attn_implementation(implementation)
+                    changed.append((module, before))
+                except (ValueError, ImportError) as err:  # model cannot switch: trace it as loaded
+                    logger.warning("keeping %s attention for %s: %s", before, type(module).__name__, err)
+    try:
+        yield
+    finally:
+        for module, before in changed:
+            module.set_attn_implementation(before)
+
+
+def check_exportable(model: SentenceTransformer) -> None:
+    """Fail early, with a reason, on module chains a fixed graph cannot reproduce."""
+    for module in model:
+        if getattr(module, "include_prompt", True) is False:
+            logger.warning(
+                "%s excludes prompt tokens from pooling; the ONNX graph cannot know a prompt's length, so the "
+                "export is checked and served without prompts", type(module).__name__,
+            )
+
+
+def export_graph(
+    model: SentenceTransformer,
+    path: str | os.PathLike[str],
+    *,
+    example_texts: Sequence[str],
+    kind: str = SENTENCE_OUTPUT,
+    truncate_dim: int | None = None,
+    normalize: bool = True,
+    binary: bool = False,
+    exporter: str = "torchscript",
+    opset: int = 17,
+    attn_implementation: str = "eager",
+) -> GraphSpec:
+    """Trace ``model`` into an ONNX file at ``path`` with dynamic batch and sequence axes.
+
+    ``example_texts`` must tokenize to different lengths so the trace sees padding (a batch without padding lets
+    some attention code skip the mask).
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = graph_inputs(model, example_texts)
+    if "attention_mask" not in example or bool(example["attention_mask"].all()):
+        raise ExportError("the example batch for tracing must contain padding (texts of different lengths)")
+    input_names = list(example)
+    outputs = output_names(model, kind, binary and kind == SENTENCE_OUTPUT)
+    wrapper = EmbeddingGraph.build(model, input_names, kind=kind, truncate_dim=truncate_dim, normalize=normalize,
+                                   binary=binary and kind == SENTENCE_OUTPUT)
+    wrapper.eval()
+    args = tuple(example[name] for name in input_names)
+    n_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    external = n_bytes > EXTERNAL_DATA_BYTES
+    with torch.no_grad(), attention_kernel(model, attn_implementation):
+        sample = wrapper(*args)
+        try:
+            if exporter == "dynamo":
+                _export_dynamo(wrapper, args, path, input_names, outputs, opset, external)
+            else:
+                _export_torchscript(wrapper, args, path, input_names, outputs, opset)
+        except Exception as err:  # exporter errors are long; keep the cause, add what was being exported
+            raise ExportError(f"torch.onnx.export ({exporter}) failed for {path.name}: {err}") from err
+    spec = GraphSpec(file=path.name, inputs=input_names, kind=kind, external_data=external)
+    for name, value in zip(outputs, sample):
+        shape: list[Any] = ["batch"] + (["sequence"] if kind == TOKENS_OUTPUT else []) + [int(value.shape[-1])]
+        spec.outputs[name] = {"dtype": str(value.dtype).replace("torch.", ""), "shape": shape}
+    logger.info("exported %s (%s) with inputs %s and outputs %s", path.name, exporter, input_names, outputs)
+    return spec
+
+
+def _export_torchscript(wrapper: Any, args: tuple[Any, ...], path: Path, input_names: list[str],
+                        outputs: list[str], opset: int) -> None:
+    import torch
+
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    for name in outputs:
+        axes[name] = {0: "batch", 1: "sequence"} if name == TOKENS_OUTPUT else {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python conditions on shapes are expected here
+        torch.onnx.export(
+            wrapper, args, str(path), input_names=input_names, output_names=outputs, dynamic_axes=axes,
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+
+
+def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, input_names: list[str], outputs: list[str],
+                   opset: int, external: bool) -> None:
+    import torch
+    from torch.export import Dim
+
+    batch, seq = Dim("batch"), Dim("sequence")
+    shapes = tuple({0: batch, 1: seq} for _ in input_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, args, str(path), input_names=input_names, output_names=outputs, dynamic_shapes=shapes,
+            opset_version=max(opset, 18), dynamo=True, external_data=external, verbose=False,
+        )

@@ -1,0 +1,186 @@
+"""Parity of an exported graph with the PyTorch model it came from.
+
+The reference is computed by sentence-transformers itself — its own tokenization, one text at a time (so no
+padding at all) — and then truncated / normalized the way the graph is configured to. The graph is run through
+:class:`~embedforge.export.encoder.OnnxEncoder` in mixed-length batches in input order, so padding, the tokenizer
+file, truncation of long inputs and every in-graph step are all covered by one comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.export.encoder import OnnxEncoder
+
+logger = logging.getLogger(__name__)
+
+_PROBES = [
+    "a",
+    "The cat sat on the mat.",
+    "How do I reset the PIN of my bank card?",
+    "Protein folding determines the function of enzymes, and misfolding is linked to several diseases.",
+    "Two dogs are running through a field of tall grass while a man throws a red ball.",
+    "naïve café – déjà vu; emoji 🙂 and symbols #42 @home 3.14",
+    "What is the capital of France?",
+    "The stock market fell sharply on Monday morning after the central bank raised interest rates again.",
+    "short",
+    "  leading and trailing spaces  ",
+    "UPPER CASE AND lower case Mixed",
+    "A woman is slicing an onion in the kitchen.",
+]
+
+
+class ParityError(RuntimeError):
+    """An exported graph's outputs differ from the PyTorch model's beyond the configured tolerance."""
+
+
+@dataclass
+class Parity:
+    """How close one graph's outputs are to the reference (recorded in ``manifest.json``)."""
+
+    probes: int
+    max_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    worst_probe: int
+    bit_agreement: float | None = None  # for packed binary outputs: share of equal bits
+    passed: bool = True
+    tolerance: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def probe_texts(long_tokens: int = 512, extra: Sequence[str] = ()) -> list[str]:
+    """Short, medium, unicode and one long text (about ``long_tokens`` word pieces), plus ``extra``."""
+    base = " ".join(_PROBES[1:5])
+    words = base.split()
+    long_text = " ".join(words[i % len(words)] for i in range(long_tokens))
+    return [*_PROBES, long_text, *extra]
+
+
+def reference_embeddings(model: SentenceTransformer, texts: Sequence[str], *, truncate_dim: int | None,
+                         normalize: bool) -> np.ndarray:
+    """sentence-transformers embeddings of ``texts`` computed one by one, post-processed like the graph."""
+    import torch
+
+    with torch.inference_mode():
+        rows = [
+            np.asarray(model.encode([t], batch_size=1, convert_to_numpy=True, show_progress_bar=False,
+                                    normalize_embeddings=False, truncate_dim=None), dtype=np.float32)[0]
+            for t in texts
+        ]
+    emb = np.stack(rows)
+    if np.issubdtype(emb.dtype, np.floating):
+        if truncate_dim is not None:
+            emb = emb[:, :truncate_dim]
+        if normalize:
+            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    return emb
+
+
+def reference_tokens(model: SentenceTransformer, texts: Sequence[str]) -> list[np.ndarray]:
+    """sentence-transformers token vectors (padding removed) of ``texts``, one text at a time."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for t in texts:
+            value = model.encode([t], batch_size=1, output_value="token_embeddings", show_progress_bar=False)[0]
+            out.append(np.asarray(value.float().cpu().numpy() if hasattr(value, "cpu") else value, dtype=np.float32))
+    return out
+
+
+def compare(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> Parity:
+    """Max absolute difference and per-probe cosine between two lists of arrays (any shape per probe)."""
+    max_abs, cosines = 0.0, []
+    for ref, got in zip(reference, actual):
+        ref = np.asarray(ref, dtype=np.float64).reshape(-1)
+        got = np.asarray(got, dtype=np.float64).reshape(-1)
+        if ref.shape != got.shape:
+            raise ParityError(f"output shape {got.shape} differs from the reference shape {ref.shape}")
+        max_abs = max(max_abs, float(np.abs(ref - got).max(initial=0.0)))
+        denom = np.linalg.norm(ref) * np.linalg.norm(got)
+        cosines.append(float(ref @ got / denom) if denom > 0 else float(np.allclose(ref, got)))
+    cos = np.asarray(cosines)
+    return Parity(probes=len(cos), max_abs_diff=max_abs, min_cosine=float(cos.min()),
+                  mean_cosine=float(cos.mean()), worst_probe=int(cos.argmin()))
+
+
+def bit_agreement(reference_float: np.ndarray, packed: np.ndarray) -> float:
+    """Share of bits of ``packed`` equal to ``np.packbits(reference_float > 0)``."""
+    ref_bits = np.unpackbits(np.packbits(reference_float > 0, axis=-1), axis=-1)
+    got_bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1)
+    return float((ref_bits == got_bits).mean())
+
+
+def check_sentence_graph(
+    encoder: OnnxEncoder,
+    reference: np.ndarray,
+    texts: Sequence[str],
+    *,
+    min_cosine: float,
+    max_abs: float | None = None,
+    min_bit_agreement: float = 0.99,
+) -> Parity:
+    """Compare a sentence-embedding graph with ``reference``; raise :class:`ParityError` past the tolerance.
+
+    ``max_abs`` is scaled by the largest reference magnitude (at least 1). The graph runs in batches of 5 so
+    that short and long probes share padded batches.
+    """
+    outputs = encoder.run(list(texts), batch_size=5, sort_by_length=False)
+    parity = compare(list(reference), outputs["sentence_embedding"])
+    if "binary_embedding" in outputs and np.issubdtype(reference.dtype, np.floating):
+        parity.bit_agreement = bit_agreement(reference, np.stack(outputs["binary_embedding"]))
+    scale = max(1.0, float(np.abs(reference).max(initial=0.0)))
+    parity.tolerance = {"min_cosine": min_cosine}
+    problems = []
+    if parity.min_cosine < min_cosine:
+        problems.append(f"min cosine {parity.min_cosine:.6f} < {min_cosine}")
+    if max_abs is not None:
+        parity.tolerance["max_abs_diff"] = max_abs * scale
+        if parity.max_abs_diff > max_abs * scale:
+            problems.append(f"max abs diff {parity.max_abs_diff:.3g} > {max_abs * scale:.3g}")
+    if parity.bit_agreement is not None and parity.bit_agreement < min_bit_agreement:
+        problems.append(f"binary output agrees on only {parity.bit_agreement:.4f} of bits")
+    _finish(encoder, parity, problems, texts)
+    return parity
+
+
+def check_token_graph(encoder: OnnxEncoder, reference: Sequence[np.ndarray], texts: Sequence[str], *,
+                      min_cosine: float, max_abs: float | None = None) -> Parity:
+    """Compare a ``last_hidden_state`` graph with per-text reference token vectors (padding removed)."""
+    outputs = encoder.run(list(texts), batch_size=5, sort_by_length=False)
+    parity = compare(reference, outputs["last_hidden_state"])
+    scale = max(1.0, max(float(np.abs(r).max(initial=0.0)) for r in reference))
+    parity.tolerance = {"min_cosine": min_cosine}
+    problems = []
+    if parity.min_cosine < min_cosine:
+        problems.append(f"min cosine {parity.min_cosine:.6f} < {min_cosine}")
+    if max_abs is not None:
+        parity.tolerance["max_abs_diff"] = max_abs * scale
+        if parity.max_abs_diff > max_abs * scale:
+            problems.append(f"max abs diff {parity.max_abs_diff:.3g} > {max_abs * scale:.3g}")
+    _finish(encoder, parity, problems, texts)
+    return parity
+
+
+def _finish(encoder: OnnxEncoder, parity: Parity, problems: list[str], texts: Sequence[str]) -> None:
+    parity.passed = not problems
+    if problems:
+        worst = texts[parity.worst_probe]
+        shown = worst if len(worst) < 60 else worst[:57] + "..."
+        raise ParityError(
+            f"{encoder.file} does not match the PyTorch model: {'; '.join(problems)} "
+            f"(worst probe #{parity.worst_probe}: {shown!r}). Re-export with another exporter or "
+            f"attn_implementation, or loosen the tolerance in the export config if this precision is expected."
+        )
+    logger.info("%s parity: min cosine %.6f, max abs diff %.3g over %d probes", encoder.file,
+                parity.min_cosine, parity.max_abs_diff, parity.probes)

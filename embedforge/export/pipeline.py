@@ -1,0 +1,266 @@
+"""The ``export`` stage: a model directory in, an export directory out.
+
+Layout of the result::
+
+    onnx/model.onnx                      fp32, pooling + truncation + normalization inside (TEI serves this one)
+    onnx/model_last_hidden_state.onnx    token vectors for servers that pool themselves (Infinity)
+    onnx/model_O2.onnx                   fp32 with fused attention / layer norms (BERT-like models only)
+    onnx/model_fp16.onnx                 fp16 compute, fp32 in/out (GPU)
+    onnx/model_qint8_<target>.onnx       dynamic per-channel int8 for avx512_vnni / avx2 / arm64 CPUs
+    onnx/model_qdq_int8.onnx             static QDQ int8 calibrated on texts (optional)
+    config.json tokenizer.json 1_Pooling/config.json sentence_bert_config.json   (text-embeddings-inference)
+    manifest.json  SERVING.md  embedforge.json
+
+Every graph is compared with the PyTorch model on probe texts before the directory is published; one past its
+tolerance stops the export with :class:`~embedforge.export.parity.ParityError` and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedforge.export.config import ExportConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.configs import StageContext
+    from embedforge.export.encoder import TokenizerSpec
+
+logger = logging.getLogger(__name__)
+
+_TRACE_TEXTS = ["a", "the quick brown fox jumps over the lazy dog and runs far away"]
+
+
+def _load(config: ExportConfig) -> tuple[SentenceTransformer, Path | None]:
+    """Resolve the model spec and load it with embedforge's module classes available."""
+    from embedforge.modules import load_embedder
+    from embedforge.sources import resolve_source
+
+    resolved = resolve_source(config.model)
+    model = load_embedder(os.fspath(resolved), trust_remote_code=config.trust_remote_code)
+    model.eval()
+    local = Path(resolved) if Path(resolved).is_dir() else None
+    return model, local
+
+
+def tokenizer_spec(model: SentenceTransformer, max_length: int, input_names: list[str]) -> TokenizerSpec:
+    """Describe how the model tokenizes, so :class:`OnnxEncoder` (and servers) can do the same from files."""
+    from embedforge.export.encoder import TokenizerSpec
+
+    first = model[0]
+    tok = first.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    echo = None
+    if hasattr(first, "echo_ids") and hasattr(first, "_pieces"):
+        pieces = first._pieces()
+        echo = {k: list(pieces[k]) for k in ("bos", "prefix", "middle", "suffix", "eos")}
+        echo["lead_space"] = bool(pieces["lead_space"])
+    return TokenizerSpec(
+        file="tokenizer.json", max_length=int(max_length), pad_token_id=int(pad),
+        padding_side=str(getattr(tok, "padding_side", "right")),
+        lowercase=bool(getattr(first, "do_lower_case", False)), echo=echo, inputs=list(input_names),
+    )
+
+
+def _prompt_pooling(model: SentenceTransformer) -> bool:
+    """False when a module pools differently with a prompt (the graph cannot know the prompt's length)."""
+    for module in model:
+        if getattr(module, "include_prompt", True) is False or type(module).__name__ == "EchoPooling":
+            return False
+    return True
+
+
+def _size_mb(path: Path) -> float:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return round(total / 2**20, 2)
+
+
+def _calibration_texts(config: ExportConfig, probes: list[str]) -> list[str]:
+    if config.calibration_data is None:
+        return probes
+    from embedforge.data import load_data
+
+    ds = load_data(config.calibration_data, "texts")
+    texts = list(ds["text"])
+    return texts[: config.calibration_size]
+
+
+def _read_probe_file(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recipe_hash: str | None = None) -> Path:
+    """Export ``config.model`` into ``out_dir`` (atomically) and return the directory. See the module docstring."""
+    import numpy as np
+
+    from embedforge.export import graph as G
+    from embedforge.export import layouts, parity, precision
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
+
+    start = time.perf_counter()
+    # 1. load and describe the model
+    model, model_dir = _load(config)
+    G.check_exportable(model)
+    if config.max_seq_length is not None:
+        model.max_seq_length = config.max_seq_length
+    max_len = int(model.max_seq_length or getattr(model[0].tokenizer, "model_max_length", 512))
+    pooling = layouts.describe_pooling(model)
+    extra_probes = _read_probe_file(config.probe_texts)
+    probes = parity.probe_texts(min(config.probe_max_tokens, max_len), extra_probes)
+    input_names = list(G.graph_inputs(model, _TRACE_TEXTS))
+    spec = tokenizer_spec(model, max_len, input_names)
+    prompt_pooling = _prompt_pooling(model)
+    has_binary_output = config.binary or G.has_binarizer(model)
+    graphs: dict[str, dict[str, Any]] = {}
+    common = dict(truncate_dim=config.truncate_dim, normalize=config.normalize, binary=config.binary,
+                  exporter=config.exporter, opset=config.opset, attn_implementation=config.attn_implementation)
+
+    with atomic_dir(out_dir) as tmp:
+        onnx_dir = tmp / "onnx"
+        onnx_dir.mkdir()
+        # 2. reference vectors from PyTorch (one text at a time: no padding)
+        reference = parity.reference_embeddings(model, probes, truncate_dim=config.truncate_dim,
+                                                normalize=config.normalize)
+        float_output = np.issubdtype(reference.dtype, np.floating)
+        dim = int(reference.shape[1])
+        layouts.write_tei_files(model, tmp, pooling=pooling, dim=dim, max_seq_length=max_len)
+
+        def check(name: str, file: str, spec_: G.GraphSpec | None, min_cos: float, max_abs: float | None,
+                  min_bits: float = 0.99) -> None:
+            enc = OnnxEncoder(tmp, f"onnx/{file}", tokenizer=spec, prompts={})
+            result = parity.check_sentence_graph(enc, reference, probes, min_cosine=min_cos, max_abs=max_abs,
+                                                 min_bit_agreement=min_bits)
+            entry = graphs.setdefault(name, {"file": f"onnx/{file}"})
+            if spec_ is not None:
+                entry.update(inputs=spec_.inputs, outputs=spec_.outputs)
+            entry.update(parity=result.to_json(), size_mb=_size_mb(onnx_dir / file))
+
+        # 3. fp32 sentence-embedding graph (the one every other graph derives from)
+        fp32 = G.export_graph(model, onnx_dir / "model.onnx", example_texts=_TRACE_TEXTS, **common)
+        check("fp32", "model.onnx", fp32, config.fp32_min_cosine, config.fp32_max_abs)
+        graphs["fp32"]["precision"] = "fp32"
+
+        # 4. token-vector graph for servers that pool themselves
+        if config.last_hidden_state:
+            tokens_file = onnx_dir / "model_last_hidden_state.onnx"
+            tok_spec = G.export_graph(model, tokens_file, example_texts=_TRACE_TEXTS, kind=G.TOKENS_OUTPUT,
+                                      **{**common, "binary": False})
+            ref_tokens = parity.reference_tokens(model, probes)
+            enc = OnnxEncoder(tmp, f"onnx/{tokens_file.name}", tokenizer=spec, prompts={})
+            result = parity.check_token_graph(enc, ref_tokens, probes, min_cosine=config.fp32_min_cosine,
+                                              max_abs=config.fp32_max_abs)
+            graphs["last_hidden_state"] = {"file": f"onnx/{tokens_file.name}", "inputs": tok_spec.inputs,
+                                           "outputs": tok_spec.outputs, "precision": "fp32",
+                                           "parity": result.to_json(), "size_mb": _size_mb(tokens_file)}
+
+        # 5. fused fp32 graph (BERT-like encoders): the base of the quantized graphs
+        base = onnx_dir / "model.onnx"
+        hf_config = getattr(getattr(model[0], "model", None), "config", None)
+        model_type = getattr(hf_config, "model_type", "")
+        fuse_info: dict[str, Any] = {"applied": False}
+        if config.optimize != "none" and hf_config is not None and not fp32.external_data:
+            kind = model_type if config.optimize == "auto" else "bert"
+            try:
+                stats = precision.fuse_transformer(
+                    base, onnx_dir / "model_O2.onnx", model_type=kind,
+                    num_heads=int(getattr(hf_config, "num_attention_heads", 0)),
+                    hidden_size=int(getattr(hf_config, "hidden_size", 0)),
+                )
+            except Exception as err:  # the optimizer is best-effort: a failure keeps the plain graph
+                logger.warning("transformer optimizer failed (%s); quantizing the plain graph", err)
+                stats = None
+            if stats is not None:
+                try:
+                    check("fp32_fused", "model_O2.onnx", fp32, config.fp32_min_cosine, config.fp32_max_abs)
+                    graphs["fp32_fused"].update(precision="fp32", fused_ops=stats)
+                    base = onnx_dir / "model_O2.onnx"
+                    fuse_info = {"applied": True, "ops": stats}
+                except parity.ParityError as err:
+                    logger.warning("fused graph rejected: %s", err)
+                    graphs.pop("fp32_fused", None)
+                    (onnx_dir / "model_O2.onnx").unlink(missing_ok=True)
+
+        # 6. fp16 (checked on the CPU provider here; meant for the CUDA provider)
+        if config.fp16 and float_output:
+            precision.to_fp16(base, onnx_dir / "model_fp16.onnx")
+            check("fp16", "model_fp16.onnx", fp32, config.fp16_min_cosine, None, min_bits=0.97)
+            graphs["fp16"]["precision"] = "fp16"
+
+        # 7. dynamic int8 per CPU family
+        for target in config.int8:
+            settings = precision.INT8_TARGETS[target]
+            file = f"model_qint8_{target}.onnx"
+            precision.quantize_int8_dynamic(base, onnx_dir / file, **settings)
+            check(f"int8_{target}", file, fp32, config.int8_min_cosine, None, min_bits=0.85)
+            graphs[f"int8_{target}"].update(precision="int8-dynamic", quantization={
+                "weights": "int8 symmetric", "activations": "uint8 dynamic", **settings,
+                "from": base.name,
+            })
+
+        # 8. static QDQ int8 calibrated on texts
+        if config.static_int8:
+            from embedforge.export.encoder import Tokenize
+
+            texts = _calibration_texts(config, probes)
+            reader = precision.TextCalibrationReader(Tokenize(spec, tmp), texts, input_names)
+            precision.quantize_int8_static(base, onnx_dir / "model_qdq_int8.onnx", reader)
+            check("int8_static", "model_qdq_int8.onnx", fp32, config.int8_min_cosine, None, min_bits=0.85)
+            graphs["int8_static"].update(precision="int8-static-qdq", quantization={
+                "format": "QDQ", "calibration_texts": len(texts), "method": "minmax", "from": base.name,
+            })
+
+        # 9. manifest, server notes, lineage
+        normalized = bool(config.normalize or (pooling["modules"][-1] == "Normalize" and not config.truncate_dim))
+        files = {name: info["file"] for name, info in graphs.items()}
+        dims = {"sentence_embedding": dim}
+        if has_binary_output:
+            dims["binary_embedding"] = int(fp32.outputs.get(G.BINARY_OUTPUT, {}).get("shape", [0, 0])[-1])
+        manifest: dict[str, Any] = {
+            "format": "embedforge-export/1",
+            "source": config.model,
+            "inputs": input_names,
+            "outputs": list(fp32.outputs),
+            "dims": dims,
+            "pooling": pooling,
+            "normalized": normalized,
+            "truncate_dim": config.truncate_dim,
+            "binary": {"output": G.BINARY_OUTPUT, "layout": "numpy packbits(x > 0), most significant bit first"}
+            if has_binary_output else None,
+            "tokenizer": spec.to_json(),
+            "prompts": dict(getattr(model, "prompts", {}) or {}),
+            "prompt_pooling": prompt_pooling,
+            "graphs": graphs,
+            "fusion": fuse_info,
+            "exporter": {"name": config.exporter, "opset": config.opset,
+                         "attn_implementation": config.attn_implementation},
+            "servers": layouts.server_settings(dim=dim, normalized=normalized, max_seq_length=max_len,
+                                               pooling=pooling, binary=has_binary_output, files=files),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "SERVING.md").write_text(layouts.serving_markdown(manifest))
+        layouts.copy_readme(model_dir, tmp)
+        lineage = make_lineage(
+            stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,
+            metrics={name: info["parity"] for name, info in graphs.items()},
+            extra={"files": files, "seconds": round(time.perf_counter() - start, 1)},
+        )
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    logger.info("export of %s written to %s in %.0f s", config.model, out_dir, time.perf_counter() - start)
+    return Path(out_dir)
+
+
+def run(config: ExportConfig, out_dir: Path, ctx: StageContext) -> None:
+    """Recipe / CLI runner of the ``export`` stage."""
+    export_model(config, out_dir, recipe_hash=ctx.recipe_hash)

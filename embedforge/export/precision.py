@@ -1,0 +1,126 @@
+"""Derived graphs: fused fp32, fp16, dynamic int8 per CPU family, and static QDQ int8.
+
+All of them are made from the exported fp32 graph with onnxruntime's own tools:
+
+- fusion: ``onnxruntime.transformers.optimizer.optimize_model`` (BERT-style attention, embedding layer norm,
+  skip layer norm, bias GELU) for encoder models; decoders keep the plain graph.
+- fp16: ``OnnxModel.convert_float_to_float16(keep_io_types=True)`` so callers still feed int64 ids and get float32
+  vectors back.
+- dynamic int8: ``onnxruntime.quantization.quantize_dynamic`` with per-channel symmetric int8 weights; activations
+  are quantized at run time. The CPU targets differ only in ``reduce_range`` (7-bit weights on AVX2 without VNNI,
+  where 8-bit products can saturate).
+- static int8: ``quantize_static`` in QDQ format with activation ranges calibrated on texts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from embedforge.export.encoder import Tokenize
+
+logger = logging.getLogger(__name__)
+
+#: model_type values whose graphs onnxruntime's BERT fusions understand
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "ernie", "nomic_bert"}
+
+#: per-target settings of the dynamic int8 graphs (documented in the manifest)
+INT8_TARGETS: dict[str, dict[str, Any]] = {
+    "avx512_vnni": {"per_channel": True, "reduce_range": False},
+    "avx2": {"per_channel": True, "reduce_range": True},
+    "arm64": {"per_channel": True, "reduce_range": False},
+}
+
+
+def _float_type() -> int:
+    import onnx
+
+    return onnx.TensorProto.FLOAT
+
+
+def fuse_transformer(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, model_type: str,
+                     num_heads: int, hidden_size: int) -> dict[str, int] | None:
+    """Write a fused copy of ``src`` to ``dst`` for BERT-like ``model_type``; return fused-op counts or None.
+
+    None (and no file) when the model type is not BERT-like or no attention got fused (fusing only some pieces
+    gains little and changes numerics).
+    """
+    if model_type not in BERT_LIKE:
+        return None
+    from onnxruntime.transformers import optimizer
+
+    fused = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                     opt_level=1)
+    stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+    if not stats.get("Attention") and not stats.get("MultiHeadAttention"):
+        logger.info("transformer optimizer fused no attention in %s (%s); keeping the plain graph", src, stats)
+        return None
+    fused.save_model_to_file(str(dst))
+    return stats
+
+
+def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Convert a graph's weights and compute to fp16, keeping int64 inputs and float32 outputs."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    model.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=False)
+    model.save_model_to_file(str(dst))
+
+
+def quantize_int8_dynamic(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, per_channel: bool = True,
+                          reduce_range: bool = False) -> None:
+    """Dynamic int8: symmetric int8 weights (per output channel), uint8 activations quantized per batch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
+        extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True},
+    )
+
+
+class TextCalibrationReader:
+    """Feeds tokenized calibration batches to ``quantize_static`` (the onnxruntime ``CalibrationDataReader``)."""
+
+    def __init__(self, tokenize: Tokenize, texts: Sequence[str], input_names: Sequence[str], batch_size: int = 16):
+        ids, types = tokenize(list(texts))
+        order = np.argsort([len(r) for r in ids], kind="stable")
+        self._feeds: list[dict[str, np.ndarray]] = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            feeds = tokenize.pad([ids[j] for j in idx], [types[j] for j in idx])
+            self._feeds.append({k: v for k, v in feeds.items() if k in input_names})
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._feeds)
+
+
+def quantize_int8_static(src: str | os.PathLike[str], dst: str | os.PathLike[str], reader: TextCalibrationReader,
+                         *, per_channel: bool = True) -> None:
+    """Static QDQ int8 of the MatMul/Gemm inputs with min-max activation ranges from ``reader``.
+
+    Only matrix multiplications are quantized: softmax and normalization stay in float, which keeps the
+    quality loss of transformer encoders small.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    tmp_dir = Path(dst).parent
+    quantize_static(
+        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True, "ActivationSymmetric": False,
+                       "WeightSymmetric": True},
+    )
+    for leftover in tmp_dir.glob("augmented_model*.onnx"):
+        leftover.unlink()
