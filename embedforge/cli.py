@@ -146,17 +146,22 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
                             query_prompt=query_prompt, doc_prompt=doc_prompt, record_in_model=out is not None)
     except ConfigError as exc:
         raise _usage_error(exc) from None
-    if out:
-        from embedforge.configs import StageContext
-        from embedforge.evaluation import run_stage
+    from embedforge.data import DataError
 
-        run_stage(config, Path(out), StageContext(stage_name="eval"))
-        results = json.loads((Path(out) / "metrics.json").read_text())
-    else:
-        from embedforge.evaluation import evaluate
+    try:
+        if out:
+            from embedforge.configs import StageContext
+            from embedforge.evaluation import run_stage
 
-        results = evaluate(model, config.tasks, batch_size=batch_size, truncate_dim=truncate_dim,
-                           query_prompt=query_prompt, doc_prompt=doc_prompt)
+            run_stage(config, Path(out), StageContext(stage_name="eval"))
+            results = json.loads((Path(out) / "metrics.json").read_text())
+        else:
+            from embedforge.evaluation import evaluate
+
+            results = evaluate(model, config.tasks, batch_size=batch_size, truncate_dim=truncate_dim,
+                               query_prompt=query_prompt, doc_prompt=doc_prompt)
+    except DataError as exc:
+        raise _usage_error(exc) from None
     from embedforge.report import metrics_table
 
     click.echo(metrics_table(results))

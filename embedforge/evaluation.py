@@ -262,34 +262,46 @@ def parse_task(spec: str) -> Task:
     return Task(kind, spec, rest, split)
 
 
-def run_task(model: Any, task: Task, *, batch_size: int = 32, truncate_dim: int | None = None,
-             query_prompt: str | None = None, doc_prompt: str | None = None,
-             show_progress: bool = True) -> dict[str, float]:
-    """Load the task's data (validated before encoding starts) and evaluate ``model`` on it."""
+def load_task_data(task: Task) -> Any:
+    """Load and validate a task's data (cheap next to encoding; done for every task before the model loads)."""
     from embedforge import data as D
 
+    if task.kind == "sts":
+        return D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.SCORED)
+    if task.kind == "retrieval":
+        return D.builtin_beir(task.name) if task.path is None else D.load_beir(task.path, task.split or "test")
+    ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.LABELED)
+    return split_labeled(ds)
+
+
+def run_task(model: Any, task: Task, data: Any = None, *, batch_size: int = 32, truncate_dim: int | None = None,
+             query_prompt: str | None = None, doc_prompt: str | None = None,
+             show_progress: bool = True) -> dict[str, float]:
+    """Evaluate ``model`` on one task (its data loaded with :func:`load_task_data` unless given)."""
+    data = load_task_data(task) if data is None else data
     common = dict(batch_size=batch_size, truncate_dim=truncate_dim, show_progress=show_progress)
     if task.kind == "sts":
-        ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.SCORED)
-        return evaluate_sts(model, ds, **common)
+        return evaluate_sts(model, data, **common)
     if task.kind == "retrieval":
-        beir = D.builtin_beir(task.name) if task.path is None else D.load_beir(task.path, task.split or "test")
-        return evaluate_retrieval(model, beir, query_prompt=query_prompt, doc_prompt=doc_prompt, **common)
-    ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.LABELED)
-    train, dev = split_labeled(ds)
+        return evaluate_retrieval(model, data, query_prompt=query_prompt, doc_prompt=doc_prompt, **common)
+    train, dev = data
     return evaluate_classification(model, train, dev, **common)
 
 
 def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate_dim: int | None = None,
              query_prompt: str | None = None, doc_prompt: str | None = None,
              show_progress: bool = True) -> dict[str, dict[str, float]]:
-    """Evaluate ``model`` (a SentenceTransformer, a model dir, or an :class:`Encoder`) on several tasks."""
-    parsed = [parse_task(t) for t in tasks]  # fail on a bad name before encoding anything
+    """Evaluate ``model`` (a SentenceTransformer, a model dir, or an :class:`Encoder`) on several tasks.
+
+    Task names and data are validated first, so a bad file fails before the model is loaded or anything encoded.
+    """
+    parsed = [parse_task(t) for t in tasks]
+    loaded = [load_task_data(t) for t in parsed]
     encoder = as_encoder(model, truncate_dim=None)
     results: dict[str, dict[str, float]] = {}
-    for task in parsed:
+    for task, data in zip(parsed, loaded):
         start = time.perf_counter()
-        results[task.name] = run_task(encoder, task, batch_size=batch_size, truncate_dim=truncate_dim,
+        results[task.name] = run_task(encoder, task, data, batch_size=batch_size, truncate_dim=truncate_dim,
                                       query_prompt=query_prompt, doc_prompt=doc_prompt, show_progress=show_progress)
         results[task.name]["seconds"] = round(time.perf_counter() - start, 2)
         logger.info("%s: %s", task.name, results[task.name])

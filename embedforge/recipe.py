@@ -385,7 +385,7 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
             raise RecipeError(f"{at(p)}: {p}.out: required key is missing (where the stage writes its result)")
         values = {}
         for key, value in raw.items():
-            values[key] = _substitute(value, scope, at(f"{p}.{key}"))
+            values[key] = _substitute(value, scope, f"{at(f'{p}.{key}')}: stage {name!r}: {key}")
         out = Path(str(values["out"])).expanduser()
         if not out.is_absolute():
             out = (Path.cwd() / out)
