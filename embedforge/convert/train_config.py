@@ -123,6 +123,9 @@ class MntpConfig(TrainOptions):
     def __post_init__(self) -> None:
         self._check_common()
         check(0.0 < self.mask_probability < 1.0, "mask_probability", "must be in (0, 1)")
+        check(self.adapter == AdapterMode.MERGE, "adapter", "MNTP always merges its adapter (keep is for simcse / "
+              "contrastive)")
+        check(self.quantization == Quantization.NONE, "quantization", "MNTP trains in full precision here")
         check(bool(self.data), "data", "give at least one text data set")
 
 

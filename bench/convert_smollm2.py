@@ -1,0 +1,288 @@
+"""Benchmark: SmolLM2-135M-Instruct becomes an embedder on this machine's CPU.
+
+    python bench/convert_smollm2.py --out runs/bench-convert [--only VARIANT] [--steps 200] [--keep-layers 16]
+
+Zero-shot variants (causal mean / last-token / echo, bidirectional mean) are only evaluated; tuned variants are
+trained with the embedforge stages (``convert`` -> ``mntp`` -> ``contrastive``) and saved under
+``DIR/models/<variant>/``. ``DIR/results.json`` is rewritten after every variant (scores, training wall time, peak
+memory, the settings) and names the best tuned variant under ``best``; ``DIR/results.md`` holds the table.
+
+Evaluation sets (dev only): STS-B dev and SICK trial (Spearman x100) on every variant; SciFact dev queries
+(nDCG@10) and Banking77 (accuracy, train split into train/dev) on the variants listed by ``--full-eval``. To fit
+two shared CPU cores, SciFact documents are cut to ``--doc-len`` tokens, and ``--scifact-docs`` / ``--banking-rows``
+can shrink those sets (recorded in the JSON; 0 = whole set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger("bench.convert_smollm2")
+
+SCIFACT_QUERY = "Given a scientific claim, retrieve documents that support or refute it: "
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _scifact(max_docs: int) -> Any:
+    from embedforge.data import BeirData, builtin_beir
+
+    beir = builtin_beir("scifact-dev")
+    if not max_docs or max_docs >= len(beir.corpus):
+        return beir
+    relevant = {d for rel in beir.qrels.values() for d in rel}
+    others = sorted(set(beir.corpus) - relevant)
+    keep = relevant | set(random.Random(0).sample(others, max(0, max_docs - len(relevant))))
+    return BeirData(corpus={d: t for d, t in beir.corpus.items() if d in keep}, queries=beir.queries,
+                    qrels=beir.qrels)
+
+
+def evaluate_model(model: Any, args: argparse.Namespace, full: bool) -> dict[str, Any]:
+    """Scores of one embedder: STS-B dev, SICK trial, and (``full``) SciFact dev and Banking77."""
+    from embedforge.data import builtin
+    from embedforge.evaluation import evaluate_classification, evaluate_retrieval, evaluate_sts, split_labeled
+
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    out["stsb-dev"] = evaluate_sts(model, builtin("stsb-dev"), batch_size=64)
+    out["sick-trial"] = evaluate_sts(model, builtin("sick-trial"), batch_size=64)
+    if full:
+        keep_len = model.max_seq_length
+        model.max_seq_length = args.doc_len
+        beir = _scifact(args.scifact_docs)
+        prompt = (getattr(model, "prompts", None) or {}).get("query") or None
+        out["scifact-dev"] = evaluate_retrieval(model, beir, query_prompt=prompt, batch_size=32)
+        out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
+        model.max_seq_length = keep_len
+        banking = builtin("banking77")
+        if args.banking_rows and args.banking_rows < len(banking):
+            banking = banking.shuffle(seed=0).select(range(args.banking_rows))
+        train, dev = split_labeled(banking)
+        out["banking77"] = evaluate_classification(model, train, dev, batch_size=64)
+        out["banking77"]["rows"] = len(banking)
+    out["eval_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def _zero_shot(pooling: str, bidirectional: bool) -> Callable[[argparse.Namespace, Path], tuple[Any, dict]]:
+    def make(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
+        from embedforge.convert.embedder import build_embedder
+
+        model = build_embedder("smollm2-135m", pooling=pooling, bidirectional=bidirectional,
+                               max_seq_length=args.max_len, prompts={"query": SCIFACT_QUERY})
+        return model, {"pooling": pooling, "bidirectional": bidirectional, "trained": False}
+    return make
+
+
+def _convert(args: argparse.Namespace, work: Path, pooling: str, bidirectional: bool) -> Path:
+    """The zero-shot starting point of a tuned variant, truncated to ``--keep-layers``, saved once."""
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.convert.train_model import truncate_layers
+    from embedforge.model import is_complete, save_model
+
+    out = work / f"start-{pooling}-{'bi' if bidirectional else 'causal'}-L{args.keep_layers}"
+    if is_complete(out):
+        return out
+    options: dict[str, Any] = {}
+    if pooling == "latent_attention":
+        options = {"latent_count": args.latents}
+    model = build_embedder("smollm2-135m", pooling=pooling, bidirectional=bidirectional, max_seq_length=args.max_len,
+                           prompts={"query": SCIFACT_QUERY}, **options)
+    if args.keep_layers and args.keep_layers < 30:
+        truncate_layers(model, args.keep_layers)
+    save_model(model, out, stage="convert", source="smollm2-135m",
+               config={"pooling": pooling, "bidirectional": bidirectional, "keep_layers": args.keep_layers})
+    return out
+
+
+def _mntp(args: argparse.Namespace, work: Path, start: Path) -> tuple[Path, dict]:
+    from embedforge.configs import StageContext
+    from embedforge.convert.train_config import MntpConfig
+    from embedforge.convert.training import run_mntp
+    from embedforge.model import is_complete, read_lineage
+
+    out = work / f"{start.name}-mntp{args.mntp_steps}"
+    if not is_complete(out):
+        cfg = MntpConfig(model=str(start), data=["texts"], max_steps=args.mntp_steps, batch_size=args.batch,
+                         max_seq_length=args.max_len, learning_rate=1e-4, lora_r=16, lora_alpha=32,
+                         precision=args.precision, save_steps=25, logging_steps=5, data_limit=20000)
+        run_mntp(cfg, out, StageContext(stage_name="mntp"))
+    return out, read_lineage(out)["extra"]["train"]
+
+
+def _swap_head(args: argparse.Namespace, src: Path, pooling: str, work: Path) -> Path:
+    """``src``'s backbone with a fresh pooling head (so MNTP runs once for every head)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    from embedforge.model import is_complete, load_model, save_model
+    from embedforge.modules.latent_attention import LatentAttentionPooling
+
+    out = work / f"{src.name}-{pooling}"
+    if is_complete(out):
+        return out
+    base = load_model(src)
+    dim = base.get_embedding_dimension()
+    import torch
+
+    torch.manual_seed(0)
+    head = LatentAttentionPooling(dim, num_latents=args.latents, num_heads=8, include_prompt=False)
+    model = SentenceTransformer(modules=[base[0], head, Normalize()], prompts=base.prompts, device="cpu")
+    save_model(model, out, stage="convert", source="smollm2-135m", parent=src, config={"pooling": pooling})
+    return out
+
+
+def _contrastive(args: argparse.Namespace, start: Path, out: Path, steps: int, **overrides: Any) -> dict:
+    from embedforge.configs import StageContext
+    from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.training import run_contrastive
+    from embedforge.model import is_complete, read_lineage
+
+    if not is_complete(out):
+        fields: dict[str, Any] = dict(
+            model=str(start), data=args.data, max_steps=steps, batch_size=args.batch, max_seq_length=args.max_len,
+            learning_rate=args.lr, lora_r=16, lora_alpha=32, temperature=0.05, precision=args.precision,
+            prompts={"scifact-train-pairs": SCIFACT_QUERY}, save_steps=50, logging_steps=10, data_limit=4000,
+        )
+        fields.update(overrides)
+        run_contrastive(ContrastiveConfig(**fields), out, StageContext(stage_name="contrastive"))
+    return read_lineage(out)["extra"]["train"]
+
+
+def _tuned(pooling: str, bidirectional: bool, mntp: bool, **overrides: Any) -> Callable:
+    def make(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+        head = "mean" if pooling == "latent_attention" and mntp else pooling
+        start = _convert(args, work, head, bidirectional)
+        info: dict[str, Any] = {"pooling": pooling, "bidirectional": bidirectional, "mntp_steps": 0,
+                                "keep_layers": args.keep_layers, "trained": True, **overrides}
+        wall = 0.0
+        if mntp:
+            start, mstats = _mntp(args, work, start)
+            info["mntp_steps"] = args.mntp_steps
+            info["mntp"] = mstats
+            wall += mstats.get("wall_s", 0.0)
+            if pooling == "latent_attention":
+                start = _swap_head(args, start, pooling, work)
+        elif pooling == "latent_attention":
+            start = _swap_head(args, start, pooling, work)
+        steps = overrides.pop("steps", args.steps)
+        info["steps"] = steps
+        stats = _contrastive(args, start, Path(args.out) / "models" / name, steps, **overrides)
+        info["contrastive"] = stats
+        info["train_wall_s"] = round(wall + stats.get("wall_s", 0.0), 1)
+        return Path(args.out) / "models" / name, info
+    return make
+
+
+ZERO_SHOT = {
+    "zs-causal-mean": _zero_shot("mean", False),
+    "zs-causal-lasttoken": _zero_shot("lasttoken", False),
+    "zs-causal-echo": _zero_shot("echo", False),
+    "zs-bidir-mean": _zero_shot("mean", True),
+}
+TUNED = {
+    "bidir-mntp-sup-mean": _tuned("mean", True, True),
+    "bidir-mntp-sup-latent": _tuned("latent_attention", True, True),
+    "causal-sup-echo": _tuned("echo", False, False),
+    # ablations
+    "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
+    "ablation-causal-sup-mean": _tuned("mean", False, False),
+    "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),
+    "ablation-bidir-mntp-sup-mean-teacher": _tuned("mean", True, True, distill_teacher="minilm-l6",
+                                                    distill_weight=1.0),
+}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    tuned = {k: v for k, v in results["variants"].items() if v.get("trained") and "stsb-dev" in v.get("scores", {})}
+    if tuned:
+        results["best"] = max(tuned, key=lambda k: tuned[k]["scores"]["stsb-dev"]["spearman"])
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+    rows = ["| variant | STS-B dev | SICK trial | SciFact dev nDCG@10 | Banking77 acc | train s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        s = v.get("scores", {})
+        cell = lambda task, key: f"{s[task][key]:.1f}" if task in s else "-"  # noqa: E731
+        rows.append(f"| {name} | {cell('stsb-dev', 'spearman')} | {cell('sick-trial', 'spearman')} | "
+                    f"{cell('scifact-dev', 'ndcg@10')} | {cell('banking77', 'accuracy')} | "
+                    f"{v.get('train_wall_s', '-')} | {v.get('peak_rss_mb', '-')} |")
+    (out / "results.md").write_text("\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--only", action="append", help="variant(s) to run (repeatable); default: all")
+    parser.add_argument("--steps", type=int, default=200, help="contrastive steps per tuned variant")
+    parser.add_argument("--mntp-steps", type=int, default=60)
+    parser.add_argument("--keep-layers", type=int, default=16, help="decoder layers kept of 30 (tuned variants)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--latents", type=int, default=64, help="latent_attention: latents (NV-Embed: 512)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--data", nargs="+", default=["snli-triplets", "stsb-train-pairs", "scifact-train-pairs"])
+    parser.add_argument("--full-eval", nargs="*", default=None,
+                        help="variants that also get SciFact and Banking77 (default: every tuned variant and "
+                             "zs-causal-mean)")
+    parser.add_argument("--doc-len", type=int, default=128)
+    parser.add_argument("--scifact-docs", type=int, default=0)
+    parser.add_argument("--banking-rows", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out: Path = args.out
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"variants": {}}
+    results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    names = args.only or [*ZERO_SHOT, *TUNED]
+    unknown = [n for n in names if n not in ZERO_SHOT and n not in TUNED]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join([*ZERO_SHOT, *TUNED])}")
+    full_eval = set(args.full_eval) if args.full_eval is not None else {*TUNED, "zs-causal-mean"}
+    for name in names:
+        logger.info("=== %s", name)
+        start = time.perf_counter()
+        if name in ZERO_SHOT:
+            model, info = ZERO_SHOT[name](args, work)
+        else:
+            path, info = TUNED[name](args, work, name)
+            from embedforge.model import load_model
+
+            model = load_model(path)
+        info["scores"] = evaluate_model(model, args, full=name in full_eval)
+        info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        info["variant_wall_s"] = round(time.perf_counter() - start, 1)
+        results["variants"][name] = info
+        _write(out, results)
+        logger.info("%s: %s", name, json.dumps(info["scores"]))
+        del model
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
