@@ -34,13 +34,13 @@ logger = logging.getLogger("bench.binary_retrieval")
 RESCORE_K = 100  # binary candidates per query handed to rescoring (10x the evaluated depth)
 
 
-def _texts_for_training(beir_train_queries: dict[str, str], dev_queries: dict[str, str], corpus: dict[str, str],
-                        n_generic: int) -> list[str]:
-    """Training texts for the binarizer: corpus + non-dev SciFact queries + generic sentences; no dev query."""
+def _texts_for_training(beir_train_queries: dict[str, str], dev_queries: dict[str, str], n_generic: int
+                        ) -> list[str]:
+    """Extra training texts for the binarizer (besides the corpus): non-dev SciFact queries + generic sentences."""
     from embedforge.data import builtin
 
     dev = set(dev_queries.values())
-    texts = list(corpus.values()) + [t for t in beir_train_queries.values() if t not in dev]
+    texts = [t for t in beir_train_queries.values() if t not in dev]
     if n_generic:
         generic = builtin("texts")["text"][:n_generic]
         texts += [t for t in generic if t not in dev]
@@ -139,8 +139,10 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
     query_ids = list(dev.queries)
     docs = _encode_cached(encoder, [dev.corpus[i] for i in doc_ids], out / "docs.npy", "corpus")
     queries = _encode_cached(encoder, [dev.queries[i] for i in query_ids], out / "queries.npy", "queries")
-    train_texts = _texts_for_training(train.queries, dev.queries, dev.corpus, n_generic)
-    train_vecs = _encode_cached(encoder, train_texts, out / "train.npy", "binarizer texts")
+    extra_texts = _texts_for_training(train.queries, dev.queries, n_generic)
+    train_vecs = np.concatenate([docs, _encode_cached(encoder, extra_texts, out / "train_extra.npy", "extra texts")])
+    train_texts = [dev.corpus[i] for i in doc_ids] + extra_texts
+    assert not set(train_texts) & set(dev.queries.values()), "a dev query leaked into the binarizer's training texts"
     n, dim = docs.shape
     result.update(n_docs=n, n_queries=len(query_ids), dim=dim, n_train_vectors=len(train_texts))
     metric = lambda s: retrieval_metrics(s, doc_ids, query_ids, dev.qrels)  # noqa: E731

@@ -1,0 +1,164 @@
+"""Layer pruning with a short healing distillation, for any sentence-transformers model with a HF backbone.
+
+Dropping transformer layers is the cheapest structural compression: a 30-layer decoder keeping 15 layers halves
+encode time. The pruned model drifts from the original, so :func:`heal` distills it back towards the unpruned
+model's vectors (cosine + MSE on texts, a few hundred steps), in the spirit of "The Unreasonable Ineffectiveness
+of the Deeper Layers" (Gromov et al., 2024), which heals pruned LLMs with a short fine-tune.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def backbone(model: Any) -> Any:
+    """The HF ``PreTrainedModel`` inside a SentenceTransformer (its first module's ``auto_model``)."""
+    first = model[0]
+    hf = getattr(first, "auto_model", None)
+    if hf is None:
+        raise TypeError(f"the first module ({type(first).__name__}) has no Hugging Face model to compress")
+    return hf
+
+
+def layer_list(hf_model: Any) -> tuple[Any, str, Any]:
+    """Find the ``nn.ModuleList`` of transformer blocks: returns (parent module, attribute name, list).
+
+    Looks for a ModuleList whose length equals ``config.num_hidden_layers`` (``encoder.layer`` in BERT, ``layers``
+    in Llama-style decoders, ...), preferring the shallowest one.
+    """
+    import torch.nn as nn
+
+    n = getattr(hf_model.config, "num_hidden_layers", None)
+    best: tuple[int, Any, str, Any] | None = None
+    for name, module in hf_model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                depth = name.count(".") + (1 if name else 0)
+                if best is None or depth < best[0]:
+                    best = (depth, module, attr, child)
+    if best is None:
+        raise TypeError(f"{type(hf_model).__name__}: no list of {n} transformer layers found")
+    return best[1], best[2], best[3]
+
+
+def resolve_keep(n_layers: int, keep_layers: Sequence[int] | None = None, num_layers: int | None = None) -> list[int]:
+    """Sorted 0-based indices of the layers to keep (negative indices count from the end)."""
+    if keep_layers is not None:
+        keep = sorted({k % n_layers if -n_layers <= k < n_layers else _bad(k, n_layers) for k in keep_layers})
+    elif num_layers is not None:
+        if num_layers >= n_layers:
+            return list(range(n_layers))
+        if num_layers == 1:
+            return [0]
+        keep = sorted({round(i * (n_layers - 1) / (num_layers - 1)) for i in range(num_layers)})
+    else:
+        return list(range(n_layers))
+    if not keep:
+        raise ValueError("keep at least one layer")
+    return keep
+
+
+def _bad(index: int, n_layers: int) -> int:
+    raise ValueError(f"layer index {index} is out of range for a model with {n_layers} layers")
+
+
+def prune_layers(model: Any, keep: Sequence[int]) -> dict[str, Any]:
+    """Keep only the layers ``keep`` (in order) of the model's backbone, in place; returns a summary.
+
+    Updates ``config.num_hidden_layers``, per-layer config lists (``layer_types``) and each attention block's
+    ``layer_idx`` so the saved directory reloads as the smaller architecture.
+    """
+    import torch.nn as nn
+
+    hf = backbone(model)
+    parent, attr, layers = layer_list(hf)
+    n = len(layers)
+    keep = list(keep)
+    if any(k < 0 or k >= n for k in keep) or len(set(keep)) != len(keep):
+        raise ValueError(f"keep must hold unique indices in [0, {n}), got {keep}")
+    setattr(parent, attr, nn.ModuleList([layers[k] for k in keep]))
+    cfg = hf.config
+    cfg.num_hidden_layers = len(keep)
+    for key in ("layer_types",):
+        values = getattr(cfg, key, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(cfg, key, [values[k] for k in keep])
+    for new_idx, layer in enumerate(getattr(parent, attr)):
+        for sub in layer.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = new_idx
+    logger.info("kept %d of %d layers: %s", len(keep), n, keep)
+    return {"layers_before": n, "layers_after": len(keep), "kept_layers": keep}
+
+
+def count_parameters(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, steps: int, lr: float = 5e-5,
+         batch_size: int = 32, max_seq_length: int = 128, seed: int = 0, checkpoint_dir: str | os.PathLike[str] | None
+         = None, checkpoint_every: int = 50, show_progress: bool = True) -> dict[str, float]:
+    """Distill ``student`` towards ``teacher_vectors`` (one per text): loss = (1 - cos) + MSE, AdamW, ``steps`` steps.
+
+    With ``checkpoint_dir`` the student's weights, optimizer state and step are saved every ``checkpoint_every``
+    steps and a rerun continues from there. Returns the mean loss of the first and last 10 steps.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    if len(texts) != len(teacher_vectors):
+        raise ValueError(f"{len(texts)} texts but {len(teacher_vectors)} teacher vectors")
+    target_all = torch.from_numpy(np.asarray(teacher_vectors, dtype=np.float32))
+    old_len = student.max_seq_length
+    student.max_seq_length = max_seq_length
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    ckpt = Path(checkpoint_dir) / "heal.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+        logger.info("healing resumes at step %d from %s", start, ckpt)
+    losses: list[float] = []
+    device = next(student.parameters()).device
+    for step in tqdm(range(start, steps), desc="heal", disable=not show_progress, initial=start, total=steps):
+        idx = torch.randperm(len(texts), generator=gen)[:batch_size]
+        batch_texts = [texts[i] for i in idx]
+        prep = getattr(student, "preprocess", None) or student.tokenize
+        features = prep(batch_texts)
+        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+        out = student(features)["sentence_embedding"]
+        target = target_all[idx].to(device)
+        loss = (1 - F.cosine_similarity(out, target, dim=-1)).mean() + F.mse_loss(out, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, ckpt)
+    student.eval()
+    student.max_seq_length = old_len
+    if not losses:
+        return {}
+    head = losses[: min(10, len(losses))]
+    tail = losses[-min(10, len(losses)):]
+    return {"heal_loss_first": float(np.mean(head)), "heal_loss_last": float(np.mean(tail)), "heal_steps": steps}

@@ -1,0 +1,172 @@
+"""Layer pruning (+ healing) and vocabulary pruning on tiny BERT and decoder models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedforge.compress.pruning import backbone, count_parameters, heal, layer_list, prune_layers, resolve_keep
+from embedforge.compress.vocab import prune_vocabulary, saved_size
+from embedforge.testing import sample_texts
+
+
+def _decoder_st(tmp_path: Path, arch: str = "llama", vocab_size: int = 420, layers: int = 4):
+    """A tiny decoder embedder (mean pooling) whose BPE tokenizer has real merges."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoModel
+
+    from embedforge.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=vocab_size)
+    cfg = tiny_config(arch, vocab_size=len(tok), num_hidden_layers=layers)
+    torch.manual_seed(0)
+    hf = AutoModel.from_config(cfg)
+    hf.config.is_causal = False
+    d = tmp_path / f"{arch}-hf"
+    hf.save_pretrained(d)
+    tok.save_pretrained(d)
+    t = Transformer(str(d), max_seq_length=64)
+    return SentenceTransformer(modules=[t, Pooling(32, pooling_mode="mean")], device="cpu")
+
+
+def _bert_st(tmp_path: Path, layers: int = 4):
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.testing import tiny_bert_st
+
+    return SentenceTransformer(str(tiny_bert_st(tmp_path / "bert", layers=layers)), device="cpu")
+
+
+def test_resolve_keep():
+    assert resolve_keep(30, num_layers=4) == [0, 10, 19, 29]
+    assert resolve_keep(6, keep_layers=[0, -1, 2]) == [0, 2, 5]
+    assert resolve_keep(6) == list(range(6))
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_keep(6, keep_layers=[7])
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "qwen3"])
+def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
+    from sentence_transformers import SentenceTransformer
+
+    model = _bert_st(tmp_path) if kind == "bert" else _decoder_st(tmp_path, kind)
+    texts = sample_texts()
+    n_before = count_parameters(model)
+    _, _, layers = layer_list(backbone(model))
+    assert len(layers) == 4
+    info = prune_layers(model, [0, 3])
+    assert info == {"layers_before": 4, "layers_after": 2, "kept_layers": [0, 3]}
+    assert backbone(model).config.num_hidden_layers == 2
+    assert count_parameters(model) < n_before
+    out = model.encode(texts, convert_to_numpy=True)
+    # Independent check: a 2-layer model built from the config with layers 0 and 3's weights copied over.
+    model.save(str(tmp_path / "pruned"))
+    again = SentenceTransformer(str(tmp_path / "pruned"), device="cpu")
+    assert backbone(again).config.num_hidden_layers == 2
+    np.testing.assert_allclose(again.encode(texts, convert_to_numpy=True), out, atol=1e-5)
+
+
+def test_pruned_layers_are_the_kept_originals(tmp_path):
+    model = _decoder_st(tmp_path)
+    _, _, layers = layer_list(backbone(model))
+    originals = [layers[1], layers[2]]
+    prune_layers(model, [1, 2])
+    _, _, now = layer_list(backbone(model))
+    assert list(now) == originals
+    assert [m.self_attn.layer_idx for m in now] == [0, 1]
+
+
+def _targets(n: int, dim: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((n, dim)).astype(np.float32)
+    return t / np.linalg.norm(t, axis=1, keepdims=True)
+
+
+def test_healing_moves_pruned_model_towards_teacher(tmp_path):
+    model = _bert_st(tmp_path)
+    texts = sample_texts()
+    teacher = _targets(len(texts))
+    prune_layers(model, [0])
+
+    def dist() -> float:
+        s = model.encode(texts, convert_to_numpy=True)
+        return float(np.mean(1 - np.sum(s * teacher, axis=1)))
+
+    before = dist()
+    stats = heal(model, texts, teacher, steps=40, lr=3e-3, batch_size=5, show_progress=False)
+    assert dist() < before - 0.2
+    assert stats["heal_loss_last"] < stats["heal_loss_first"]
+
+
+def test_heal_resumes_from_checkpoint(tmp_path, monkeypatch):
+    texts = sample_texts()
+    teacher = _targets(len(texts))
+
+    from sentence_transformers import SentenceTransformer
+
+    # One saved model, loaded three times (tiny_bert_st's tokenizer training is not bit-reproducible).
+    base = tmp_path / "base"
+    _bert_st(tmp_path).save(str(base))
+
+    def pruned(name: str):
+        m = SentenceTransformer(str(base), device="cpu")
+        prune_layers(m, [0])
+        return m
+
+    straight = pruned("a")
+    torch.manual_seed(0)
+    heal(straight, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False)
+    # Interrupted run: dies at step 15, after the step-10 checkpoint.
+    crashing = pruned("b")
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        heal(crashing, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
+             checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert (tmp_path / "ck" / "heal.pt").is_file()
+    resumed = pruned("c")
+    heal(resumed, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
+         checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
+    np.testing.assert_allclose(resumed.encode(texts), straight.encode(texts), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gemma3"])
+def test_vocab_pruning_keeps_corpus_outputs_and_shrinks(tmp_path, kind):
+    from embedforge.modules import load_embedder
+
+    model = _bert_st(tmp_path, layers=2) if kind == "bert" else _decoder_st(tmp_path, kind, layers=2)
+    corpus = sample_texts()[:6]
+    before = model.encode(corpus, convert_to_numpy=True)
+    old_tok = model[0].tokenizer
+    old_ids = old_tok(corpus)["input_ids"]
+    model.save(str(tmp_path / "orig"))
+    info = prune_vocabulary(model, corpus)
+    assert info["vocab_after"] < info["vocab_before"]
+    assert backbone(model).get_input_embeddings().weight.shape[0] == info["vocab_after"]
+    assert len(model[0].tokenizer) == info["vocab_after"]
+    np.testing.assert_allclose(model.encode(corpus, convert_to_numpy=True), before, atol=1e-5)
+    # Token by token: the new ids name the same strings as the old ones.
+    new_ids = model[0].tokenizer(corpus)["input_ids"]
+    for o, n in zip(old_ids, new_ids):
+        assert old_tok.convert_ids_to_tokens(o) == model[0].tokenizer.convert_ids_to_tokens(n)
+    model.save(str(tmp_path / "pruned"))
+    assert saved_size(tmp_path / "pruned") < saved_size(tmp_path / "orig")
+    again = load_embedder(tmp_path / "pruned")
+    np.testing.assert_allclose(again.encode(corpus, convert_to_numpy=True), before, atol=1e-5)
+    # Text outside the corpus still tokenizes (to kept tokens only).
+    ids = again[0].tokenizer(["zebra quantum xylophone"])["input_ids"][0]
+    assert max(ids) < info["vocab_after"]
