@@ -69,8 +69,14 @@ class EchoTransformer(Transformer):
             prefix = prefix.rstrip(" ")
             middle = middle.rstrip(" ") if middle.endswith(" ") else middle
 
+        backend = getattr(tok, "backend_tokenizer", None)
+
         def ids(text: str) -> list[int]:
-            return list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
+            if not text:
+                return []
+            if backend is not None:  # no length warning for long texts: truncation happens in echo_ids
+                return list(backend.encode(text, add_special_tokens=False).ids)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
 
         probe_plain = ids("a")
         probe_full = list(tok("a")["input_ids"])
@@ -104,8 +110,12 @@ class EchoTransformer(Transformer):
         text_ids = ids((" " if p["lead_space"] else "") + text)
         fixed = len(p["bos"]) + len(prompt_ids) + len(p["prefix"]) + len(p["middle"]) + len(p["suffix"]) + len(p["eos"])
         if max_length is not None:
-            budget = max(0, (max_length - fixed) // 2)
-            text_ids = text_ids[:budget]
+            if fixed >= max_length:
+                raise ValueError(
+                    f"the echo template (and prompt) take {fixed} tokens, leaving no room for the text within "
+                    f"max_seq_length={max_length}; raise max_seq_length or shorten the template"
+                )
+            text_ids = text_ids[: (max_length - fixed) // 2]
         return [*p["bos"], *prompt_ids, *p["prefix"], *text_ids, *p["middle"], *text_ids, *p["suffix"], *p["eos"]]
 
     def preprocess(
