@@ -22,6 +22,17 @@ class PoolingMode(str, enum.Enum):
     MULTI_LAYER = "multi_layer"        # learned queries over per-layer means (trainable)
     ECHO = "echo"                      # text repeated in a template, second copy mean-pooled
 
+    @classmethod
+    def _missing_(cls, value: object) -> PoolingMode | None:
+        """Accept common spellings: ``last_token``, ``weighted_mean``, ``latent``, ``multilayer``, case-insensitive."""
+        if not isinstance(value, str):
+            return None
+        key = value.strip().lower().replace("-", "_")
+        aliases = {"last_token": "lasttoken", "weighted_mean": "weightedmean", "latent": "latent_attention",
+                   "multilayer": "multi_layer", "nv_embed": "latent_attention"}
+        key = aliases.get(key, key)
+        return next((m for m in cls if m.value == key), None)
+
 
 class DType(str, enum.Enum):
     """Weights' dtype when loading the backbone."""
@@ -43,6 +54,8 @@ class AttnImplementation(str, enum.Enum):
 
 
 class PaddingSide(str, enum.Enum):
+    """Which end of a batch row the pad tokens go to."""
+
     RIGHT = "right"
     LEFT = "left"
 

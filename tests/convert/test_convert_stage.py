@@ -1,0 +1,112 @@
+"""The ``convert`` stage: config validation, the runner's output format, and the shipped zero-shot recipes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedforge.configs import ConfigError, StageContext
+from embedforge.convert.config import ConvertConfig, PoolingMode
+from embedforge.testing import sample_texts
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "convert").glob("zero-shot*.yaml"))
+
+
+def test_config_module_imports_without_torch() -> None:
+    code = "import sys, embedforge.convert.config; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_checks_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="pooling: 'cls' is not one of .*'mean'.*'echo'") as err:
+        ConvertConfig(model="m", pooling="cls")
+    assert err.value.key == "pooling"
+    with pytest.raises(ConfigError, match="echo_template") as err:
+        ConvertConfig(model="m", pooling="echo", echo_template="Repeat: {text}")
+    assert err.value.key == "echo_template"
+    with pytest.raises(ConfigError, match="max_seq_length"):
+        ConvertConfig(model="m", max_seq_length=0)
+    assert ConvertConfig(model="m", pooling="last_token").pooling == PoolingMode.LAST_TOKEN
+    assert ConvertConfig(model="m", pooling="Weighted-Mean").pooling == PoolingMode.WEIGHTED_MEAN
+
+
+def test_recipe_loader_builds_the_config(tmp_path: Path) -> None:
+    from embedforge.recipe import RecipeError, load_recipe
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - stage: convert\n    out: /tmp/x\n    model: m\n    pooling: max\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:5: .*pooling"):
+        load_recipe(bad)
+
+
+def _scored_file(tmp_path: Path) -> Path:
+    texts = sample_texts()
+    rows = [{"sentence1": texts[i], "sentence2": texts[(i + k) % len(texts)], "score": float(5 - k)}
+            for i in range(len(texts)) for k in (0, 1, 3)]
+    path = tmp_path / "sts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_run_convert_writes_a_plain_loadable_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.convert.embedder import build_embedder_from_config
+    from embedforge.convert.pipeline import run_convert
+    from embedforge.model import is_complete, read_lineage
+
+    cfg = ConvertConfig(model=str(tiny_llama_dir), pooling="lasttoken", query_prompt="query: ", max_seq_length=64,
+                        eval_tasks=[f"sts:{_scored_file(tmp_path)}"])
+    out = tmp_path / "converted"
+    run_convert(cfg, out, StageContext(recipe_hash="abc"))
+    lineage = read_lineage(out)
+    assert lineage["stage"] == "convert" and lineage["source"] == str(tiny_llama_dir)
+    assert lineage["config"]["pooling"] == "lasttoken" and lineage["recipe_hash"] == "abc"
+    assert lineage["extra"]["bidirectional"] is True and lineage["extra"]["embedding_dimension"] == 32
+    sts = next(iter(lineage["metrics"].values()))
+    assert -100 <= sts["spearman"] <= 100
+    assert is_complete(out, cfg)
+
+    loaded = SentenceTransformer(str(out), device="cpu")
+    assert loaded[0].auto_model.config.is_causal is False and loaded.max_seq_length == 64
+    fresh = build_embedder_from_config(cfg)
+    texts = sample_texts()
+    np.testing.assert_allclose(loaded.encode(texts), fresh.encode(texts), atol=1e-6)
+    np.testing.assert_allclose(loaded.encode_query(texts), fresh.encode_query(texts), atol=1e-6)
+
+
+def test_run_convert_with_a_trainable_head(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from embedforge.convert.embedder import build_embedder_from_config
+    from embedforge.convert.pipeline import run_convert
+    from embedforge.modules import load_embedder
+
+    cfg = ConvertConfig(model=str(tiny_llama_dir), pooling="latent_attention", latent_count=16, latent_heads=4,
+                        zero_init_heads=False, seed=7)
+    out = tmp_path / "latent"
+    run_convert(cfg, out, StageContext())
+    modules = json.loads((out / "modules.json").read_text())
+    assert modules[1]["type"] == "embedforge.modules.latent_attention.LatentAttentionPooling"
+    loaded = load_embedder(out)
+    texts = sample_texts()
+    # same seed -> same head weights: the saved model equals a fresh build
+    np.testing.assert_allclose(loaded.encode(texts), build_embedder_from_config(cfg).encode(texts), atol=1e-6)
+
+
+def test_there_are_zero_shot_recipes() -> None:
+    assert {p.name for p in RECIPES} >= {"zero-shot.yaml", "zero-shot-echo.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates(path: Path) -> None:
+    from embedforge.recipe import load_recipe
+
+    first_line = path.read_text().splitlines()[0]
+    assert first_line == f"# embedforge run recipes/convert/{path.name}"
+    recipe = load_recipe(path)
+    converts = [s for s in recipe.stages if s.stage == "convert"]
+    assert converts and all(isinstance(s.config, ConvertConfig) for s in converts)
