@@ -85,7 +85,6 @@ def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], tar
     else:
         teacher_path = resolve_source(config.model)
         teacher = load_model(teacher_path)
-        teacher.max_seq_length = config.max_seq_length
         if config.student == StudentKind.LAYERS:
             n_layers = teacher[0].auto_model.config.num_hidden_layers
             keep = students.select_layers(n_layers, keep=config.keep_layers, stride=config.layer_stride,
@@ -105,6 +104,14 @@ def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], tar
             cos = students.fit_projection(student, texts[:sample], targets[:sample])
             logger.info("projection %d -> %d fitted by least squares: mean cosine %.3f", dim, teacher_dim, cos)
     return student
+
+
+def _limit_length(model: Any, length: Any) -> Any:
+    """Set a transformer student's max_seq_length (static students have none); returns the previous one."""
+    previous = getattr(model[0], "max_seq_length", None)
+    if isinstance(previous, int) and isinstance(length, int):
+        model.max_seq_length = length
+    return previous
 
 
 def train_student(student: Any, config: DistillConfig, texts: list[str], targets: np.ndarray,
@@ -147,13 +154,18 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
     )
     dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
     trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
+    # Train on inputs cut to max_seq_length; the saved student keeps the length it had (the teacher's).
+    saved_length = _limit_length(student, config.max_seq_length)
     done_steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("checkpoint-*")
                   if p.name.split("-")[1].isdigit()] if checkpoint_dir.is_dir() else []
     resume = bool(done_steps)
     if resume:
         logger.info("distill: resuming from %s at step %d", checkpoint_dir, max(done_steps))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        _limit_length(student, saved_length)
     return {
         "train_seconds": round(time.perf_counter() - start, 2),
         "steps": int(result.global_step),

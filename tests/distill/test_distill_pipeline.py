@@ -64,7 +64,8 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
     from embedforge.model import read_lineage
 
     cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], keep_layers=[0, 2], batch_size=16,
-                        max_steps=4, save_steps=2, matryoshka_dims=[16, 8], layer_dims=[[1, 8]], shard_size=40)
+                        max_steps=4, save_steps=2, matryoshka_dims=[16, 8], layer_dims=[[1, 8]], shard_size=40,
+                        max_seq_length=32)
     out = tmp_path / "student"
     ctx = StageContext(cache_dir=tmp_path / "cache")
     from embedforge.distill.pipeline import run
@@ -79,6 +80,7 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
     assert not (tmp_path / "student.ckpt").exists()
     model = SentenceTransformer(str(out), device="cpu")
     assert model[0].auto_model.config.num_hidden_layers == 2
+    assert model.max_seq_length == 128  # trained on 32 tokens, reads as much as the teacher
     emb = model.encode(["a man is playing a guitar"], truncate_dim=8)
     assert emb.shape == (1, 8)
     # A finished output is skipped on rerun.

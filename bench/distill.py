@@ -1,0 +1,245 @@
+"""Distillation benchmark: all-MiniLM-L6-v2 -> layer students and a static student, on CPU.
+
+    nice -n 5 python bench/distill.py --out runs/bench-distill
+
+Teacher vectors for unlabeled texts from ../shared/data (STS-B train, SICK train, SNLI, 20 Newsgroups,
+SciFact train pairs; none of the evaluation sets) are computed once and cached; each student is trained with
+the ``distill`` stage and saved under ``OUT/models/<name>/``. Every model is evaluated on STS-B dev (Spearman),
+SciFact dev (nDCG@10) and Banking77 (accuracy) at its full dimension and at 256/128/64/32 (Matryoshka
+prefixes, renormalized), each text encoded once. Encode throughput is measured in the same run for the teacher
+and each student (alternating, best of several rounds, so that other jobs on the machine hurt both alike).
+``OUT/results.json`` is rewritten after every step; ``OUT/results.md`` holds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASKS = ["stsb-dev", "scifact-dev", "banking77"]
+DIMS = [256, 128, 64, 32]
+logger = logging.getLogger("bench.distill")
+
+
+# ---------------------------------------------------------------------------------------------- texts
+
+
+def training_texts(limit: int, seed: int = 0) -> list[str]:
+    """Unlabeled texts from the shared data, no evaluation set among them, shuffled, at most ``limit``."""
+    from embedforge.data import builtin
+
+    seen: dict[str, None] = {}
+    for name in ("stsb-train", "sick-train", "snli-triplets", "newsgroups-pairs", "scifact-train-pairs"):
+        ds = builtin(name)
+        for column in ds.column_names:
+            values = ds[column]
+            if values and isinstance(values[0], str):
+                for text in values:
+                    text = " ".join(text.split())[:1000]
+                    if len(text) > 3:
+                        seen.setdefault(text, None)
+    texts = list(seen)
+    random.Random(seed).shuffle(texts)
+    return texts[:limit]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class CachedEncoder:
+    """Encodes each distinct text once at full dimension; Matryoshka evaluations reuse the vectors."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.cache: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: list[str], batch_size: int, prompt: str | None) -> np.ndarray:
+        import torch
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            with torch.inference_mode():
+                out = self.model.encode(missing, batch_size=batch_size, prompt=prompt, convert_to_numpy=True,
+                                        show_progress_bar=False)
+            self.cache.update(zip(missing, np.asarray(out, dtype=np.float32)))
+        return np.stack([self.cache[t] for t in texts])
+
+
+def evaluate_all_dims(model: Any, full_dim: int) -> dict[str, dict[str, float]]:
+    """Main score of every task at the full dim and each Matryoshka prefix."""
+    from embedforge.evaluation import evaluate, main_score
+
+    encoder = CachedEncoder(model)
+    out: dict[str, dict[str, float]] = {}
+    for dim in [full_dim, *[d for d in DIMS if d < full_dim]]:
+        res = evaluate(encoder, TASKS, batch_size=64, truncate_dim=None if dim == full_dim else dim,
+                       show_progress=False)
+        scores = {t: round(main_score(t, res[t]), 2) for t in TASKS}
+        scores["average"] = round(float(np.mean([scores[t] for t in TASKS])), 2)
+        out["full" if dim == full_dim else str(dim)] = scores
+        logger.info("dim %s: %s", dim, scores)
+    return out
+
+
+def throughput(models: dict[str, Any], texts: list[str], rounds: int = 3, batch_size: int = 64) -> dict[str, float]:
+    """Texts per second of each model on ``texts``; models alternate, best round counts."""
+    import torch
+
+    best = {name: 0.0 for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
+    return {k: round(v, 1) for k, v in best.items()}
+
+
+def model_size_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20, 2)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Distillation benchmark (teacher all-MiniLM-L6-v2, CPU)", "",
+             "| model | dim | STS-B | SciFact | Banking77 | avg | % teacher | % own full | speed-up | size MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    teacher = results.get("models", {}).get("teacher", {}).get("scores", {}).get("full", {})
+    speed = results.get("throughput", {})
+    for name, info in results.get("models", {}).items():
+        scores = info.get("scores", {})
+        if not scores:
+            continue
+        full_avg = scores.get("full", {}).get("average")
+        for dim, s in scores.items():
+            pct_t = f"{100 * s['average'] / teacher['average']:.1f}" if teacher else ""
+            pct_own = f"{100 * s['average'] / full_avg:.1f}" if full_avg else ""
+            up = f"{speed[name] / speed['teacher']:.1f}x" if name in speed and speed.get("teacher") else ""
+            lines.append(f"| {name} | {dim} | {s.get('stsb-dev', '')} | {s.get('scifact-dev', '')} | "
+                         f"{s.get('banking77', '')} | "
+                         f"{s['average']} | {pct_t} | {pct_own} | {up if dim == 'full' else ''} | "
+                         f"{info.get('size_mb', '') if dim == 'full' else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--texts", type=int, default=32000, help="training texts")
+    parser.add_argument("--students", default="layers2,layers3,static",
+                        help="comma list of: layers2 (layers 2,5), layers3 (1,3,5), static")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--static-epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--static-lr", type=float, default=1e-2)
+    parser.add_argument("--speed-texts", type=int, default=1000)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="evaluation tasks (for quick checks)")
+    args = parser.parse_args(argv)
+    TASKS[:] = [t for t in args.tasks.split(",") if t]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from embedforge.configs import StageContext
+    from embedforge.distill.config import DistillConfig
+    from embedforge.distill.pipeline import run
+    from embedforge.model import load_model, read_lineage
+    from embedforge.sources import resolve_source
+
+    out = args.out.resolve()
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    results.setdefault("models", {})
+    results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    results["targets"] = {"layers_pct_teacher": 95, "layers_speedup": 2.5, "dim128_pct_own_full": 97,
+                          "static_pct_teacher": 85, "static_speedup": 50}
+
+    # 1. texts (written once; the pipeline reads them as a jsonl file)
+    texts_file = out / "texts.jsonl"
+    if not texts_file.is_file():
+        texts = training_texts(args.texts)
+        texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    results["n_texts"] = sum(1 for _ in texts_file.open())
+    write(out, results)
+
+    # 2. students (the first run also fills the teacher-vector cache)
+    teacher_dir = Path(resolve_source("minilm-l6"))
+    ctx = StageContext(cache_dir=out / "cache")
+    specs = {
+        "layers2": dict(student="layers", keep_layers=[2, 5], learning_rate=args.lr, epochs=args.epochs,
+                        batch_size=128),
+        "layers3": dict(student="layers", keep_layers=[1, 3, 5], learning_rate=args.lr, epochs=args.epochs,
+                        batch_size=128),
+        "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
+                       batch_size=256, warmup_ratio=0.0),
+    }
+    wanted = [s for s in args.students.split(",") if s]
+    for name in wanted:
+        model_dir = out / "models" / name
+        cfg = DistillConfig(model=str(teacher_dir), texts=[str(texts_file)], matryoshka_dims=DIMS,
+                            max_seq_length=128, save_steps=50, **specs[name])
+        start = time.perf_counter()
+        run(cfg, model_dir, ctx)
+        lineage = read_lineage(model_dir)
+        entry = results["models"].setdefault(name, {})
+        entry["distill"] = lineage.get("metrics", {}).get("distill", {})
+        entry["distill"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+        entry["size_mb"] = model_size_mb(model_dir)
+        write(out, results)
+
+    # 3. static student before training (model2vec initialisation only), for reference
+    models: dict[str, Any] = {"teacher": load_model(teacher_dir)}
+    for name in wanted:
+        models[name] = load_model(out / "models" / name)
+    if "static" in wanted:
+        from embedforge.distill.students import static_student
+
+        init_dir = out / "models" / "static-init"
+        if not (init_dir / "modules.json").is_file():
+            from embedforge.model import save_model
+
+            save_model(static_student(load_model(teacher_dir), teacher_path=teacher_dir), init_dir,
+                       stage="distill", source=str(teacher_dir), extra={"note": "model2vec init, untrained"})
+        models["static-init"] = load_model(init_dir)
+        results["models"].setdefault("static-init", {})["size_mb"] = model_size_mb(init_dir)
+    results["models"].setdefault("teacher", {})["size_mb"] = model_size_mb(teacher_dir)
+
+    # 4. throughput, all models in the same run
+    speed_texts = training_texts(10**9, seed=1)[-args.speed_texts:]
+    results["throughput"] = throughput(models, speed_texts)
+    results["throughput_texts"] = len(speed_texts)
+    write(out, results)
+    logger.info("throughput (texts/s): %s", results["throughput"])
+
+    # 5. quality at every dim
+    for name, model in models.items():
+        if results["models"].get(name, {}).get("scores"):
+            continue
+        start = time.perf_counter()
+        scores = evaluate_all_dims(model, int(model.get_embedding_dimension()))
+        results["models"].setdefault(name, {})["scores"] = scores
+        results["models"][name]["eval_seconds"] = round(time.perf_counter() - start, 1)
+        write(out, results)
+    logger.info("wrote %s", out / "results.json")
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
