@@ -1,0 +1,242 @@
+"""Runners of the ``compress`` and ``binarizer`` stages.
+
+``run`` (compress) reads top to bottom as its steps:
+
+1. load the model (and, when healing, encode the healing texts with it first: those are the teacher vectors);
+2. prune layers, then heal towards the teacher vectors (checkpoints under ``<out_dir>.ckpt/``);
+3. prune the vocabulary to a corpus;
+4. quantize weights (quanto: re-applied at load time; bitsandbytes: saved pre-quantized, GPU only);
+5. calibrate the embedding quantizer (int8 ranges / binary layout) and save it next to the model;
+6. measure what changed (parameters, bytes, layers, vocabulary, cosine to the input model) and save.
+
+``run_binarizer`` encodes texts with the model (cached under ``<out_dir>.ckpt/``), trains the learned multi-bit
+binarizer on those vectors, appends it to the model and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedforge.compress.config import BinarizerConfig, CompressConfig, EmbeddingPrecision, WeightQuant
+from embedforge.configs import StageContext
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXTS = 64
+
+
+def load_texts(spec: str, limit: int | None = None) -> list[str]:
+    """Unique texts from a built-in data set, a file (``text`` column) or ``beir:FOLDER[:split]`` (corpus+queries)."""
+    from embedforge.data import BUILTINS, builtin, load_beir, load_data
+
+    if spec.startswith("beir:"):
+        folder, _, split = spec[5:].partition(":")
+        beir = load_beir(folder, split or "test")
+        texts = list(beir.corpus.values()) + list(beir.queries.values())
+    else:
+        ds = builtin(spec) if spec in BUILTINS else load_data(spec, kind="texts")
+        cols = [c for c in ("text", "anchor", "positive", "negative", "sentence1", "sentence2")
+                if c in ds.column_names]
+        texts = [t for c in cols for t in ds[c]]
+    unique = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t.strip()))
+    if not unique:
+        raise ValueError(f"{spec}: no texts found")
+    return unique[:limit] if limit else unique
+
+
+def _load(spec: str, device: str | None = None) -> Any:
+    from embedforge.modules import load_embedder
+    from embedforge.sources import resolve_source
+
+    return load_embedder(os.fspath(resolve_source(spec)), device=device)
+
+
+def _vectors(model: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
+                          dtype=np.float32)
+
+
+def _save(model: Any, out_dir: Path, *, source: str, config: Any, ctx: StageContext, metrics: dict[str, Any],
+          extra: dict[str, Any], files: dict[str, str]) -> None:
+    """Model dir + lineage + side files, all in one atomic rename."""
+    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
+
+    lineage = make_lineage(stage="compress", source=source, config=config, metrics=metrics, parent=source
+                           if Path(source).is_dir() else None, recipe_hash=ctx.recipe_hash, extra=extra)
+    with atomic_dir(out_dir) as tmp:
+        model.save(str(tmp), safe_serialization=True)
+        for name, content in files.items():
+            (tmp / name).write_text(content)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    logger.info("saved compressed model to %s", out_dir)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    cos = np.sum(an * bn, axis=1)
+    return {"cosine_to_input_mean": float(cos.mean()), "cosine_to_input_min": float(cos.min())}
+
+
+def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
+    """Compress ``config.model`` into ``out_dir`` (see the module docstring for the steps)."""
+    import torch
+
+    from embedforge.compress.pruning import backbone, count_parameters, heal, layer_list, prune_layers, resolve_keep
+    from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
+    from embedforge.compress.vocab import prune_vocabulary
+    from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, quantize_quanto, require_bnb, weight_bytes
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    if config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
+        require_bnb()  # fail before any work
+    # 1. model, probe texts and (for healing) teacher vectors
+    model = _load(config.model)
+    metrics: dict[str, Any] = {"params_before": count_parameters(model), "weight_bytes_before": weight_bytes(model)}
+    extra: dict[str, Any] = {}
+    corpus = load_texts(config.vocab_corpus, config.vocab_limit) if config.vocab_corpus else None
+    probe = (corpus or load_texts(config.heal_data, PROBE_TEXTS))[:PROBE_TEXTS]
+    probe_before = _vectors(model, probe)
+    pruning = config.keep_layers is not None or config.num_layers is not None
+    heal_texts: list[str] = []
+    teacher: np.ndarray | None = None
+    if pruning and config.heal_steps:
+        heal_texts = load_texts(config.heal_data, config.heal_limit)
+        teacher = _vectors(model, heal_texts, config.heal_batch_size)
+    # 2. layer pruning + healing
+    if pruning:
+        n_layers = len(layer_list(backbone(model))[2])
+        keep = resolve_keep(n_layers, config.keep_layers, config.num_layers)
+        extra["layer_pruning"] = prune_layers(model, keep)
+        if teacher is not None:
+            metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
+                                batch_size=config.heal_batch_size, max_seq_length=config.max_seq_length,
+                                seed=config.seed, checkpoint_dir=Path(f"{out_dir}.ckpt")))
+    # 3. vocabulary pruning
+    if corpus is not None:
+        extra["vocab_pruning"] = prune_vocabulary(model, corpus)
+    # 4. weight quantization
+    files: dict[str, str] = {}
+    if config.weights in (WeightQuant.QUANTO_INT8, WeightQuant.QUANTO_INT4):
+        weights = config.weights.value.split("-")[1]
+        plan = {"method": "quanto", "weights": weights,
+                "note": "float weights on disk; embedforge.compress.weights.load_compressed quantizes at load"}
+        files[WEIGHT_QUANT_FILE] = json.dumps(plan, indent=2) + "\n"
+        measured = _load_quanto_copy(model, weights)
+        extra["weight_quantization"] = plan
+        metrics["weight_bytes_quantized"] = weight_bytes(measured)
+        metrics.update({f"quantized_{k}": v for k, v in _cosines(probe_before, _vectors(measured, probe)).items()})
+    elif config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
+        bits = 8 if config.weights == WeightQuant.BNB_8BIT else 4
+        staging = Path(f"{out_dir}.ckpt") / "bnb-staging"
+        model.save(str(staging), safe_serialization=True)
+        model = load_bnb(staging, bits)
+        extra["weight_quantization"] = {"method": "bitsandbytes", "bits": bits}
+        files[WEIGHT_QUANT_FILE] = json.dumps(extra["weight_quantization"], indent=2) + "\n"
+    # 5. embedding quantizer
+    if config.embedding_precision != EmbeddingPrecision.FLOAT32:
+        precision = config.embedding_precision.value
+        calib_vectors = None
+        if precision in ("int8", "uint8"):
+            calib_vectors = _vectors(model, load_texts(config.calibration_data, config.calibration_limit))
+        quantizer = EmbeddingQuantizer.calibrate(precision, calib_vectors, truncate_dim=config.truncate_dim)
+        files[QUANTIZATION_FILE] = json.dumps(quantizer.to_dict(), indent=2) + "\n"
+        extra["embedding_quantization"] = {"precision": precision, "truncate_dim": config.truncate_dim,
+                                           "bytes_per_vector": quantizer.code_width
+                                           or _code_width(precision, probe_before.shape[1], config.truncate_dim)}
+    # 6. measure and save
+    metrics["params_after"] = count_parameters(model)
+    metrics["weight_bytes_after"] = weight_bytes(model)
+    metrics.update(_cosines(probe_before, _vectors(model, probe)))
+    _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files=files)
+
+
+def _code_width(precision: str, dim: int, truncate_dim: int | None) -> int:
+    d = min(dim, truncate_dim or dim)
+    return {"float32": 4 * d, "int8": d, "uint8": d}.get(precision, (d + 7) // 8)
+
+
+def _load_quanto_copy(model: Any, weights: str) -> Any:
+    """A quantized deep copy of ``model`` (the saved one stays float; quanto cannot be serialized)."""
+    import copy
+
+    from embedforge.compress.weights import quantize_quanto
+
+    clone = copy.deepcopy(model)
+    quantize_quanto(clone, weights)
+    return clone
+
+
+def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> None:
+    """Train the learned binarizer on the model's vectors and save the model with it appended."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    from embedforge.compress.binarizer import BinarizerTraining, binarize, train_binarizer
+    from embedforge.modules.binarizer import find_binarizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    model = _load(config.model)
+    if find_binarizer(model) is not None:
+        raise ValueError(f"{config.model} already ends in a binarizer")
+    # 1. teacher vectors, cached so a rerun skips the encoding
+    texts = load_texts(config.data, config.limit)
+    cache = Path(f"{out_dir}.ckpt")
+    cache.mkdir(parents=True, exist_ok=True)
+    vec_file = cache / f"vectors-{len(texts)}.npy"
+    if vec_file.is_file():
+        vectors = np.load(vec_file)
+    else:
+        vectors = _vectors(model, texts, config.encode_batch_size)
+        np.save(vec_file, vectors)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    # 2. train on 90%, measure on the held-out 10%
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(vectors))
+    n_held = max(2, len(vectors) // 10) if len(vectors) >= 20 else 0
+    held, train = vectors[order[:n_held]], vectors[order[n_held:]]
+    hp = BinarizerTraining(bits=config.bits, hidden_dim=config.hidden_dim, steps=config.steps,
+                           batch_size=config.batch_size, lr=config.lr, temperature=config.temperature,
+                           sym_weight=config.sym_weight, asym_weight=config.asym_weight,
+                           mse_weight=config.mse_weight, seed=config.seed)
+    binarizer, history = train_binarizer(train, hp)
+    metrics: dict[str, Any] = {"binarizer_loss_first": history["first"]["loss"],
+                               "binarizer_loss_last": history["last"]["loss"], "train_vectors": len(train)}
+    if n_held:
+        metrics.update(similarity_preservation(binarizer, held))
+    # 3. append (after a Normalize: the binarizer was trained on unit vectors) and save
+    binarizer.output = config.output
+    if not isinstance(model[-1], Normalize):
+        model.append(Normalize())
+    model.append(binarizer)
+    codes, _ = binarize(binarizer, vectors[:2])
+    extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
+                           "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()}}
+    _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={})
+
+
+def similarity_preservation(binarizer: Any, vectors: np.ndarray) -> dict[str, float]:
+    """Spearman (x100) between teacher cosine and code similarity over all pairs, learned vs plain sign."""
+    from scipy.stats import spearmanr
+
+    from embedforge.compress.binarizer import binarize
+
+    x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    x = x[:1000]
+    iu = np.triu_indices(len(x), 1)
+    teacher = (x @ x.T)[iu]
+    _, recon = binarize(binarizer, x)
+    sign = np.where(x > 0, 1.0, -1.0)
+    return {"heldout_spearman_learned": float(spearmanr((recon @ recon.T)[iu], teacher).statistic * 100),
+            "heldout_spearman_sign": float(spearmanr((sign @ sign.T)[iu], teacher).statistic * 100)}

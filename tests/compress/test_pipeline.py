@@ -1,0 +1,127 @@
+"""compress / binarizer stage runners on tiny models, end to end through the model format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedforge.compress.config import BinarizerConfig, CompressConfig
+from embedforge.configs import StageContext
+from embedforge.testing import sample_texts
+
+
+@pytest.fixture()
+def texts_file(tmp_path: Path) -> Path:
+    words = " ".join(sample_texts()).split()
+    rng = np.random.default_rng(0)
+    rows = sample_texts() + [" ".join(rng.choice(words, 8)) for _ in range(150)]
+    f = tmp_path / "texts.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return f
+
+
+def _bert(tmp_path: Path, layers: int = 4) -> Path:
+    from embedforge.testing import tiny_bert_st
+
+    return tiny_bert_st(tmp_path / "bert", layers=layers)
+
+
+def test_compress_prune_heal_vocab_int8(tmp_path, texts_file):
+    from embedforge.compress.pipeline import load_texts, run
+    from embedforge.compress.quantization import EmbeddingQuantizer
+    from embedforge.compress.weights import load_compressed
+    from embedforge.model import read_lineage
+
+    src = _bert(tmp_path)
+    out = tmp_path / "out"
+    cfg = CompressConfig(model=str(src), num_layers=2, heal_steps=6, heal_data=str(texts_file), heal_batch_size=8,
+                         vocab_corpus=str(texts_file), embedding_precision="int8",
+                         calibration_data=str(texts_file))
+    run(cfg, out, StageContext(stage_name="compress"))
+    lineage = read_lineage(out)
+    assert lineage["stage"] == "compress"
+    assert lineage["extra"]["layer_pruning"]["kept_layers"] == [0, 3]
+    assert lineage["extra"]["vocab_pruning"]["vocab_after"] < lineage["extra"]["vocab_pruning"]["vocab_before"]
+    m = lineage["metrics"]
+    assert m["params_after"] < m["params_before"] and "heal_loss_last" in m
+    model = load_compressed(out)
+    texts = load_texts(str(texts_file))
+    vectors = model.encode(texts, convert_to_numpy=True)
+    quant = EmbeddingQuantizer.load(out)
+    assert quant.precision == "int8" and quant.calibration.dim == vectors.shape[1]
+    # The saved ranges are the min/max of the (compressed) model's vectors on the calibration texts.
+    np.testing.assert_allclose(quant.calibration.ranges, np.stack([vectors.min(0), vectors.max(0)]), atol=1e-5)
+
+
+def test_compress_vocab_only_is_lossless_on_corpus(tmp_path, texts_file):
+    from embedforge.compress.pipeline import load_texts, run
+    from embedforge.modules import load_embedder
+
+    src = _bert(tmp_path, layers=2)
+    out = tmp_path / "vocab"
+    run(CompressConfig(model=str(src), vocab_corpus=str(texts_file), embedding_precision="ubinary",
+                       truncate_dim=16), out, StageContext())
+    texts = load_texts(str(texts_file))
+    a = load_embedder(src).encode(texts, convert_to_numpy=True)
+    b = load_embedder(out).encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    q = json.loads((out / "embedding_quantization.json").read_text())
+    assert q == {"precision": "ubinary", "truncate_dim": 16, "calibration": None}
+
+
+def test_compress_quanto_plan_reapplied_at_load(tmp_path):
+    pytest.importorskip("optimum.quanto")
+    from embedforge.compress.pipeline import run
+    from embedforge.compress.weights import load_compressed, weight_bytes
+    from embedforge.model import read_lineage
+    from embedforge.modules import load_embedder
+
+    src = _bert(tmp_path, layers=2)
+    out = tmp_path / "quanto"
+    run(CompressConfig(model=str(src), weights="quanto-int8"), out, StageContext())
+    m = read_lineage(out)["metrics"]
+    assert m["weight_bytes_quantized"] < m["weight_bytes_before"]
+    assert m["quantized_cosine_to_input_min"] > 0.99
+    plain, quantized = load_embedder(out), load_compressed(out)
+    assert weight_bytes(quantized) < weight_bytes(plain)
+    assert any(type(x).__name__ == "QLinear" for x in quantized.modules())
+
+
+def test_compress_bnb_fails_clearly_without_cuda(tmp_path):
+    import torch
+
+    from embedforge.compress.pipeline import run
+    from embedforge.compress.weights import WeightQuantError
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(WeightQuantError, match="CUDA GPU"):
+        run(CompressConfig(model=str(tmp_path / "never-read"), weights="bnb-4bit"), tmp_path / "o", StageContext())
+
+
+def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
+    from embedforge.compress.binarizer import binarize
+    from embedforge.compress.pipeline import run_binarizer
+    from embedforge.model import read_lineage
+    from embedforge.modules import load_embedder
+    from embedforge.modules.binarizer import LearnedBinarizer
+
+    src = _bert(tmp_path, layers=2)
+    out = tmp_path / "bin"
+    cfg = BinarizerConfig(model=str(src), data=str(texts_file), bits=2, steps=40, batch_size=64, output="packed")
+    run_binarizer(cfg, out, StageContext())
+    assert list(out.parent.glob("bin.ckpt/vectors-*.npy")), "encoded vectors are cached for a rerun"
+    lineage = read_lineage(out)
+    assert lineage["extra"]["binarizer"]["code_bytes"] == 2 * 32 // 8
+    assert "heldout_spearman_learned" in lineage["metrics"]
+    model = load_embedder(out)
+    assert isinstance(model[-1], LearnedBinarizer)
+    texts = sample_texts()
+    codes = model.encode(texts, convert_to_numpy=True)
+    assert codes.dtype == np.uint8 and codes.shape == (len(texts), 8)
+    # Same codes as binarizing the float vectors of the model without the binarizer.
+    floats = load_embedder(src).encode(texts, convert_to_numpy=True)
+    np.testing.assert_array_equal(codes, binarize(model[-1], floats)[0])
