@@ -92,6 +92,14 @@ class EchoTransformer(Transformer):
         }
         return self._piece_cache
 
+    def echo_spec(self) -> dict[str, Any]:
+        """The id pieces a serving stack needs to rebuild :meth:`echo_ids` without this class: ``bos``, ``prefix``,
+        ``middle``, ``suffix``, ``eos`` (lists of ids) and ``lead_space`` (tokenize the text as ``" " + text``)."""
+        p = self._pieces()
+        spec: dict[str, Any] = {k: list(p[k]) for k in ("bos", "prefix", "middle", "suffix", "eos")}
+        spec["lead_space"] = bool(p["lead_space"])
+        return spec
+
     def echo_lengths(self) -> dict[str, int]:
         """Token counts the :class:`EchoPooling` head needs (without a prompt)."""
         p = self._pieces()

@@ -147,6 +147,9 @@ def test_echo_pools_exactly_the_second_copy(decoder_dir: Path, reference, side: 
     rows = []
     for text in TEXTS:
         ids = backbone.echo_ids(text, PROMPT if with_prompt else None)
+        spec = backbone.echo_spec()  # what an exported model's tokenizer side rebuilds
+        assert ids[: len(spec["bos"]) + (0 if with_prompt else len(spec["prefix"]))] == (
+            spec["bos"] + ([] if with_prompt else spec["prefix"]))
         plain = tok.decode(ids, skip_special_tokens=True)
         assert plain == (PROMPT if with_prompt else "") + template.format(text=text)
         copy = tok(" " + text, add_special_tokens=False)["input_ids"]
@@ -180,10 +183,13 @@ POOLINGS = ["mean", "weightedmean", "lasttoken", "latent_attention", "multi_laye
 
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_padding_side_does_not_change_vectors(decoder_dir: Path, pooling: str) -> None:
-    opts = dict(SMALL_HEADS, zero_init_heads=False, seed=3)
+    opts = dict(SMALL_HEADS, zero_init_heads=False, seed=3, prompts={"query": PROMPT})
     right = build_embedder(decoder_dir, pooling=pooling, padding_side="right", **opts)
     left = build_embedder(decoder_dir, pooling=pooling, padding_side="left", **opts)
     np.testing.assert_allclose(_encode(right, TEXTS), _encode(left, TEXTS), atol=2e-5)
+    # instruction tokens are excluded on both sides alike
+    np.testing.assert_allclose(_encode(right, TEXTS, prompt_name="query"), _encode(left, TEXTS, prompt_name="query"),
+                               atol=2e-5)
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)

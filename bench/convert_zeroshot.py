@@ -1,0 +1,96 @@
+"""Zero-shot SmolLM2-135M-Instruct embedders: attention x pooling, no training, in one run.
+
+    nice -n 5 python bench/convert_zeroshot.py --out runs/bench-zeroshot [--only causal-mean,echo] [--tasks stsb-dev]
+
+Every variant is built with :func:`embedforge.convert.embedder.build_embedder` from the same dequantized GGUF
+checkpoint and scored with :mod:`embedforge.evaluation` (Spearman x100 of cosine similarity). ``results.json`` is
+rewritten after each variant (partial results survive an interrupted run) and ``results.md`` holds the table; the
+``ratio_to_causal_mean`` column compares every variant with the causal mean-pooling baseline of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("bench.convert_zeroshot")
+
+ECHO = "Rewrite the sentence: {text}\nRewritten sentence: {text}"
+
+#: name -> build_embedder options
+VARIANTS: dict[str, dict[str, Any]] = {
+    "causal-mean": {"pooling": "mean", "bidirectional": False},
+    "causal-weightedmean": {"pooling": "weightedmean", "bidirectional": False},
+    "causal-lasttoken": {"pooling": "lasttoken", "bidirectional": False},
+    "echo": {"pooling": "echo", "bidirectional": False, "echo_template": ECHO},
+    "bidir-mean": {"pooling": "mean", "bidirectional": True},
+    "bidir-lasttoken": {"pooling": "lasttoken", "bidirectional": True},
+}
+
+
+def run_variant(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Build one embedder and score it on the chosen tasks."""
+    import torch
+
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.evaluation import evaluate
+
+    t0 = time.perf_counter()
+    model = build_embedder(args.model, max_seq_length=args.max_seq_length, **options)
+    built = time.perf_counter() - t0
+    with torch.inference_mode():
+        scores = evaluate(model, args.tasks, batch_size=args.batch_size, show_progress=False)
+    return {
+        "variant": name, **{k: v for k, v in options.items() if k != "echo_template"},
+        **{f"{task}_spearman": round(m["spearman"], 2) for task, m in scores.items()},
+        "build_s": round(built, 1), "eval_s": round(sum(m.get("seconds", 0.0) for m in scores.values()), 1),
+    }
+
+
+def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from embedforge.report import table
+
+    base = next((r for r in rows if r["variant"] == "causal-mean"), None)
+    key = f"{args.tasks[0]}_spearman"
+    for row in rows:
+        if base is not None and key in row and base.get(key):
+            row["ratio_to_causal_mean"] = round(row[key] / base[key], 3)
+    payload = {"model": args.model, "max_seq_length": args.max_seq_length, "tasks": args.tasks,
+               "echo_template": ECHO, "variants": rows}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.md").write_text(
+        f"# Zero-shot {args.model} embedders (no training)\n\n" + table(rows) + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench-zeroshot")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--tasks", default="stsb-dev,sick-trial", help="comma-separated evaluation tasks")
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in args.only.split(",") if n] or list(VARIANTS)
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        row = run_variant(name, VARIANTS[name], args)
+        rows.append(row)
+        write(out, rows, args)
+        logger.info("%s", row)
+
+
+if __name__ == "__main__":
+    main()
