@@ -104,6 +104,13 @@ def throughput(models: dict[str, Any], texts: list[str], rounds: int = 3, batch_
     return {k: round(v, 1) for k, v in best.items()}
 
 
+def evaluate_into(entry: dict[str, Any], model: Any) -> None:
+    """Scores at every dim (and the time they took) into ``entry``."""
+    start = time.perf_counter()
+    entry["scores"] = evaluate_all_dims(model, int(model.get_embedding_dimension()))
+    entry["eval_seconds"] = round(time.perf_counter() - start, 1)
+
+
 def model_size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20, 2)
 
@@ -123,7 +130,6 @@ def markdown(results: dict[str, Any]) -> str:
              "| model | dim | STS-B | SciFact | Banking77 | avg | % teacher | % own full | speed-up | size MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     teacher = results.get("models", {}).get("teacher", {}).get("scores", {}).get("full", {})
-    speed = results.get("throughput", {})
     for name, info in results.get("models", {}).items():
         scores = info.get("scores", {})
         if not scores:
@@ -132,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
         for dim, s in scores.items():
             pct_t = f"{100 * s['average'] / teacher['average']:.1f}" if teacher else ""
             pct_own = f"{100 * s['average'] / full_avg:.1f}" if full_avg else ""
-            up = f"{speed[name] / speed['teacher']:.1f}x" if name in speed and speed.get("teacher") else ""
+            up = f"{info['speed']['speedup']:.1f}x" if info.get("speed") else ""
             lines.append(f"| {name} | {dim} | {s.get('stsb-dev', '')} | {s.get('scifact-dev', '')} | "
                          f"{s.get('banking77', '')} | "
                          f"{s['average']} | {pct_t} | {pct_own} | {up if dim == 'full' else ''} | "
@@ -143,14 +149,17 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--texts", type=int, default=32000, help="training texts")
-    parser.add_argument("--students", default="layers2,layers3,static",
+    parser.add_argument("--texts", type=int, default=16000, help="training texts")
+    parser.add_argument("--students", default="layers2,static,layers3",
                         help="comma list of: layers2 (layers 2,5), layers3 (1,3,5), static")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--static-epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--static-lr", type=float, default=1e-2)
-    parser.add_argument("--speed-texts", type=int, default=1000)
+    parser.add_argument("--speed-texts", type=int, default=500)
+    parser.add_argument("--speed-rounds", type=int, default=2)
+    parser.add_argument("--eval-max-seq-length", type=int, default=128,
+                        help="input length for every model in evaluation and throughput (same for all)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="evaluation tasks (for quick checks)")
     args = parser.parse_args(argv)
     TASKS[:] = [t for t in args.tasks.split(",") if t]
@@ -178,9 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     results["n_texts"] = sum(1 for _ in texts_file.open())
     write(out, results)
 
-    # 2. students (the first run also fills the teacher-vector cache)
+    # 2. the teacher: vectors cached once (the first student's run fills the cache), scores at every dim
     teacher_dir = Path(resolve_source("minilm-l6"))
     ctx = StageContext(cache_dir=out / "cache")
+    teacher = load_model(teacher_dir)
+    teacher.max_seq_length = args.eval_max_seq_length
+    speed_texts = training_texts(10**9, seed=1)[-args.speed_texts:]
+    results["eval_max_seq_length"] = args.eval_max_seq_length
+    results["throughput_texts"] = len(speed_texts)
+    entry = results["models"].setdefault("teacher", {})
+    entry["size_mb"] = model_size_mb(teacher_dir)
+    if not entry.get("scores"):
+        evaluate_into(entry, teacher)
+        write(out, results)
+
+    # 3. each student: distill (resumable), throughput against the teacher in the same call, scores
     specs = {
         "layers2": dict(student="layers", keep_layers=[2, 5], learning_rate=args.lr, epochs=args.epochs,
                         batch_size=128),
@@ -189,53 +210,41 @@ def main(argv: list[str] | None = None) -> int:
         "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
                        batch_size=256, warmup_ratio=0.0),
     }
-    wanted = [s for s in args.students.split(",") if s]
-    for name in wanted:
+    for name in [s for s in args.students.split(",") if s]:
         model_dir = out / "models" / name
         cfg = DistillConfig(model=str(teacher_dir), texts=[str(texts_file)], matryoshka_dims=DIMS,
-                            max_seq_length=128, save_steps=50, **specs[name])
+                            max_seq_length=128, save_steps=25, shard_size=1024, **specs[name])
         start = time.perf_counter()
         run(cfg, model_dir, ctx)
-        lineage = read_lineage(model_dir)
         entry = results["models"].setdefault(name, {})
-        entry["distill"] = lineage.get("metrics", {}).get("distill", {})
+        entry["distill"] = read_lineage(model_dir).get("metrics", {}).get("distill", {})
         entry["distill"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
         entry["size_mb"] = model_size_mb(model_dir)
         write(out, results)
+        candidates = [(name, model_dir)]
+        if name == "static":  # also the model2vec initialisation alone, untrained, for reference
+            init_dir = out / "models" / "static-init"
+            if not (init_dir / "modules.json").is_file():
+                from embedforge.distill.students import static_student
+                from embedforge.model import save_model
 
-    # 3. static student before training (model2vec initialisation only), for reference
-    models: dict[str, Any] = {"teacher": load_model(teacher_dir)}
-    for name in wanted:
-        models[name] = load_model(out / "models" / name)
-    if "static" in wanted:
-        from embedforge.distill.students import static_student
-
-        init_dir = out / "models" / "static-init"
-        if not (init_dir / "modules.json").is_file():
-            from embedforge.model import save_model
-
-            save_model(static_student(load_model(teacher_dir), teacher_path=teacher_dir), init_dir,
-                       stage="distill", source=str(teacher_dir), extra={"note": "model2vec init, untrained"})
-        models["static-init"] = load_model(init_dir)
-        results["models"].setdefault("static-init", {})["size_mb"] = model_size_mb(init_dir)
-    results["models"].setdefault("teacher", {})["size_mb"] = model_size_mb(teacher_dir)
-
-    # 4. throughput, all models in the same run
-    speed_texts = training_texts(10**9, seed=1)[-args.speed_texts:]
-    results["throughput"] = throughput(models, speed_texts)
-    results["throughput_texts"] = len(speed_texts)
-    write(out, results)
-    logger.info("throughput (texts/s): %s", results["throughput"])
-
-    # 5. quality at every dim
-    for name, model in models.items():
-        if results["models"].get(name, {}).get("scores"):
-            continue
-        start = time.perf_counter()
-        scores = evaluate_all_dims(model, int(model.get_embedding_dimension()))
-        results["models"].setdefault(name, {})["scores"] = scores
-        results["models"][name]["eval_seconds"] = round(time.perf_counter() - start, 1)
-        write(out, results)
+                save_model(static_student(load_model(teacher_dir), teacher_path=teacher_dir), init_dir,
+                           stage="distill", source=str(teacher_dir), extra={"note": "model2vec init, untrained"})
+            candidates.append(("static-init", init_dir))
+        for cand, cand_dir in candidates:
+            entry = results["models"].setdefault(cand, {})
+            entry["size_mb"] = model_size_mb(cand_dir)
+            student = load_model(cand_dir)
+            if isinstance(student.max_seq_length, int):
+                student.max_seq_length = args.eval_max_seq_length
+            if not entry.get("speed"):
+                speed = throughput({"teacher": teacher, cand: student}, speed_texts, rounds=args.speed_rounds)
+                entry["speed"] = {**speed, "speedup": round(speed[cand] / speed["teacher"], 2)}
+                logger.info("%s throughput: %s", cand, entry["speed"])
+                write(out, results)
+            if not entry.get("scores"):
+                evaluate_into(entry, student)
+                write(out, results)
     logger.info("wrote %s", out / "results.json")
     print((out / "results.md").read_text())
     return 0
