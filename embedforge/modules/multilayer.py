@@ -58,9 +58,9 @@ class MultiLayerPooling(TrainableHead):
         super().__init__()
         if layers is None or len(layers) == 0:
             layers = list(range(1, num_hidden_states))
-        resolved = [i % num_hidden_states for i in layers]
         if any(not -num_hidden_states <= i < num_hidden_states for i in layers):
             raise ValueError(f"layers {layers} out of range for {num_hidden_states} hidden states")
+        resolved = [i % num_hidden_states for i in layers]
         self.embedding_dimension = embedding_dimension
         self.num_hidden_states = num_hidden_states
         self.layers = resolved
