@@ -28,7 +28,6 @@ class WeightQuant(str, Enum):
 
     NONE = "none"
     QUANTO_INT8 = "quanto-int8"  # optimum-quanto, CPU or GPU; applied when the model is loaded
-    QUANTO_INT4 = "quanto-int4"
     BNB_8BIT = "bnb-8bit"  # bitsandbytes LLM.int8, CUDA only, saved pre-quantized
     BNB_4BIT = "bnb-4bit"  # bitsandbytes NF4, CUDA only, saved pre-quantized
 
@@ -50,8 +49,7 @@ class CompressConfig:
     vocab_corpus: str | None = opt(None, help="prune the vocabulary to the tokens this corpus uses "
                                               "(built-in name or file with a 'text' column)")
     vocab_limit: int | None = opt(None, help="read at most this many corpus texts for vocabulary pruning")
-    weights: WeightQuant = opt(WeightQuant.NONE, help="weight quantization: none, quanto-int8, quanto-int4, "
-                                                      "bnb-8bit, bnb-4bit")
+    weights: WeightQuant = opt(WeightQuant.NONE, help="weight quantization: none, quanto-int8, bnb-8bit, bnb-4bit")
     embedding_precision: EmbeddingPrecision = opt(
         EmbeddingPrecision.FLOAT32, help="stored-vector quantization recorded with the model "
                                          "(float32, int8, uint8, binary, ubinary)")

@@ -127,8 +127,8 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
         extra["vocab_pruning"] = prune_vocabulary(model, corpus)
     # 4. weight quantization
     files: dict[str, str] = {}
-    if config.weights in (WeightQuant.QUANTO_INT8, WeightQuant.QUANTO_INT4):
-        weights = config.weights.value.split("-")[1]
+    if config.weights == WeightQuant.QUANTO_INT8:
+        weights = "int8"
         plan = {"method": "quanto", "weights": weights,
                 "note": "float weights on disk; embedforge.compress.weights.load_compressed quantizes at load"}
         files[WEIGHT_QUANT_FILE] = json.dumps(plan, indent=2) + "\n"

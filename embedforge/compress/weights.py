@@ -4,7 +4,9 @@
   transformers' ``BitsAndBytesConfig``; a model saved after loading keeps its quantized weights and its
   ``quantization_config`` in ``config.json``, so it reloads quantized (on a GPU). Needs CUDA and the
   ``bitsandbytes`` package; without either, :func:`require_bnb` says exactly what is missing.
-* **optimum-quanto** int8 / int4 weight-only quantization: works on CPU. transformers cannot serialize quanto
+* **optimum-quanto** int8 weight-only quantization: works on CPU (quanto's int4 weights fail under
+  ``torch.inference_mode``, which sentence-transformers' ``encode`` uses, so int4 is not offered).
+  transformers cannot serialize quanto
   models, so a compressed directory keeps float weights plus ``weight_quantization.json``, and
   :func:`load_compressed` re-applies the quantization at load time (the saving is in memory, not on disk).
 """
@@ -72,11 +74,11 @@ def load_bnb(path: str | os.PathLike[str], bits: int = 8, *, device: str = "cuda
 def quantize_quanto(model: Any, weights: str = "int8") -> dict[str, Any]:
     """Quantize the Linear weights of a SentenceTransformer's backbone with optimum-quanto, in place."""
     require_quanto()
-    from optimum.quanto import freeze, qint4, qint8, quantize
+    from optimum.quanto import freeze, qint8, quantize
 
-    qtype = {"int8": qint8, "int4": qint4}.get(weights)
-    if qtype is None:
-        raise ValueError(f"quanto weights must be int8 or int4, not {weights!r}")
+    if weights != "int8":
+        raise ValueError(f"quanto weights must be int8 (int4 breaks under inference_mode), not {weights!r}")
+    qtype = qint8
     from embedforge.compress.pruning import backbone
 
     hf = backbone(model)
