@@ -152,3 +152,20 @@ def test_training_lowers_the_loss(bert_teacher, texts, tmp_path):
     pipeline.train_student(student, cfg, texts, targets, tmp_path / "ckpt")
     after = full_loss()
     assert np.isfinite(after) and after < 0.9 * before, (before, after)
+
+
+def test_cli_distill_command(bert_teacher, texts_file, tmp_path, monkeypatch):
+    """``embedforge distill TEACHER --out DIR key=value ...`` runs the stage and writes a model directory."""
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+    from embedforge.model import read_lineage
+
+    monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cli-student"
+    result = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), f"texts=[{texts_file}]",
+                                       "first_layers=1", "max_steps=2", "batch_size=8", "matryoshka_dims=[16]"])
+    assert result.exit_code == 0, result.output
+    assert read_lineage(out)["extra"]["matryoshka_dims"] == [32, 16]
+    bad = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "first_layers=0"])
+    assert bad.exit_code != 0 and "first_layers" in bad.output
