@@ -246,3 +246,13 @@ def test_causal_option_and_missing_pad_token(decoder_dir: Path, reference) -> No
     assert no_pad.pad_token == no_pad.unk_token == "<unk>"
     with pytest.raises(ValueError, match="prompts"):
         build_embedder(decoder_dir, prompts={"passage": "p: "})
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lasttoken", "latent_attention", "echo"])
+def test_bfloat16_backbone_stays_close_to_float32(decoder_dir: Path, pooling: str) -> None:
+    fp32 = build_embedder(decoder_dir, pooling=pooling, **SMALL_HEADS)
+    bf16 = build_embedder(decoder_dir, pooling=pooling, dtype="bfloat16", **SMALL_HEADS)
+    assert bf16[0].auto_model.dtype == torch.bfloat16
+    a, b = _encode(fp32, TEXTS), np.asarray(_encode(bf16, TEXTS), dtype=np.float32)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.isfinite(b).all() and cosine.min() > 0.98
