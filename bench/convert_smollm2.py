@@ -77,13 +77,19 @@ def evaluate_model(model: Any, args: argparse.Namespace, full: bool) -> dict[str
 # --------------------------------------------------------------------------------------------- variants
 
 
-def _zero_shot(pooling: str, bidirectional: bool) -> Callable[[argparse.Namespace, Path], tuple[Any, dict]]:
+def _zero_shot(pooling: str, bidirectional: bool, truncate: bool = False
+               ) -> Callable[[argparse.Namespace, Path], tuple[Any, dict]]:
     def make(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
         from embedforge.convert.embedder import build_embedder
+        from embedforge.convert.train_model import truncate_layers
 
         model = build_embedder("smollm2-135m", pooling=pooling, bidirectional=bidirectional,
                                max_seq_length=args.max_len, prompts={"query": SCIFACT_QUERY})
-        return model, {"pooling": pooling, "bidirectional": bidirectional, "trained": False}
+        layers = 30
+        if truncate and args.keep_layers < 30:
+            truncate_layers(model, args.keep_layers)
+            layers = args.keep_layers
+        return model, {"pooling": pooling, "bidirectional": bidirectional, "trained": False, "layers": layers}
     return make
 
 
@@ -116,7 +122,7 @@ def _mntp(args: argparse.Namespace, work: Path, start: Path) -> tuple[Path, dict
 
     out = work / f"{start.name}-mntp{args.mntp_steps}"
     if not is_complete(out):
-        cfg = MntpConfig(model=str(start), data=["texts"], max_steps=args.mntp_steps, batch_size=args.batch,
+        cfg = MntpConfig(model=str(start), data=["texts"], max_steps=args.mntp_steps, batch_size=args.mntp_batch,
                          max_seq_length=args.max_len, learning_rate=1e-4, lora_r=16, lora_alpha=32,
                          precision=args.precision, save_steps=25, logging_steps=5, data_limit=20000)
         run_mntp(cfg, out, StageContext(stage_name="mntp"))
@@ -155,7 +161,8 @@ def _contrastive(args: argparse.Namespace, start: Path, out: Path, steps: int, *
         fields: dict[str, Any] = dict(
             model=str(start), data=args.data, max_steps=steps, batch_size=args.batch, max_seq_length=args.max_len,
             learning_rate=args.lr, lora_r=16, lora_alpha=32, temperature=0.05, precision=args.precision,
-            prompts={"scifact-train-pairs": SCIFACT_QUERY}, save_steps=50, logging_steps=10, data_limit=4000,
+            prompts={"scifact-train-pairs": SCIFACT_QUERY}, save_steps=20, logging_steps=5, data_limit=4000,
+            hard_negatives=args.hard_negatives,
         )
         fields.update(overrides)
         run_contrastive(ContrastiveConfig(**fields), out, StageContext(stage_name="contrastive"))
@@ -188,18 +195,20 @@ def _tuned(pooling: str, bidirectional: bool, mntp: bool, **overrides: Any) -> C
 
 
 ZERO_SHOT = {
+    "zs-causal-mean-truncated": _zero_shot("mean", False, truncate=True),
+    "zs-bidir-mean-truncated": _zero_shot("mean", True, truncate=True),
     "zs-causal-mean": _zero_shot("mean", False),
     "zs-causal-lasttoken": _zero_shot("lasttoken", False),
     "zs-causal-echo": _zero_shot("echo", False),
     "zs-bidir-mean": _zero_shot("mean", True),
 }
 TUNED = {
+    "causal-sup-mean": _tuned("mean", False, False),
     "bidir-mntp-sup-mean": _tuned("mean", True, True),
     "bidir-mntp-sup-latent": _tuned("latent_attention", True, True),
     "causal-sup-echo": _tuned("echo", False, False),
     # ablations
     "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
-    "ablation-causal-sup-mean": _tuned("mean", False, False),
     "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),
     "ablation-bidir-mntp-sup-mean-teacher": _tuned("mean", True, True, distill_teacher="minilm-l6",
                                                     distill_weight=1.0),
@@ -210,6 +219,18 @@ TUNED = {
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
+    """Merge this run's variants into ``results.json`` (several runs may share one ``--out``) and redo the table."""
+    import fcntl
+
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+        merged = {**on_disk, **{k: v for k, v in results.items() if k != "variants"}}
+        merged["variants"] = {**on_disk.get("variants", {}), **results["variants"]}
+        _write_locked(out, merged)
+
+
+def _write_locked(out: Path, results: dict[str, Any]) -> None:
     tuned = {k: v for k, v in results["variants"].items() if v.get("trained") and "stsb-dev" in v.get("scores", {})}
     if tuned:
         results["best"] = max(tuned, key=lambda k: tuned[k]["scores"]["stsb-dev"]["spearman"])
@@ -231,11 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--only", action="append", help="variant(s) to run (repeatable); default: all")
-    parser.add_argument("--steps", type=int, default=200, help="contrastive steps per tuned variant")
-    parser.add_argument("--mntp-steps", type=int, default=60)
-    parser.add_argument("--keep-layers", type=int, default=16, help="decoder layers kept of 30 (tuned variants)")
+    parser.add_argument("--steps", type=int, default=80, help="contrastive steps per tuned variant")
+    parser.add_argument("--mntp-steps", type=int, default=20)
+    parser.add_argument("--mntp-batch", type=int, default=16)
+    parser.add_argument("--keep-layers", type=int, default=8,
+                        help="decoder layers kept of 30 (tuned and *-truncated variants)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=48)
+    parser.add_argument("--max-len", type=int, default=32)
+    parser.add_argument("--hard-negatives", action="store_true", help="use SNLI contradictions as hard negatives")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spinning when the "
+                        "cores are shared)")
+    parser.add_argument("--zero-shot-from", type=Path, default=None,
+                        help="results.json of bench/convert_zeroshot.py: copy its STS scores instead of "
+                             "recomputing the full-depth zero-shot variants")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--latents", type=int, default=64, help="latent_attention: latents (NV-Embed: 512)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -243,9 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-eval", nargs="*", default=None,
                         help="variants that also get SciFact and Banking77 (default: every tuned variant and "
                              "zs-causal-mean)")
-    parser.add_argument("--doc-len", type=int, default=128)
-    parser.add_argument("--scifact-docs", type=int, default=0)
-    parser.add_argument("--banking-rows", type=int, default=0)
+    parser.add_argument("--doc-len", type=int, default=96)
+    parser.add_argument("--scifact-docs", type=int, default=1000)
+    parser.add_argument("--banking-rows", type=int, default=2000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out: Path = args.out
@@ -254,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(exist_ok=True)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"variants": {}}
     results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
@@ -263,7 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in ZERO_SHOT and n not in TUNED]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join([*ZERO_SHOT, *TUNED])}")
-    full_eval = set(args.full_eval) if args.full_eval is not None else {*TUNED, "zs-causal-mean"}
+    full_eval = set(args.full_eval) if args.full_eval is not None else {*TUNED}
+    if args.zero_shot_from is not None and args.zero_shot_from.is_file():
+        results["zero_shot_imported"] = {"from": str(args.zero_shot_from),
+                                         "results": json.loads(args.zero_shot_from.read_text())}
     for name in names:
         logger.info("=== %s", name)
         start = time.perf_counter()

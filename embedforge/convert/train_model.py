@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,7 +151,9 @@ def quantize_backbone(model: Any, config: TrainOptions) -> None:
 def add_lora(target: Any, config: TrainOptions) -> Any:
     """Wrap ``target`` (a transformers model) in a peft LoRA model; returns the wrapper."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
+    set_seed(config.seed)  # the LoRA matrices' initial values
     targets: Any = config.lora_targets
     if list(targets) == ["all-linear"]:
         targets = "all-linear"
@@ -164,6 +167,9 @@ def add_lora(target: Any, config: TrainOptions) -> Any:
 
 def prepare_for_training(model: Any, config: TrainOptions) -> None:
     """Quantize (QLoRA), enable gradient checkpointing and put LoRA on the backbone of ``model``, in place."""
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the LoRA matrices' initial values
     if config.quantization == Quantization.NF4:
         quantize_backbone(model, config)
     backbone = backbone_of(model)
@@ -175,8 +181,9 @@ def prepare_for_training(model: Any, config: TrainOptions) -> None:
     model.train()
 
 
-def finish_adapter(model: Any, config: TrainOptions, source_backbone: str | None = None) -> Any | None:
-    """End of training: merge the LoRA adapter (returns None) or unload it and return the peft model to save.
+def finish_adapter(model: Any, config: TrainOptions, source_backbone: str | None = None) -> Path | None:
+    """End of training: merge the LoRA adapter (returns None) or unload it, returning a temporary folder that
+    holds the saved adapter.
 
     With QLoRA the adapter is merged into a full-precision reload of the backbone (``source_backbone``), never
     into the 4-bit weights.
@@ -206,9 +213,12 @@ def finish_adapter(model: Any, config: TrainOptions, source_backbone: str | None
         set_backbone(model, wrapper.merge_and_unload())
         logger.info("merged the LoRA adapter into the backbone")
         return None
-    adapter = wrapper
+    import tempfile
+
+    saved = Path(tempfile.mkdtemp(prefix="embedforge-adapter-"))
+    wrapper.save_pretrained(os.fspath(saved))  # before unload(), which strips the LoRA layers
     set_backbone(model, wrapper.unload())
-    return adapter
+    return saved
 
 
 def load_with_adapter(path: str | os.PathLike[str], *, device: str | None = None) -> SentenceTransformer:
@@ -237,7 +247,7 @@ def peak_rss_mb() -> float:
 
 def save_trained(
     model: Any, out_dir: Path, *, stage: str, config: Any, parent: str | None, ctx: Any,
-    adapter: Any | None = None, train_stats: dict[str, Any] | None = None,
+    adapter: Path | None = None, train_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trained embedder (and, with ``adapter: keep``, its adapter in ``adapter/``) atomically."""
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, read_lineage
@@ -252,7 +262,9 @@ def save_trained(
     with atomic_dir(out_dir) as tmp:
         model.save(os.fspath(tmp), safe_serialization=True)
         if adapter is not None:
-            adapter.save_pretrained(os.fspath(tmp / ADAPTER_DIR))
+            shutil.copytree(adapter, tmp / ADAPTER_DIR)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    if adapter is not None:
+        shutil.rmtree(adapter, ignore_errors=True)
     logger.info("saved the %s model to %s", stage, out_dir)
     return out_dir

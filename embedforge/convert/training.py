@@ -135,9 +135,9 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any]) -> di
     from embedforge.convert.train_guard import SignalCheckpoint, TrainingInterrupted, last_checkpoint
 
     guard = SignalCheckpoint()
-    trainer.add_callback(guard)
     for cb in extra_callbacks:
         trainer.add_callback(cb)
+    trainer.add_callback(guard)
     resume = last_checkpoint(ckpt_dir)
     if resume:
         logger.info("resuming from %s", resume)
@@ -229,6 +229,25 @@ def mntp_loss(logits: Any, labels: Any) -> Any:
                            ignore_index=-100)
 
 
+def masked_positions_loss(hidden: Any, labels: Any, head: Any, softcap: float | None = None) -> Any:
+    """:func:`mntp_loss` computed from hidden states, applying the LM head only where a token is predicted.
+
+    The vocabulary projection dominates the cost of a small model's step; with 20% of the tokens masked this
+    computes a fifth of it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    where = targets != -100
+    if not bool(where.any()):
+        return hidden.sum() * 0.0
+    logits = head(hidden[:, :-1][where]).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets[where])
+
+
 def lm_head_for(backbone: Any, config: MntpConfig, parent: str | None) -> Any:
     """A causal-LM wrapper sharing ``backbone``'s weights, with the LM head tied to the input embeddings or read
     from the original LLM (``lm_source``, default: the lineage's source)."""
@@ -292,14 +311,16 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     ckpt = _ckpt_dir(out_dir)
     args = TrainingArguments(**_common_args(config, ckpt, steps, config.learning_rate))
 
+    backbone, head = backbone_of(model), lm.lm_head
+    softcap = getattr(backbone.config, "final_logit_softcapping", None)
+
     class MntpTrainer(GuardedTrainerMixin, Trainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            labels = inputs.pop("labels")
-            inputs.pop("special_tokens_mask", None)
-            outputs = model(**inputs, use_cache=False)
-            loss = mntp_loss(outputs.logits, labels)
-            return (loss, outputs) if return_outputs else loss
+            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                              use_cache=False).last_hidden_state
+            loss = masked_positions_loss(hidden, inputs["labels"], head, softcap)
+            return (loss, None) if return_outputs else loss
 
     trainer = MntpTrainer(model=peft_lm, args=args, train_dataset=tokenized, data_collator=collator)
     stats = _run_trainer(trainer, ckpt, _callbacks(ctx))                                  # 5. train

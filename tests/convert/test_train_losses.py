@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from embedforge.configs import ConfigError
 from embedforge.convert.losses import FilteredInfoNCELoss, infonce_logits, similarity_matching_loss
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
-from embedforge.convert.training import mntp_loss
+from embedforge.convert.training import masked_positions_loss, mntp_loss
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,6 +91,17 @@ def test_mntp_loss_predicts_masked_token_from_previous_position() -> None:
     for b, i in ((0, 3), (0, 6), (1, 1)):
         terms.append(-F.log_softmax(logits[b, i - 1], dim=-1)[labels[b, i]])
     assert mntp_loss(logits, labels).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+
+
+def test_masked_positions_loss_equals_full_vocabulary_loss() -> None:
+    torch.manual_seed(5)
+    hidden, head = torch.randn(3, 9, 6), torch.nn.Linear(6, 13, bias=False)
+    labels = torch.full((3, 9), -100)
+    labels[0, 2], labels[1, 8], labels[2, 4], labels[2, 5] = 1, 7, 12, 0
+    full = mntp_loss(head(hidden), labels)
+    assert masked_positions_loss(hidden, labels, head).item() == pytest.approx(full.item(), rel=1e-6)
+    capped = masked_positions_loss(hidden, labels, head, softcap=2.0)
+    assert capped.item() == pytest.approx(mntp_loss(torch.tanh(head(hidden) / 2.0) * 2.0, labels).item(), rel=1e-6)
 
 
 def test_config_checks() -> None:

@@ -1,0 +1,218 @@
+"""The mntp / simcse / contrastive stages end to end on a tiny random Llama: outputs, adapters, resume, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedforge.configs import StageContext
+from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
+from embedforge.testing import sample_texts
+
+FAST = dict(batch_size=4, max_steps=3, save_steps=2, logging_steps=1, max_seq_length=32, learning_rate=5e-3,
+            lora_r=4, lora_alpha=8)
+
+
+@pytest.fixture(scope="module")
+def embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.model import save_model
+    from embedforge.testing import tiny_decoder
+
+    root = tmp_path_factory.mktemp("train")
+    llm = tiny_decoder("llama", root / "llm")
+    model = build_embedder(llm, pooling="mean", bidirectional=True, max_seq_length=32)
+    return save_model(model, root / "embedder", stage="convert", source=os.fspath(llm))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    t = sample_texts()
+    files = {"triplets": root / "triplets.jsonl", "pairs": root / "pairs.jsonl", "texts": root / "texts.jsonl"}
+    with files["triplets"].open("w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"anchor": f"{t[i % 10]} {i}", "positive": t[(i + 1) % 10],
+                                 "negative": t[(i + 5) % 10]}) + "\n")
+    with files["pairs"].open("w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"anchor": f"question {i}: {t[i % 10]}", "positive": t[(i + 2) % 10]}) + "\n")
+    with files["texts"].open("w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"text": f"{t[i % 10]} and then {t[(i + 3) % 10]}"}) + "\n")
+    return files
+
+
+def _vectors(path_or_model, texts=None) -> np.ndarray:
+    from embedforge.modules import load_embedder
+
+    model = load_embedder(path_or_model) if isinstance(path_or_model, (str, Path)) else path_or_model
+    return model.encode(texts or sample_texts()[:4], convert_to_numpy=True)
+
+
+def test_contrastive_merge_equals_kept_adapter(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.convert.train_model import load_with_adapter
+    from embedforge.convert.training import run_contrastive
+    from embedforge.model import read_lineage
+
+    common = dict(model=str(embedder_dir), data=[str(data_files["triplets"])], lora_dropout=0.0, **FAST)
+    run_contrastive(ContrastiveConfig(**common), tmp_path / "merged", StageContext())
+    run_contrastive(ContrastiveConfig(**common, adapter="keep"), tmp_path / "kept", StageContext())
+
+    start = _vectors(embedder_dir)
+    merged = _vectors(tmp_path / "merged")
+    assert not np.allclose(start, merged, atol=1e-4)  # training moved the model
+    # Plain SentenceTransformer loading works and gives the merged model.
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "merged")).encode(sample_texts()[:4]), merged,
+                               atol=1e-5)
+    # adapter: keep -> the saved backbone is the untouched start; with its adapter it equals the merged model
+    np.testing.assert_allclose(_vectors(tmp_path / "kept"), start, atol=1e-5)
+    np.testing.assert_allclose(_vectors(load_with_adapter(tmp_path / "kept")), merged, atol=1e-4)
+    lineage = read_lineage(tmp_path / "merged")
+    assert lineage["stage"] == "contrastive" and lineage["extra"]["train"]["steps"] == 3
+    assert lineage["parents"][0]["stage"] == "convert"
+    assert not (tmp_path / "merged.ckpt").exists()  # checkpoints are removed once the model is saved
+
+
+def test_contrastive_two_stages_prompts_filtering_and_truncation(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoConfig
+
+    from embedforge.convert.training import run_contrastive
+    from embedforge.model import read_lineage
+
+    cfg = ContrastiveConfig(
+        model=str(embedder_dir), data=[str(data_files["pairs"])],
+        stage2_data=[str(data_files["triplets"]), str(data_files["pairs"])], stage2_max_steps=2,
+        prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, keep_layers=1, **FAST,
+    )
+    run_contrastive(cfg, tmp_path / "out", StageContext())
+    stats = read_lineage(tmp_path / "out")["extra"]["train"]["stages"]
+    assert stats["stage1"]["steps"] == 3 and stats["stage2"]["steps"] == 2
+    assert AutoConfig.from_pretrained(tmp_path / "out").num_hidden_layers == 1
+    assert AutoConfig.from_pretrained(tmp_path / "out").is_causal is False
+
+
+def test_gradcache_loss_runs(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedforge.convert import training
+
+    made = []
+    original = training.contrastive_loss
+    monkeypatch.setattr(training, "contrastive_loss", lambda *a: made.append(original(*a)) or made[-1])
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], cache_minibatch=2,
+                            **{**FAST, "max_steps": 2})
+    training.run_contrastive(cfg, tmp_path / "out", StageContext())
+    assert type(made[0]).__name__ == "CachedMultipleNegativesRankingLoss" and made[0].mini_batch_size == 2
+    assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
+
+
+def test_simcse_trains_from_raw_text(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
+    from embedforge.convert.training import run_simcse
+    from embedforge.model import read_lineage
+
+    run_simcse(SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], **FAST), tmp_path / "out",
+               StageContext())
+    assert read_lineage(tmp_path / "out")["stage"] == "simcse"
+    assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
+
+
+def test_mntp_updates_the_backbone_and_keeps_it_bidirectional(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from embedforge.convert.training import run_mntp
+
+    run_mntp(MntpConfig(model=str(embedder_dir), data=[str(data_files["texts"])], mask_probability=0.3, **FAST),
+             tmp_path / "out", StageContext())
+    before, after = load_file(embedder_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(before) == set(after)  # same layout: no LoRA or LM-head leftovers
+    changed = [k for k in before if not torch.allclose(before[k], after[k])]
+    assert any("layers.0.self_attn.q_proj" in k for k in changed)
+    assert AutoConfig.from_pretrained(tmp_path / "out").is_causal is False
+
+
+class _SignalAt(__import__("transformers").TrainerCallback):
+    """Sends this process a real SIGTERM at the end of a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return control
+
+
+def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
+    from embedforge.convert.train_guard import TrainingInterrupted
+    from embedforge.convert.training import run_contrastive
+    from embedforge.model import read_lineage
+
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])],
+                            **{**FAST, "max_steps": 4, "save_steps": 100})
+    out = tmp_path / "out"
+    with pytest.raises(TrainingInterrupted, match="Rerun"):
+        run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [_SignalAt(1)]}))
+    assert (tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors").is_file()
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    run_contrastive(cfg, out, StageContext())
+    train = read_lineage(out)["extra"]["train"]["stages"]["stage1"]
+    assert train["resumed_from"].endswith("checkpoint-1") and train["steps"] == 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedforge.convert import losses
+    from embedforge.convert.train_guard import NanLossError
+    from embedforge.convert.training import run_contrastive
+
+    original = losses.FilteredInfoNCELoss.compute_loss_from_embeddings
+    calls = {"n": 0}
+
+    def poisoned(self, embeddings, labels=None):  # noqa: ANN001
+        calls["n"] += 1
+        loss = original(self, embeddings, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(losses.FilteredInfoNCELoss, "compute_loss_from_embeddings", poisoned)
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], **{**FAST, "max_steps": 5})
+    with pytest.raises(NanLossError, match="step 3.*checkpoint-2"):
+        run_contrastive(cfg, tmp_path / "out", StageContext())
+    ckpts = sorted(p.name for p in (tmp_path / "out.ckpt").iterdir() if p.name.startswith("checkpoint-"))
+    assert ckpts == ["checkpoint-2"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_without_cuda_names_the_extra(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU test covers QLoRA")
+    from embedforge.convert.training import run_contrastive
+
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit", **FAST)
+    with pytest.raises(RuntimeError, match=r"pip install embedforge\[gpu\]"):
+        run_contrastive(cfg, tmp_path / "out", StageContext())
+
+
+@pytest.mark.gpu
+def test_qlora_trains_and_merges_on_gpu(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
+    from embedforge.convert.training import run_contrastive
+
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], quantization="4bit",
+                            gradient_checkpointing=True, precision="bf16", **FAST)
+    run_contrastive(cfg, tmp_path / "out", StageContext())
+    assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
