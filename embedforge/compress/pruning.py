@@ -83,7 +83,11 @@ def prune_layers(model: Any, keep: Sequence[int]) -> dict[str, Any]:
     keep = list(keep)
     if any(k < 0 or k >= n for k in keep) or len(set(keep)) != len(keep):
         raise ValueError(f"keep must hold unique indices in [0, {n}), got {keep}")
+    heads = _remap_layer_heads(model, n, keep)
     setattr(parent, attr, nn.ModuleList([layers[k] for k in keep]))
+    for head, new_layers in heads:
+        head.layers = new_layers
+        head.num_hidden_states = len(keep) + 1
     cfg = hf.config
     cfg.num_hidden_layers = len(keep)
     for key in ("layer_types",):
@@ -96,6 +100,26 @@ def prune_layers(model: Any, keep: Sequence[int]) -> dict[str, Any]:
                 sub.layer_idx = new_idx
     logger.info("kept %d of %d layers: %s", len(keep), n, keep)
     return {"layers_before": n, "layers_after": len(keep), "kept_layers": keep}
+
+
+def _remap_layer_heads(model: Any, n_layers: int, keep: list[int]) -> list[tuple[Any, list[int]]]:
+    """New hidden-state indices for pooling heads that read several layers (``layers`` + ``num_hidden_states``).
+
+    Hidden state 0 is the embedding output and state ``i`` the output of layer ``i - 1``; a head can follow the
+    pruning only if every layer it reads is kept. Checked before anything is modified.
+    """
+    out = []
+    for module in model.modules():
+        states = getattr(module, "num_hidden_states", None)
+        layers = getattr(module, "layers", None)
+        if states != n_layers + 1 or not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+            continue
+        missing = [h for h in layers if h > 0 and (h - 1) not in keep]
+        if missing:
+            raise ValueError(f"{type(module).__name__} reads hidden states {missing} (outputs of layers "
+                             f"{[h - 1 for h in missing]}), which the pruning drops; keep those layers")
+        out.append((module, [0 if h == 0 else keep.index(h - 1) + 1 for h in layers]))
+    return out
 
 
 def count_parameters(model: Any) -> int:

@@ -53,9 +53,16 @@ def test_resolve_keep():
 def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
     from sentence_transformers import SentenceTransformer
 
+    import copy
+    import re
+
+    from transformers import AutoModel
+
     model = _bert_st(tmp_path) if kind == "bert" else _decoder_st(tmp_path, kind)
     texts = sample_texts()
     n_before = count_parameters(model)
+    original_state = {k: v.clone() for k, v in backbone(model).state_dict().items()}
+    config = copy.deepcopy(backbone(model).config)
     _, _, layers = layer_list(backbone(model))
     assert len(layers) == 4
     info = prune_layers(model, [0, 3])
@@ -63,7 +70,25 @@ def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
     assert backbone(model).config.num_hidden_layers == 2
     assert count_parameters(model) < n_before
     out = model.encode(texts, convert_to_numpy=True)
-    # Independent check: a 2-layer model built from the config with layers 0 and 3's weights copied over.
+    # Independent check: a fresh 2-layer model from the config, with layers 0 and 3's weights renamed to 0 and 1.
+    config.num_hidden_layers = 2
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[0], config.layer_types[3]]
+    manual = AutoModel.from_config(config).eval()
+    rename = {"0": "0", "3": "1"}
+    state = {}
+    for key, value in original_state.items():
+        m = re.search(r"(layers?)\.(\d+)\.", key)
+        if m is None:
+            state[key] = value
+        elif m.group(2) in rename:
+            state[key[:m.start(2)] + rename[m.group(2)] + key[m.end(2):]] = value
+    manual.load_state_dict(state, strict=True)
+    feats = model[0].tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = manual(**feats).last_hidden_state
+        got = backbone(model)(**feats).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
     model.save(str(tmp_path / "pruned"))
     again = SentenceTransformer(str(tmp_path / "pruned"), device="cpu")
     assert backbone(again).config.num_hidden_layers == 2
@@ -170,3 +195,16 @@ def test_vocab_pruning_keeps_corpus_outputs_and_shrinks(tmp_path, kind):
     # Text outside the corpus still tokenizes (to kept tokens only).
     ids = again[0].tokenizer(["zebra quantum xylophone"])["input_ids"][0]
     assert max(ids) < info["vocab_after"]
+
+
+def test_multilayer_head_follows_layer_pruning(tmp_path):
+    from embedforge.modules.multilayer import MultiLayerPooling
+
+    model = _bert_st(tmp_path)
+    head = MultiLayerPooling(32, 5, layers=[2, 4])
+    model.append(head)
+    with pytest.raises(ValueError, match="layers \\[1\\]"):
+        prune_layers(model, [0, 3])
+    assert backbone(model).config.num_hidden_layers == 4  # nothing changed after the refusal
+    prune_layers(model, [1, 3])
+    assert head.layers == [1, 2] and head.num_hidden_states == 3
