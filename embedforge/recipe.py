@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from embedforge.configs import ConfigError, StageContext
+from embedforge.configs import ConfigError, StageContext, choice
 from embedforge import stages as stage_registry
 
 logger = logging.getLogger(__name__)
@@ -128,13 +128,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         vt = args[1] if len(args) == 2 else Any
         return {str(k): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        try:
-            return tp(value)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in tp)
-            raise ConfigError(f"{key}: {value!r} is not one of {valid}", key=key) from None
+        return choice(tp, value, key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
