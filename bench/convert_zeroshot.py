@@ -5,7 +5,8 @@
 Every variant is built with :func:`embedforge.convert.embedder.build_embedder` from the same dequantized GGUF
 checkpoint and scored with :mod:`embedforge.evaluation` (Spearman x100 of cosine similarity). ``results.json`` is
 rewritten after each variant (partial results survive an interrupted run) and ``results.md`` holds the table; the
-``ratio_to_causal_mean`` column compares every variant with the causal mean-pooling baseline of the same run.
+``ratio_to_causal_mean`` column compares every variant with the causal mean-pooling baseline of the same run. A rerun
+with the same settings keeps the variants already in ``results.json`` and computes only the missing ones.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ ECHO = "Rewrite the sentence: {text}\nRewritten sentence: {text}"
 #: name -> build_embedder options
 VARIANTS: dict[str, dict[str, Any]] = {
     "causal-mean": {"pooling": "mean", "bidirectional": False},
-    "causal-weightedmean": {"pooling": "weightedmean", "bidirectional": False},
     "causal-lasttoken": {"pooling": "lasttoken", "bidirectional": False},
     "echo": {"pooling": "echo", "bidirectional": False, "echo_template": ECHO},
     "bidir-mean": {"pooling": "mean", "bidirectional": True},
+    "causal-weightedmean": {"pooling": "weightedmean", "bidirectional": False},
     "bidir-lasttoken": {"pooling": "lasttoken", "bidirectional": True},
 }
 
@@ -85,7 +86,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     rows: list[dict[str, Any]] = []
+    previous = out / "results.json"
+    if previous.is_file():  # keep finished variants of an earlier (interrupted) run with the same settings
+        old = json.loads(previous.read_text())
+        if old.get("tasks") == args.tasks and old.get("max_seq_length") == args.max_seq_length:
+            rows = [r for r in old.get("variants", []) if r["variant"] in VARIANTS]
+    done = {r["variant"] for r in rows}
     for name in names:
+        if name in done:
+            logger.info("%s: already in %s, skipping", name, previous)
+            continue
         row = run_variant(name, VARIANTS[name], args)
         rows.append(row)
         write(out, rows, args)
