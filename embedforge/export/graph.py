@@ -65,7 +65,8 @@ class EmbeddingGraph:
         normalize: bool = True,
         binary: bool = False,
     ) -> torch.nn.Module:
-        """Return a module ``forward(*inputs) -> tuple[Tensor, ...]`` in the order of :func:`output_names`."""
+        """Return a module ``forward(input_ids, attention_mask, token_type_ids=None) -> tuple[Tensor, ...]`` (outputs
+        in the order of :func:`output_names`)."""
         return _wrapper_class()(model, list(input_names), kind=kind, truncate_dim=truncate_dim,
                                 normalize=normalize, binary=binary)
 
@@ -87,8 +88,10 @@ def _wrapper_class() -> type:
             self.binary = binary
             self.has_model_binarizer = False
 
-        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            features: dict[str, Any] = dict(zip(self.input_names, inputs))
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            features: dict[str, Any] = {name: given[name] for name in self.input_names}
             if self.kind == TOKENS_OUTPUT:
                 return (self.chain[0](features)["token_embeddings"],)
             for module in self.chain:
@@ -229,7 +232,7 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, input_names:
     from torch.export import Dim
 
     batch, seq = Dim("batch"), Dim("sequence")
-    shapes = tuple({0: batch, 1: seq} for _ in input_names)
+    shapes = {name: {0: batch, 1: seq} for name in input_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

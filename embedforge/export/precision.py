@@ -113,14 +113,24 @@ def quantize_int8_static(src: str | os.PathLike[str], dst: str | os.PathLike[str
     quality loss of transformer encoders small.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     tmp_dir = Path(dst).parent
+    # symbolic shape inference types the outputs of fused contrib ops; without it the MatMuls after a fused
+    # Attention / SkipLayerNormalization are silently left in float
+    inferred = tmp_dir / (Path(dst).stem + ".shapes.onnx")
+    try:
+        quant_pre_process(str(src), str(inferred), skip_optimization=True, auto_merge=True)
+    except Exception as err:  # symbolic inference gives up on some shape expressions: ONNX inference only
+        logger.warning("symbolic shape inference failed (%s); using ONNX shape inference only", err)
+        quant_pre_process(str(src), str(inferred), skip_optimization=True, skip_symbolic_shape=True)
     quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        str(inferred), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True, "ActivationSymmetric": False,
                        "WeightSymmetric": True},
     )
+    inferred.unlink(missing_ok=True)
     for leftover in tmp_dir.glob("augmented_model*.onnx"):
         leftover.unlink()

@@ -1,0 +1,365 @@
+"""Export benchmark: PyTorch fp32 vs ONNX fp32 vs ONNX int8 on real models, in the same run.
+
+    nice -n 5 python bench/export.py --out runs/bench-export
+
+For each model (all-MiniLM-L6-v2 and a SmolLM2-135M embedder; a zero-shot causal mean-pooled one is built when
+no tuned directory is given with ``--smollm2``):
+
+1. export with :func:`embedforge.export.pipeline.export_model` into ``OUT/exports/<model>/`` (parity-checked);
+2. throughput (sentences/s, batch 32, STS-B dev sentences sorted by length) of sentence-transformers
+   ``encode`` (PyTorch fp32) and of the ONNX graphs through :class:`OnnxEncoder`, measured in interleaved rounds
+   so that load from other processes hits every variant alike (the median round is reported), plus the
+   ablations that explain the int8 speed: int8 made from the plain vs the fused graph, reduce_range, threads,
+   onnxruntime thread spinning, and the share of time spent tokenizing;
+3. quality retention: STS-B dev Spearman and SciFact dev nDCG@10 of PyTorch fp32 vs ONNX int8 (and ONNX fp32
+   for STS-B) through :mod:`embedforge.evaluation`;
+4. file sizes and peak resident memory of each runtime (each measured in a fresh subprocess);
+5. optionally (``--binary``) the binary-retrieval benchmark of ``bench/binary_retrieval.py`` on the ONNX vectors.
+
+Writes ``OUT/results.json`` after every step and ``OUT/results.md`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("bench.export")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+
+
+def _sts_sentences(limit: int) -> list[str]:
+    from embedforge.data import builtin
+
+    ds = builtin("stsb-dev")
+    seen = dict.fromkeys(list(ds["sentence1"]) + list(ds["sentence2"]))
+    return list(seen)[:limit]
+
+
+def _smollm2_dir(out: Path, given: str | None) -> str:
+    """A SmolLM2-135M embedder dir: ``given``, else a zero-shot causal mean-pooled one built once."""
+    if given:
+        return given
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.model import is_complete, save_model
+
+    path = out / "models" / "smollm2-135m-mean"
+    if not is_complete(path):
+        model = build_embedder("smollm2-135m", pooling="mean", bidirectional=False, max_seq_length=256)
+        save_model(model, path, stage="convert", source="smollm2-135m",
+                   config={"pooling": "mean", "bidirectional": False, "max_seq_length": 256, "zero_shot": True})
+    return str(path)
+
+
+def _export(model_dir: str, dest: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.pipeline import export_model
+
+    if not (dest / "manifest.json").is_file():
+        cfg = ExportConfig(model=model_dir, binary=True, last_hidden_state=True, static_int8=args.static_int8,
+                           calibration_data="texts" if args.static_int8 else None, calibration_size=128,
+                           probe_max_tokens=256)
+        start = time.perf_counter()
+        export_model(cfg, dest)
+        logger.info("exported %s in %.0f s", model_dir, time.perf_counter() - start)
+    return json.loads((dest / "manifest.json").read_text())
+
+
+def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Extra int8 graphs for the ablation (in ``OUT/ablation/<model>/``), made once."""
+    from embedforge.export import precision
+
+    folder = dest.parent.parent / "ablation" / dest.name
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    if manifest["fusion"]["applied"]:
+        plain = folder / "model_qint8_plain.onnx"
+        if not plain.is_file():
+            precision.quantize_int8_dynamic(dest / "onnx" / "model.onnx", plain, per_channel=True)
+        made["int8 (plain graph)"] = str(plain)
+    per_tensor = folder / "model_qint8_per_tensor.onnx"
+    base = dest / ("onnx/model_O2.onnx" if manifest["fusion"]["applied"] else "onnx/model.onnx")
+    if not per_tensor.is_file():
+        precision.quantize_int8_dynamic(base, per_tensor, per_channel=False)
+    made["int8 per-tensor"] = str(per_tensor)
+    return made
+
+
+def _timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
+    """Run every function once per round, interleaved; return per-variant median and all round times."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            logger.info("round %d %s: %.2f s", r, name, times[name][-1])
+    return {k: {"median_s": statistics.median(v), "rounds_s": [round(x, 3) for x in v]} for k, v in times.items()}
+
+
+def _encoder_for(dest: Path, file: str, threads: int, spin: bool = True) -> Any:
+    from embedforge.export.encoder import OnnxEncoder
+
+    return OnnxEncoder(dest, file, threads=threads, spin=spin)
+
+
+def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: list[str], args: argparse.Namespace
+                ) -> dict[str, Any]:
+    import torch
+
+    from embedforge.model import load_model
+    from embedforge.modules import load_embedder
+
+    torch.set_num_threads(args.threads)
+    st = load_embedder(model_dir)
+    st.eval()
+    st.max_seq_length = manifest["tokenizer"]["max_length"]
+    # length-sorted order for everyone: ST sorts internally too; the ONNX encoder sorts by token count
+    texts = sorted(texts, key=len)
+    graphs = manifest["graphs"]
+    int8_file = graphs["int8_avx512_vnni"]["file"]
+    variants: dict[str, Callable[[], Any]] = {}
+
+    def st_encode() -> Any:
+        with torch.inference_mode():
+            return st.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+
+    variants["pytorch fp32 (sentence-transformers)"] = st_encode
+    encoders = {
+        "onnx fp32": _encoder_for(dest, "onnx/model.onnx", args.threads),
+        "onnx int8": _encoder_for(dest, int8_file, args.threads),
+    }
+    if "fp32_fused" in graphs:
+        encoders["onnx fp32 fused"] = _encoder_for(dest, graphs["fp32_fused"]["file"], args.threads)
+    if not args.quick:
+        encoders["onnx int8 avx2 (reduce_range)"] = _encoder_for(dest, graphs["int8_avx2"]["file"], args.threads)
+        encoders["onnx int8 no spinning"] = _encoder_for(dest, int8_file, args.threads, spin=False)
+        encoders["onnx int8 1 thread"] = _encoder_for(dest, int8_file, 1)
+        for label, path in _ablation_graphs(dest, manifest).items():
+            from embedforge.export.encoder import OnnxEncoder
+
+            encoders[f"onnx {label}"] = OnnxEncoder(dest, os.path.relpath(path, dest), threads=args.threads)
+    for name, enc in encoders.items():
+        variants[name] = (lambda e: (lambda: e.encode(texts, batch_size=32)))(enc)
+    for fn in variants.values():  # warm-up (first-run allocations, thread pools)
+        fn()
+    timing = _timed_rounds(variants, args.rounds)
+    base = timing["pytorch fp32 (sentence-transformers)"]["median_s"]
+    result: dict[str, Any] = {}
+    for name, t in timing.items():
+        result[name] = {"sentences_per_s": round(len(texts) / t["median_s"], 1),
+                        "speedup_vs_pytorch": round(base / t["median_s"], 2), "rounds_s": t["rounds_s"]}
+    # tokenization share of the int8 run
+    enc = encoders["onnx int8"]
+    start = time.perf_counter()
+    for _ in range(3):
+        enc.tokenize(texts)
+    tok_s = (time.perf_counter() - start) / 3
+    result["tokenization"] = {"seconds_per_pass": round(tok_s, 4),
+                              "share_of_int8_time": round(tok_s / timing["onnx int8"]["median_s"], 4)}
+    # sanity: the int8 vectors are still close to PyTorch on these texts
+    ref = st_encode()
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    got = enc.encode(texts)
+    cos = (ref * got).sum(1)
+    result["int8_cosine_to_pytorch"] = {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
+    del load_model
+    return result
+
+
+def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from embedforge.data import builtin, builtin_beir
+    from embedforge.evaluation import evaluate_retrieval, evaluate_sts
+    from embedforge.modules import load_embedder
+
+    torch.set_num_threads(args.threads)
+    st = load_embedder(model_dir)
+    st.eval()
+    st.max_seq_length = manifest["tokenizer"]["max_length"]
+    int8_file = manifest["graphs"]["int8_avx512_vnni"]["file"]
+    encoders = {"pytorch fp32": st, "onnx fp32": _encoder_for(dest, "onnx/model.onnx", args.threads),
+                "onnx int8": _encoder_for(dest, int8_file, args.threads)}
+    sts = builtin("stsb-dev")
+    out: dict[str, Any] = {"stsb-dev": {}, "scifact-dev": {}}
+    for name, enc in encoders.items():
+        out["stsb-dev"][name] = evaluate_sts(enc, sts, show_progress=False)
+        logger.info("stsb-dev %s: %s", name, out["stsb-dev"][name])
+    beir = builtin_beir("scifact-dev")
+    if args.scifact_docs:
+        beir = _subsample_corpus(beir, args.scifact_docs)
+        out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
+    for name in ("pytorch fp32", "onnx int8"):
+        out["scifact-dev"][name] = evaluate_retrieval(encoders[name], beir, show_progress=False)
+        logger.info("scifact-dev %s: %s", name, out["scifact-dev"][name])
+    ref_sts = out["stsb-dev"]["pytorch fp32"]["spearman"]
+    ref_ir = out["scifact-dev"]["pytorch fp32"]["ndcg@10"]
+    out["retention"] = {
+        "stsb onnx fp32": round(out["stsb-dev"]["onnx fp32"]["spearman"] / ref_sts, 4),
+        "stsb onnx int8": round(out["stsb-dev"]["onnx int8"]["spearman"] / ref_sts, 4),
+        "scifact onnx int8": round(out["scifact-dev"]["onnx int8"]["ndcg@10"] / ref_ir, 4),
+    }
+    return out
+
+
+def _subsample_corpus(beir: Any, n_docs: int) -> Any:
+    """Keep every document a dev query cites plus random others, up to ``n_docs`` (same subset for all models)."""
+    import dataclasses
+    import random
+
+    relevant = {d for rel in beir.qrels.values() for d in rel}
+    others = sorted(set(beir.corpus) - relevant)
+    random.Random(0).shuffle(others)
+    keep = relevant | set(others[: max(0, n_docs - len(relevant))])
+    corpus = {k: v for k, v in beir.corpus.items() if k in keep}
+    return dataclasses.replace(beir, corpus=corpus)
+
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, time
+kind, model_dir, export_dir, file, threads = sys.argv[1:6]
+texts = json.loads(open(sys.argv[6]).read())
+if kind == "pytorch":
+    import torch
+    torch.set_num_threads(int(threads))
+    from embedforge.modules import load_embedder
+    m = load_embedder(model_dir); m.eval()
+    with torch.inference_mode():
+        m.encode(texts, batch_size=32, show_progress_bar=False)
+else:
+    from embedforge.export.encoder import OnnxEncoder
+    OnnxEncoder(export_dir, file, threads=int(threads)).encode(texts, batch_size=32)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _memory(model_dir: str, dest: Path, manifest: dict[str, Any], texts: list[str], out: Path,
+            threads: int) -> dict[str, Any]:
+    probe = out / "memory_texts.json"
+    probe.write_text(json.dumps(texts))
+    runs = {"pytorch fp32": ("pytorch", ""), "onnx fp32": ("onnx", "onnx/model.onnx"),
+            "onnx int8": ("onnx", manifest["graphs"]["int8_avx512_vnni"]["file"])}
+    result = {}
+    for name, (kind, file) in runs.items():
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, kind, model_dir, str(dest), file, str(threads), str(probe)],
+            capture_output=True, text=True, cwd=ROOT,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        result[name] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-500:]}
+    return result
+
+
+def _sizes(dest: Path, manifest: dict[str, Any]) -> dict[str, float]:
+    return {name: info["size_mb"] for name, info in manifest["graphs"].items()}
+
+
+def bench_model(name: str, model_dir: str, out: Path, result: dict[str, Any], args: argparse.Namespace) -> None:
+    entry = result["models"].setdefault(name, {"model_dir": model_dir})
+    dest = out / "exports" / name
+    manifest = _export(model_dir, dest, args)
+    entry["export"] = {"dir": str(dest), "parity": {k: v["parity"] for k, v in manifest["graphs"].items()},
+                       "fusion": manifest["fusion"], "sizes_mb": _sizes(dest, manifest),
+                       "max_seq_length": manifest["tokenizer"]["max_length"]}
+    _write(out, result)
+    texts = _sts_sentences(args.sentences)
+    entry["throughput"] = _throughput(model_dir, dest, manifest, texts, args)
+    entry["throughput"]["texts"] = {"n": len(texts), "source": "STS-B dev sentences", "batch_size": 32,
+                                    "threads": args.threads, "rounds": args.rounds}
+    _write(out, result)
+    entry["memory"] = _memory(model_dir, dest, manifest, texts[:256], out, args.threads)
+    _write(out, result)
+    if not args.skip_quality:
+        entry["quality"] = _quality(model_dir, dest, manifest, args)
+        _write(out, result)
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Export benchmark ({result['machine']})", "", f"Command: `{result['command']}`", ""]
+    for name, entry in result["models"].items():
+        lines += [f"## {name}", "", "| variant | sentences/s | x PyTorch |", "|---|---|---|"]
+        for variant, t in entry.get("throughput", {}).items():
+            if isinstance(t, dict) and "sentences_per_s" in t:
+                lines.append(f"| {variant} | {t['sentences_per_s']} | {t['speedup_vs_pytorch']} |")
+        q = entry.get("quality")
+        if q:
+            lines += ["", "| metric | PyTorch fp32 | ONNX fp32 | ONNX int8 |", "|---|---|---|---|"]
+            s = q["stsb-dev"]
+            lines.append(f"| STS-B dev Spearman | {s['pytorch fp32']['spearman']:.2f} | "
+                         f"{s['onnx fp32']['spearman']:.2f} | {s['onnx int8']['spearman']:.2f} |")
+            r = q["scifact-dev"]
+            lines.append(f"| SciFact dev nDCG@10 | {r['pytorch fp32']['ndcg@10']:.2f} | - | "
+                         f"{r['onnx int8']['ndcg@10']:.2f} |")
+            lines.append(f"\nRetention: {q['retention']}")
+        if "export" in entry:
+            lines.append(f"\nSizes (MB): {entry['export']['sizes_mb']}")
+        if "memory" in entry:
+            lines.append(f"\nPeak RSS (MB): { {k: v.get('peak_rss_mb') for k, v in entry['memory'].items()} }")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (exports/, results.json, results.md)")
+    parser.add_argument("--models", default="minilm-l6,smollm2-135m", help="comma list: minilm-l6, smollm2-135m")
+    parser.add_argument("--smollm2", default=None, help="a tuned SmolLM2-135M embedder dir (default: zero-shot)")
+    parser.add_argument("--sentences", type=int, default=1024, help="STS-B dev sentences for throughput")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument("--scifact-docs", type=int, default=0, help="subsample the SciFact corpus (0: all)")
+    parser.add_argument("--skip-quality", action="store_true", help="skip STS-B / SciFact evaluation")
+    parser.add_argument("--quick", action="store_true", help="no ablation variants")
+    parser.add_argument("--static-int8", action="store_true", help="also export a static QDQ int8 graph")
+    parser.add_argument("--binary", action="store_true", help="run bench/binary_retrieval.py on ONNX vectors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("transformers", "sentence_transformers", "root", "httpx", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    result.update(command="python bench/export.py " + " ".join(argv or sys.argv[1:]),
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                  started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    result.setdefault("models", {})
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        from embedforge.sources import resolve_source
+
+        model_dir = str(resolve_source("minilm-l6")) if name == "minilm-l6" else _smollm2_dir(out, args.smollm2)
+        bench_model(name, model_dir, out, result, args)
+        if args.binary and name == "minilm-l6":
+            sys.path.insert(0, str(ROOT / "bench"))
+            import binary_retrieval
+
+            enc = _encoder_for(out / "exports" / name, "onnx/model.onnx", args.threads)
+            result["models"][name]["binary"] = binary_retrieval.run(enc, out / "binary" / name)
+            _write(out, result)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _write(out, result)
+    (out / "results.md").write_text(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

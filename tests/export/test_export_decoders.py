@@ -1,0 +1,98 @@
+"""Export of decoder embedders (bidirectional and causal) with every pooling head of the convert workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedforge.export.config import ExportConfig
+from embedforge.testing import sample_texts
+
+TEXTS = sample_texts() + ["a", "word " * 150]  # the last one is longer than max_seq_length (64)
+FAST = dict(fp16=False, int8=[], last_hidden_state=False, optimize="none")
+
+
+def _embedder(llm_dir: Path, out: Path, **options) -> Path:
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.model import save_model
+
+    options.setdefault("max_seq_length", 64)
+    model = build_embedder(str(llm_dir), **options)
+    return save_model(model, out, stage="convert", source=str(llm_dir))
+
+
+def _reference(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """PyTorch vectors, one text at a time (no padding), L2-normalized with numpy."""
+    from embedforge.modules import load_embedder
+
+    model = load_embedder(str(model_dir))
+    emb = np.stack([model.encode([t], convert_to_numpy=True, normalize_embeddings=False)[0] for t in texts])
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def _check(model_dir: Path, out: Path, **config) -> dict:
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.export.pipeline import export_model
+
+    export_model(ExportConfig(model=str(model_dir), **{**FAST, **config}), out)
+    got = OnnxEncoder(out).encode(TEXTS, batch_size=4)  # padded, length-sorted batches
+    np.testing.assert_allclose(got, _reference(model_dir, TEXTS), atol=2e-5)
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("pooling", "padding_side"),
+    [("mean", "right"), ("lasttoken", "left"), ("lasttoken", "right"), ("weightedmean", "right"),
+     ("latent_attention", "right"), ("multi_layer", "left"), ("echo", "right")],
+)
+def test_llama_heads(tiny_llama_dir: Path, tmp_path: Path, pooling: str, padding_side: str) -> None:
+    extra = {"latent_count": 8, "latent_heads": 4} if pooling == "latent_attention" else {}
+    if pooling == "multi_layer":
+        extra = {"multilayer_heads": 4}
+    model_dir = _embedder(tiny_llama_dir, tmp_path / "model", pooling=pooling, padding_side=padding_side, **extra)
+    manifest = _check(model_dir, tmp_path / "export")
+    assert manifest["tokenizer"]["padding_side"] == padding_side
+    if pooling == "echo":
+        assert manifest["tokenizer"]["echo"] is not None and manifest["prompt_pooling"] is False
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_other_architectures(arch: str, tmp_path: Path) -> None:
+    from embedforge.testing import tiny_decoder
+
+    llm = tiny_decoder(arch, tmp_path / "llm")
+    _check(_embedder(llm, tmp_path / "model", pooling="mean"), tmp_path / "export")
+
+
+def test_causal_decoder_with_int8_and_token_graph(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from embedforge.export.encoder import OnnxEncoder
+
+    model_dir = _embedder(tiny_llama_dir, tmp_path / "model", pooling="mean", bidirectional=False)
+    manifest = _check(model_dir, tmp_path / "export", int8=["arm64"], last_hidden_state=True, fp16=True)
+    assert manifest["fusion"]["applied"] is False  # decoders keep the plain graph
+    assert {"fp32", "fp16", "int8_arm64", "last_hidden_state"} <= set(manifest["graphs"])
+    got = OnnxEncoder(tmp_path / "export", "onnx/model_qint8_arm64.onnx").encode(TEXTS)
+    cos = (got * _reference(model_dir, TEXTS)).sum(1)
+    assert cos.min() > 0.95
+
+
+def test_model_binarizer_module_exports(tiny_st_dir: Path, tmp_path: Path) -> None:
+    """A model that ends in the compress workflow's SignBinarizer keeps its packed output in the graph."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.export.pipeline import export_model
+    from embedforge.model import save_model
+    from embedforge.modules.binarizer import SignBinarizer
+
+    st = SentenceTransformer(str(tiny_st_dir), device="cpu")
+    binarized = SentenceTransformer(modules=[*st, SignBinarizer(32, output="passthrough")], device="cpu")
+    model_dir = save_model(binarized, tmp_path / "model", stage="compress", source=str(tiny_st_dir))
+    out = export_model(ExportConfig(model=str(model_dir), **FAST), tmp_path / "export")
+    enc = OnnxEncoder(out)
+    assert enc.output_names == ["sentence_embedding", "binary_embedding"]
+    ref = st.encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_array_equal(enc.encode_binary(TEXTS), np.packbits(ref > 0, axis=-1))
