@@ -93,7 +93,8 @@ def test_contrastive_two_stages_prompts_filtering_and_truncation(
     cfg = ContrastiveConfig(
         model=str(embedder_dir), data=[str(data_files["pairs"])],
         stage2_data=[str(data_files["triplets"]), str(data_files["pairs"])], stage2_max_steps=2,
-        prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, keep_layers=1, **FAST,
+        prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, keep_layers=1,
+        gradient_checkpointing=True, **FAST,
     )
     run_contrastive(cfg, tmp_path / "out", StageContext())
     stats = read_lineage(tmp_path / "out")["extra"]["train"]["stages"]
@@ -121,8 +122,8 @@ def test_simcse_trains_from_raw_text(embedder_dir: Path, data_files: dict[str, P
     from embedforge.convert.training import run_simcse
     from embedforge.model import read_lineage
 
-    run_simcse(SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], **FAST), tmp_path / "out",
-               StageContext())
+    cfg = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], precision="bf16", **FAST)
+    run_simcse(cfg, tmp_path / "out", StageContext())  # bf16 autocast (on CPU here)
     assert read_lineage(tmp_path / "out")["stage"] == "simcse"
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
 
