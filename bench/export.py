@@ -75,6 +75,7 @@ def _export(model_dir: str, dest: Path, args: argparse.Namespace) -> dict[str, A
 
     if not (dest / "manifest.json").is_file():
         cfg = ExportConfig(model=model_dir, binary=True, last_hidden_state=True, static_int8=args.static_int8,
+                           blockwise_int8=True,
                            calibration_data="texts" if args.static_int8 else None, calibration_size=128,
                            probe_max_tokens=256)
         start = time.perf_counter()
@@ -121,8 +122,8 @@ def _encoder_for(dest: Path, file: str, threads: int, spin: bool = True) -> Any:
     return OnnxEncoder(dest, file, threads=threads, spin=spin)
 
 
-def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: list[str], args: argparse.Namespace
-                ) -> dict[str, Any]:
+def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: list[str], args: argparse.Namespace,
+                ablate: bool = True) -> dict[str, Any]:
     import torch
 
     from embedforge.model import load_model
@@ -149,7 +150,9 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
     }
     if "fp32_fused" in graphs:
         encoders["onnx fp32 fused"] = _encoder_for(dest, graphs["fp32_fused"]["file"], args.threads)
-    if not args.quick:
+    if "int8_blockwise" in graphs:
+        encoders["onnx int8 blockwise"] = _encoder_for(dest, graphs["int8_blockwise"]["file"], args.threads)
+    if ablate and not args.quick:
         encoders["onnx int8 avx2 (reduce_range)"] = _encoder_for(dest, graphs["int8_avx2"]["file"], args.threads)
         encoders["onnx int8 no spinning"] = _encoder_for(dest, int8_file, args.threads, spin=False)
         encoders["onnx int8 1 thread"] = _encoder_for(dest, int8_file, 1)
@@ -159,8 +162,11 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
             encoders[f"onnx {label}"] = OnnxEncoder(dest, os.path.relpath(path, dest), threads=args.threads)
     for name, enc in encoders.items():
         variants[name] = (lambda e: (lambda: e.encode(texts, batch_size=32)))(enc)
-    for fn in variants.values():  # warm-up (first-run allocations, thread pools)
-        fn()
+    warm = texts[-64:]  # warm-up on the longest texts (first-run allocations, thread pools)
+    with torch.inference_mode():
+        st.encode(warm, batch_size=32, show_progress_bar=False)
+    for enc in encoders.values():
+        enc.encode(warm, batch_size=32)
     timing = _timed_rounds(variants, args.rounds)
     base = timing["pytorch fp32 (sentence-transformers)"]["median_s"]
     result: dict[str, Any] = {}
@@ -185,7 +191,8 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
     return result
 
 
-def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argparse.Namespace,
+             limits: dict[str, int]) -> dict[str, Any]:
     import torch
 
     from embedforge.data import builtin, builtin_beir
@@ -199,25 +206,33 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     int8_file = manifest["graphs"]["int8_avx512_vnni"]["file"]
     encoders = {"pytorch fp32": st, "onnx fp32": _encoder_for(dest, "onnx/model.onnx", args.threads),
                 "onnx int8": _encoder_for(dest, int8_file, args.threads)}
+    if "int8_blockwise" in manifest["graphs"]:
+        encoders["onnx int8 blockwise"] = _encoder_for(dest, manifest["graphs"]["int8_blockwise"]["file"],
+                                                       args.threads)
     sts = builtin("stsb-dev")
     out: dict[str, Any] = {"stsb-dev": {}, "scifact-dev": {}}
+    if limits["sts_pairs"]:
+        sts = sts.select(range(min(len(sts), limits["sts_pairs"])))
+        out["stsb-dev"]["pairs"] = len(sts)
     for name, enc in encoders.items():
         out["stsb-dev"][name] = evaluate_sts(enc, sts, show_progress=False)
         logger.info("stsb-dev %s: %s", name, out["stsb-dev"][name])
+    ref_sts = out["stsb-dev"]["pytorch fp32"]["spearman"]
+    out["retention"] = {f"stsb {name}": round(out["stsb-dev"][name]["spearman"] / ref_sts, 4)
+                        for name in encoders if name != "pytorch fp32"}
+    if limits["scifact_docs"] < 0:
+        out["scifact-dev"]["skipped"] = "time budget"
+        return out
     beir = builtin_beir("scifact-dev")
-    if args.scifact_docs:
-        beir = _subsample_corpus(beir, args.scifact_docs)
-        out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
-    for name in ("pytorch fp32", "onnx int8"):
+    if limits["scifact_docs"]:
+        beir = _subsample_corpus(beir, limits["scifact_docs"])
+    out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
+    for name in [n for n in ("pytorch fp32", "onnx int8", "onnx int8 blockwise") if n in encoders]:
         out["scifact-dev"][name] = evaluate_retrieval(encoders[name], beir, show_progress=False)
         logger.info("scifact-dev %s: %s", name, out["scifact-dev"][name])
-    ref_sts = out["stsb-dev"]["pytorch fp32"]["spearman"]
-    ref_ir = out["scifact-dev"]["pytorch fp32"]["ndcg@10"]
-    out["retention"] = {
-        "stsb onnx fp32": round(out["stsb-dev"]["onnx fp32"]["spearman"] / ref_sts, 4),
-        "stsb onnx int8": round(out["stsb-dev"]["onnx int8"]["spearman"] / ref_sts, 4),
-        "scifact onnx int8": round(out["scifact-dev"]["onnx int8"]["ndcg@10"] / ref_ir, 4),
-    }
+        ref_ir = out["scifact-dev"]["pytorch fp32"]["ndcg@10"]
+        if name != "pytorch fp32":
+            out["retention"][f"scifact {name}"] = round(out["scifact-dev"][name]["ndcg@10"] / ref_ir, 4)
     return out
 
 
@@ -235,7 +250,7 @@ def _subsample_corpus(beir: Any, n_docs: int) -> Any:
 
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, time
+import json, sys
 kind, model_dir, export_dir, file, threads = sys.argv[1:6]
 texts = json.loads(open(sys.argv[6]).read())
 if kind == "pytorch":
@@ -248,7 +263,9 @@ if kind == "pytorch":
 else:
     from embedforge.export.encoder import OnnxEncoder
     OnnxEncoder(export_dir, file, threads=int(threads)).encode(texts, batch_size=32)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process image's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"peak_rss_mb": round(int(hwm) / 1024, 1)}))
 """
 
 
@@ -281,15 +298,22 @@ def bench_model(name: str, model_dir: str, out: Path, result: dict[str, Any], ar
                        "fusion": manifest["fusion"], "sizes_mb": _sizes(dest, manifest),
                        "max_seq_length": manifest["tokenizer"]["max_length"]}
     _write(out, result)
-    texts = _sts_sentences(args.sentences)
-    entry["throughput"] = _throughput(model_dir, dest, manifest, texts, args)
+    llm = name != "minilm-l6"
+    limits = {"sentences": args.llm_sentences if llm else args.sentences,
+              "sts_pairs": args.llm_sts_pairs if llm else 0,
+              "scifact_docs": args.llm_scifact_docs if llm else args.scifact_docs}
+    entry["limits"] = limits
+    texts = _sts_sentences(limits["sentences"])
+    if "throughput" not in entry:
+        entry["throughput"] = _throughput(model_dir, dest, manifest, texts, args, ablate=not llm)
     entry["throughput"]["texts"] = {"n": len(texts), "source": "STS-B dev sentences", "batch_size": 32,
                                     "threads": args.threads, "rounds": args.rounds}
     _write(out, result)
-    entry["memory"] = _memory(model_dir, dest, manifest, texts[:256], out, args.threads)
-    _write(out, result)
-    if not args.skip_quality:
-        entry["quality"] = _quality(model_dir, dest, manifest, args)
+    if "memory" not in entry:
+        entry["memory"] = _memory(model_dir, dest, manifest, texts[:128], out, args.threads)
+        _write(out, result)
+    if not args.skip_quality and "quality" not in entry:
+        entry["quality"] = _quality(model_dir, dest, manifest, args, limits)
         _write(out, result)
 
 
@@ -302,13 +326,11 @@ def _markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {variant} | {t['sentences_per_s']} | {t['speedup_vs_pytorch']} |")
         q = entry.get("quality")
         if q:
-            lines += ["", "| metric | PyTorch fp32 | ONNX fp32 | ONNX int8 |", "|---|---|---|---|"]
-            s = q["stsb-dev"]
-            lines.append(f"| STS-B dev Spearman | {s['pytorch fp32']['spearman']:.2f} | "
-                         f"{s['onnx fp32']['spearman']:.2f} | {s['onnx int8']['spearman']:.2f} |")
-            r = q["scifact-dev"]
-            lines.append(f"| SciFact dev nDCG@10 | {r['pytorch fp32']['ndcg@10']:.2f} | - | "
-                         f"{r['onnx int8']['ndcg@10']:.2f} |")
+            lines += ["", "| task | encoder | score |", "|---|---|---|"]
+            for task, metric in (("stsb-dev", "spearman"), ("scifact-dev", "ndcg@10")):
+                for enc_name, scores in q[task].items():
+                    if isinstance(scores, dict):
+                        lines.append(f"| {task} {metric} | {enc_name} | {scores[metric]:.2f} |")
             lines.append(f"\nRetention: {q['retention']}")
         if "export" in entry:
             lines.append(f"\nSizes (MB): {entry['export']['sizes_mb']}")
@@ -327,14 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
     parser.add_argument("--scifact-docs", type=int, default=0, help="subsample the SciFact corpus (0: all)")
+    parser.add_argument("--llm-sentences", type=int, default=256, help="throughput sentences for the LLM")
+    parser.add_argument("--llm-sts-pairs", type=int, default=400, help="STS-B dev pairs for the LLM (0: all)")
+    parser.add_argument("--llm-scifact-docs", type=int, default=-1,
+                        help="SciFact corpus size for the LLM (0: all, -1: skip)")
     parser.add_argument("--skip-quality", action="store_true", help="skip STS-B / SciFact evaluation")
     parser.add_argument("--quick", action="store_true", help="no ablation variants")
     parser.add_argument("--static-int8", action="store_true", help="also export a static QDQ int8 graph")
     parser.add_argument("--binary", action="store_true", help="run bench/binary_retrieval.py on ONNX vectors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("transformers", "sentence_transformers", "root", "httpx", "onnxruntime"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # the root logger stays at WARNING (onnxruntime's quantizers log every node through it at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True)
+    for ours in ("embedforge", "bench"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "results.json"

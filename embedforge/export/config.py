@@ -56,6 +56,14 @@ class ExportConfig:
         "(avx512_vnni, avx2, arm64); empty list: none",
         factory=lambda: [t.value for t in Int8Target],
     )
+    int8_keep_float: list[str] | None = opt(
+        None, help="substrings of MatMul node names the dynamic int8 graphs keep in float; None: auto "
+        "(['down_proj'] for decoders, whose MLP output projections see outlier activations; none for encoders)"
+    )
+    blockwise_int8: bool = opt(
+        False, help="also write onnx/model_q8_blockwise.onnx: 8-bit weights in blocks of 32 with int8 compute on "
+        "blockwise-quantized activations (MatMulNBits); slower than dynamic int8 but far closer to fp32 on LLMs"
+    )
     static_int8: bool = opt(
         False, help="also write onnx/model_qdq_int8.onnx: static QDQ int8 calibrated on calibration_data texts"
     )

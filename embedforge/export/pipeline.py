@@ -7,6 +7,7 @@ Layout of the result::
     onnx/model_O2.onnx                   fp32 with fused attention / layer norms (BERT-like models only)
     onnx/model_fp16.onnx                 fp16 compute, fp32 in/out (GPU)
     onnx/model_qint8_<target>.onnx       dynamic per-channel int8 for avx512_vnni / avx2 / arm64 CPUs
+    onnx/model_q8_blockwise.onnx         8-bit blockwise weights and activations (MatMulNBits; optional)
     onnx/model_qdq_int8.onnx             static QDQ int8 calibrated on texts (optional)
     config.json tokenizer.json 1_Pooling/config.json sentence_bert_config.json   (text-embeddings-inference)
     manifest.json  SERVING.md  embedforge.json
@@ -199,14 +200,23 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             graphs["fp16"]["precision"] = "fp16"
 
         # 7. dynamic int8 per CPU family
+        keep_float = config.int8_keep_float
+        if keep_float is None:
+            keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
         for target in config.int8:
             settings = precision.INT8_TARGETS[target]
             file = f"model_qint8_{target}.onnx"
-            precision.quantize_int8_dynamic(base, onnx_dir / file, **settings)
+            kept = precision.quantize_int8_dynamic(base, onnx_dir / file, keep_float=keep_float, **settings)
             check(f"int8_{target}", file, fp32, config.int8_min_cosine, None, min_bits=0.85)
             graphs[f"int8_{target}"].update(precision="int8-dynamic", quantization={
                 "weights": "int8 symmetric", "activations": "uint8 dynamic", **settings,
-                "from": base.name,
+                "kept_float": {"patterns": keep_float, "matmuls": kept}, "from": base.name,
+            })
+        if config.blockwise_int8:
+            precision.quantize_int8_blockwise(base, onnx_dir / "model_q8_blockwise.onnx")
+            check("int8_blockwise", "model_q8_blockwise.onnx", fp32, config.int8_min_cosine, None, min_bits=0.85)
+            graphs["int8_blockwise"].update(precision="int8-blockwise", quantization={
+                "op": "MatMulNBits", "bits": 8, "block_size": 32, "accuracy_level": 4, "from": base.name,
             })
 
         # 8. static QDQ int8 calibrated on texts

@@ -74,15 +74,56 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     model.save_model_to_file(str(dst))
 
 
+def matmul_nodes(src: str | os.PathLike[str], patterns: list[str]) -> list[str]:
+    """Names of the MatMul/Gemm nodes of a graph whose name contains any of ``patterns``."""
+    import onnx
+
+    if not patterns:
+        return []
+    graph = onnx.load(str(src), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(p in n.name for p in patterns)]
+
+
 def quantize_int8_dynamic(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, per_channel: bool = True,
-                          reduce_range: bool = False) -> None:
-    """Dynamic int8: symmetric int8 weights (per output channel), uint8 activations quantized per batch."""
+                          reduce_range: bool = False, keep_float: list[str] | None = None) -> int:
+    """Dynamic int8: symmetric int8 weights (per output channel), uint8 activations quantized per batch.
+
+    MatMuls whose node name contains a ``keep_float`` substring stay in float; returns how many were kept.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    excluded = matmul_nodes(src, keep_float or [])
     quantize_dynamic(
         str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
-        extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True},
+        nodes_to_exclude=excluded, extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True},
+        use_external_data_format=_is_large(src),
     )
+    return len(excluded)
+
+
+def _is_large(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    size = p.stat().st_size + (p.with_name(p.name + ".data").stat().st_size if p.with_name(p.name + ".data").exists()
+                               else 0)
+    return size > 1_800_000_000
+
+
+def quantize_int8_blockwise(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size: int = 32) -> None:
+    """8-bit weights quantized in blocks along the input dimension (``MatMulNBits``), computed with int8 kernels
+    on activations that are also quantized per block (``accuracy_level=4``), so one outlier channel only costs
+    precision inside its own block."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    nbits_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = nbits_logger.level
+    nbits_logger.setLevel(logging.WARNING)  # it logs one line per node at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(str(src), bits=8, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=_is_large(src))
+    finally:
+        nbits_logger.setLevel(level)
 
 
 class TextCalibrationReader:

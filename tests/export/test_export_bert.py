@@ -190,3 +190,16 @@ def test_stage_runner_via_registry(tiny_st_dir: Path, tmp_path: Path) -> None:
     stages.runner("export")(cfg, tmp_path / "staged", StageContext(recipe_hash="abc"))
     lineage = json.loads((tmp_path / "staged" / "embedforge.json").read_text())
     assert lineage["recipe_hash"] == "abc" and lineage["metrics"]["fp32"]["passed"]
+
+
+def test_cli_export(tiny_st_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["export", str(tiny_st_dir), "--out", str(out), "fp16=false", "int8=[arm64]",
+                                       "last_hidden_state=false"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["graphs"]) == {"fp32", "fp32_fused", "int8_arm64"}
