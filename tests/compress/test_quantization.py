@@ -122,6 +122,13 @@ def test_rescore_reranks_candidates_exactly(vecs):
         np.testing.assert_allclose(scores[i], np.sort(s)[::-1][:5], rtol=1e-5)
     calib = Int8Calibration.fit(vecs)
     s8, ids8 = rescore(queries, cand, calib.quantize(docs), 5, calibration=calib)
+    # The single-query fast path agrees with the batched path.
+    for i in range(1, 10):
+        for cal, dv in ((None, docs), (calib, calib.quantize(docs))):
+            one_s, one_ids = rescore(queries[i:i + 1], cand[i:i + 1], dv, 5, calibration=cal)
+            all_s, all_ids = rescore(queries, cand, dv, 5, calibration=cal)
+            np.testing.assert_array_equal(one_ids[0], all_ids[i])
+            np.testing.assert_allclose(one_s[0], all_s[i], rtol=1e-4, atol=1e-5)
     deq = calib.dequantize(calib.quantize(docs))
     for i in range(10):
         c = cand[i][cand[i] >= 0]
