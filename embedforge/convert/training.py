@@ -195,7 +195,12 @@ def _finish(model: Any, out_dir: Path, config: TrainOptions, parent: str | None,
             stats: dict[str, Any]) -> None:
     from embedforge.convert.train_model import finish_adapter, peak_rss_mb, save_trained
 
-    adapter = finish_adapter(model, config, source_backbone=parent)
+    backbone_dir = parent
+    if backbone_dir is None:
+        from embedforge.sources import resolve_source
+
+        backbone_dir = os.fspath(resolve_source(config.model))
+    adapter = finish_adapter(model, config, source_backbone=backbone_dir)
     stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if int(os.environ.get("RANK", "0")) == 0:
         save_trained(model, out_dir, stage=stage, config=config, parent=parent, ctx=ctx, adapter=adapter,

@@ -122,9 +122,11 @@ def test_simcse_trains_from_raw_text(embedder_dir: Path, data_files: dict[str, P
     from embedforge.convert.training import run_simcse
     from embedforge.model import read_lineage
 
-    cfg = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], precision="bf16", **FAST)
+    llm = embedder_dir.parent / "llm"  # an LLM, not an embedder: the stage builds a bidirectional mean embedder
+    cfg = SimcseConfig(model=str(llm), data=[str(data_files["texts"])], precision="bf16", **FAST)
     run_simcse(cfg, tmp_path / "out", StageContext())  # bf16 autocast (on CPU here)
-    assert read_lineage(tmp_path / "out")["stage"] == "simcse"
+    lineage = read_lineage(tmp_path / "out")
+    assert lineage["stage"] == "simcse" and lineage["source"] == str(llm)
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
 
 
