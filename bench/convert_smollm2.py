@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc-len", type=int, default=96)
     parser.add_argument("--scifact-docs", type=int, default=1000)
     parser.add_argument("--banking-rows", type=int, default=2000)
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: import --zero-shot-from and rewrite results.json / results.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out: Path = args.out
@@ -286,9 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"variants": {}}
-    results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
-    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    names = args.only or [*ZERO_SHOT, *TUNED]
+    if not args.collect_only:
+        results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
+        results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    names = [] if args.collect_only else (args.only or [*ZERO_SHOT, *TUNED])
     unknown = [n for n in names if n not in ZERO_SHOT and n not in TUNED]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join([*ZERO_SHOT, *TUNED])}")
@@ -309,10 +312,13 @@ def main(argv: list[str] | None = None) -> None:
         info["scores"] = evaluate_model(model, args, full=name in full_eval)
         info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         info["variant_wall_s"] = round(time.perf_counter() - start, 1)
+        info["run_settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         results["variants"][name] = info
         _write(out, results)
         logger.info("%s: %s", name, json.dumps(info["scores"]))
         del model
+    if not names:
+        _write(out, results)
     print((out / "results.md").read_text())
 
 
