@@ -77,7 +77,8 @@ class ConvertConfig:
     normalize: bool = opt(True, help="L2-normalize embeddings (adds a Normalize module)")
     max_seq_length: int = opt(512, help="longest input in tokens; longer texts are truncated")
     query_prompt: str | None = opt(
-        None, help="instruction put before queries (saved as the model's 'query' prompt; excluded from pooling)"
+        None, help="instruction put before queries (saved as the model's 'query' prompt; excluded from pooling); "
+        "end it with a newline, not a space, which BPE tokenizers merge into the text's first word"
     )
     doc_prompt: str | None = opt(
         None, help="instruction put before documents (saved as the 'document' prompt; excluded from pooling)"

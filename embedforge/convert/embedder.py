@@ -89,6 +89,34 @@ def append_eos_token(tokenizer: Any) -> None:
         raise RuntimeError("could not make the tokenizer append its EOS token")
 
 
+def prompt_merges_with_text(tokenizer: Any, prompt: str) -> bool:
+    """True when the prompt's last token changes once text follows it (e.g. a trailing space that byte-level BPE
+    merges into the next word: ``"query: "`` -> ``[query, :, Ġ]`` alone but ``[query, :, ĠA, ...]`` in context).
+
+    sentence-transformers excludes as many leading tokens as the prompt has on its own, so such a prompt would also
+    drop the text's first token from pooling.
+    """
+    alone = list(tokenizer(prompt)["input_ids"])
+    if alone and tokenizer.eos_token_id is not None and alone[-1] == tokenizer.eos_token_id:
+        alone = alone[:-1]  # an appended EOS is not part of the prompt (sentence-transformers drops it too)
+    for word in ("A man", "what", "the"):
+        if list(tokenizer(prompt + word)["input_ids"])[: len(alone)] != alone:
+            return True
+    return False
+
+
+def _check_prompts(tokenizer: Any, cfg: ConvertConfig) -> None:
+    if cfg.pooling == PoolingMode.ECHO or cfg.include_prompt:
+        return  # echo tokenizes the prompt on its own; included prompts are not cut
+    for name, prompt in (("query_prompt", cfg.query_prompt), ("doc_prompt", cfg.doc_prompt)):
+        if prompt and prompt_merges_with_text(tokenizer, prompt):
+            logger.warning(
+                "%s %r: its last token merges with the text that follows, so excluding the prompt from pooling "
+                "would also drop the text's first token; end it with a newline or punctuation (e.g. %r)",
+                name, prompt, prompt.rstrip() + "\n",
+            )
+
+
 def _load_backbone(source: str, cfg: ConvertConfig) -> Any:
     """Step 2: the sentence-transformers input module around the decoder."""
     model_kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.dtype.value), "trust_remote_code": cfg.trust_remote_code}
@@ -161,6 +189,7 @@ def build_embedder_from_config(cfg: ConvertConfig, *, device: str | None = None)
     append = cfg.append_eos if cfg.append_eos is not None else cfg.pooling == PoolingMode.LAST_TOKEN
     if append:
         append_eos_token(tokenizer)
+    _check_prompts(tokenizer, cfg)
     backbone.auto_model.config.use_cache = False
     set_bidirectional(backbone.auto_model, cfg.bidirectional)                 # 4
     head = _make_head(backbone, cfg)                                          # 5

@@ -256,3 +256,18 @@ def test_bfloat16_backbone_stays_close_to_float32(decoder_dir: Path, pooling: st
     a, b = _encode(fp32, TEXTS), np.asarray(_encode(bf16, TEXTS), dtype=np.float32)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert np.isfinite(b).all() and cosine.min() > 0.98
+
+
+def test_prompt_ending_in_a_merging_space_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from embedforge.convert.embedder import prompt_merges_with_text
+
+    tok = tiny_tokenizer(vocab_size=300)  # large enough to learn the merge "Ġa"
+    assert prompt_merges_with_text(tok, "query: ")  # [..., ':', 'Ġ'] alone, [..., ':', 'Ġa', ...] before "a man"
+    assert not prompt_merges_with_text(tok, "query:\n") and not prompt_merges_with_text(tok, "query:")
+    path = tiny_decoder("llama", tmp_path / "m")
+    tok.save_pretrained(path)
+    with caplog.at_level(logging.WARNING, logger="embedforge.convert.embedder"):
+        build_embedder(path, prompts={"query": "query: "})
+    assert "merges with the text" in caplog.text
