@@ -185,7 +185,8 @@ class EchoPooling(Module):
         fixed = lead + self.prefix_tokens + self.middle_tokens + self.suffix_tokens
         real = attention_mask.sum(dim=1)
         length = torch.div(real - fixed, 2, rounding_mode="floor").clamp(min=0)
-        start = first_token_index(attention_mask).to(real.dtype) + lead + self.prefix_tokens + length + self.middle_tokens
+        first = first_token_index(attention_mask).to(real.dtype)
+        start = first + lead + self.prefix_tokens + length + self.middle_tokens
         pos = positions_like(attention_mask)
         inside = (pos >= start.unsqueeze(1)) & (pos < (start + length).unsqueeze(1))
         return inside.to(attention_mask.dtype)

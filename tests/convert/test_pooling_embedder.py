@@ -86,7 +86,8 @@ def test_eos_appended_also_without_bos_and_survives_plain_reload(no_bos_dir: Pat
 
     emb = build_embedder(no_bos_dir, pooling="lasttoken")
     tok = emb.tokenizer
-    assert adds_eos(tok) and tok("a")["input_ids"] == tok("a", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    assert adds_eos(tok) and tok("a")["input_ids"] == plain + [tok.eos_token_id]
     emb.save(str(tmp_path))
     again = SentenceTransformer(str(tmp_path), device="cpu")
     assert adds_eos(again.tokenizer)
