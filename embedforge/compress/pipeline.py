@@ -101,7 +101,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     if config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
         require_bnb()  # fail before any work
     # 1. model, probe texts and (for healing) teacher vectors
-    model = _load(config.model)
+    model = _load(config.model, device="cuda" if torch.cuda.is_available() else None)
     metrics: dict[str, Any] = {"params_before": count_parameters(model), "weight_bytes_before": weight_bytes(model)}
     extra: dict[str, Any] = {}
     corpus = load_texts(config.vocab_corpus, config.vocab_limit) if config.vocab_corpus else None
@@ -187,7 +187,7 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
-    model = _load(config.model)
+    model = _load(config.model, device="cuda" if torch.cuda.is_available() else None)
     if find_binarizer(model) is not None:
         raise ValueError(f"{config.model} already ends in a binarizer")
     # 1. teacher vectors, cached so a rerun skips the encoding
@@ -219,8 +219,8 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     binarizer.output = config.output
     if not isinstance(model[-1], Normalize):
         model.append(Normalize())
-    model.append(binarizer)
     codes, _ = binarize(binarizer, vectors[:2])
+    model.append(binarizer.to(model.device))
     extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
                            "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()}}
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={})

@@ -28,19 +28,32 @@ from typing import Any, Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 
-def corpus_token_ids(tokenizer: Any, texts: Iterable[str], batch_size: int = 1000) -> set[int]:
-    """Every token id the tokenizer produces on ``texts`` (special tokens included)."""
+def corpus_token_ids(tokenizer: Any, texts: Iterable[str], batch_size: int = 512, model: Any = None) -> set[int]:
+    """Every token id the tokenizer produces on ``texts`` (special tokens included).
+
+    With ``model`` (a SentenceTransformer), the texts also go through the model's own preprocessing — chat
+    template, and each of its prompts — so that tokens the model adds around a text are kept too.
+    """
     used: set[int] = set()
+    prompts = [""] + [p for p in (getattr(model, "prompts", None) or {}).values() if p] if model is not None else []
+
+    def add(batch: list[str]) -> None:
+        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+            used.update(ids)
+        for prompt in prompts:
+            feats = model.preprocess([prompt + t for t in batch])
+            ids = feats["input_ids"]
+            mask = feats.get("attention_mask")
+            used.update((ids[mask.bool()] if mask is not None else ids.reshape(-1)).tolist())
+
     batch: list[str] = []
     for text in texts:
         batch.append(text)
         if len(batch) >= batch_size:
-            for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
-                used.update(ids)
+            add(batch)
             batch = []
     if batch:
-        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
-            used.update(ids)
+        add(batch)
     return used
 
 
@@ -59,23 +72,21 @@ def _special_ids(tokenizer: Any, tj: dict[str, Any]) -> set[int]:
 
 def _bpe_closure(model: dict[str, Any], keep: set[str]) -> tuple[set[str], list[Any]]:
     """Add the merge inputs of every kept token (recursively); return kept tokens and the kept merges."""
-    producer: dict[str, tuple[str, str]] = {}
+    # A token can be produced by several merges ("ab"+"c" and "a"+"bc"); a word may take any of those paths, so
+    # the inputs of every producing merge are kept.
+    producers: dict[str, list[tuple[str, str]]] = {}
     merges = model.get("merges", [])
     prefix = model.get("continuing_subword_prefix") or ""
     for m in merges:
-        a, b = _merge_pair(m)
-        out = a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
-        producer.setdefault(out, (a, b))
+        producers.setdefault(_merged(m, prefix), []).append(_merge_pair(m))
     stack = list(keep)
     while stack:
         tok = stack.pop()
-        pair = producer.get(tok)
-        if pair is None:
-            continue
-        for part in pair:
-            if part not in keep and part in model["vocab"]:
-                keep.add(part)
-                stack.append(part)
+        for pair in producers.get(tok, ()):
+            for part in pair:
+                if part not in keep and part in model["vocab"]:
+                    keep.add(part)
+                    stack.append(part)
     kept_merges = [m for m in merges if all(p in keep for p in _merge_pair(m))
                    and _merged(m, prefix) in keep]
     return keep, kept_merges
@@ -196,7 +207,7 @@ def prune_vocabulary(model: Any, texts: Sequence[str], *, extra_ids: Iterable[in
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise TypeError("vocabulary pruning needs a fast (tokenizers-backed) tokenizer")
     hf = first.auto_model
-    used = corpus_token_ids(tokenizer, texts) | set(extra_ids)
+    used = corpus_token_ids(tokenizer, texts, model=model) | set(extra_ids)
     tj, kept_old = pruned_tokenizer_json(tokenizer, used)
     mapping = {old: new for new, old in enumerate(kept_old)}
     old_emb = hf.get_input_embeddings()

@@ -13,7 +13,8 @@ from embedforge.compress.vocab import prune_vocabulary, saved_size
 from embedforge.testing import sample_texts
 
 
-def _decoder_st(tmp_path: Path, arch: str = "llama", vocab_size: int = 420, layers: int = 4):
+def _decoder_st(tmp_path: Path, arch: str = "llama", vocab_size: int = 420, layers: int = 4,
+                chat_template: str | None = None):
     """A tiny decoder embedder (mean pooling) whose BPE tokenizer has real merges."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -22,6 +23,8 @@ def _decoder_st(tmp_path: Path, arch: str = "llama", vocab_size: int = 420, laye
     from embedforge.testing import tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer(vocab_size=vocab_size)
+    if chat_template:
+        tok.chat_template = chat_template
     cfg = tiny_config(arch, vocab_size=len(tok), num_hidden_layers=layers)
     torch.manual_seed(0)
     hf = AutoModel.from_config(cfg)
@@ -208,3 +211,22 @@ def test_multilayer_head_follows_layer_pruning(tmp_path):
     assert backbone(model).config.num_hidden_layers == 4  # nothing changed after the refusal
     prune_layers(model, [1, 3])
     assert head.layers == [1, 2] and head.num_hidden_states == 3
+
+
+def test_vocab_pruning_keeps_tokens_of_chat_template_and_prompts(tmp_path):
+    from embedforge.modules import load_embedder
+
+    # Words of the template and the prompt are in the BPE vocabulary (sample texts 5-9) but in no corpus text.
+    template = ("{% for m in messages %}<s>scientists discovered a new species {{ m['content'] }}</s>"
+                "{% endfor %}")
+    model = _decoder_st(tmp_path, "llama", layers=2, chat_template=template)
+    assert model.preprocess(["a"])["input_ids"].shape[1] > 10, "the chat template is applied"
+    model.prompts = {"query": "protein folding determines: "}
+    corpus = sample_texts()[:4]
+    before = model.encode(corpus, convert_to_numpy=True)
+    before_q = model.encode(corpus, prompt_name="query", convert_to_numpy=True)
+    prune_vocabulary(model, corpus)
+    np.testing.assert_allclose(model.encode(corpus, convert_to_numpy=True), before, atol=1e-5)
+    np.testing.assert_allclose(model.encode(corpus, prompt_name="query", convert_to_numpy=True), before_q, atol=1e-5)
+    model.save(str(tmp_path / "p"))
+    np.testing.assert_allclose(load_embedder(tmp_path / "p").encode(corpus, convert_to_numpy=True), before, atol=1e-5)
