@@ -74,8 +74,9 @@ def _export(model_dir: str, dest: Path, args: argparse.Namespace) -> dict[str, A
     from embedforge.export.pipeline import export_model
 
     if not (dest / "manifest.json").is_file():
-        cfg = ExportConfig(model=model_dir, binary=True, last_hidden_state=True, static_int8=args.static_int8,
-                           blockwise_int8=True,
+        light = args.llm_light and "smollm2" in dest.name
+        cfg = ExportConfig(model=model_dir, binary=True, last_hidden_state=not light, static_int8=args.static_int8,
+                           blockwise_int8=True, int8=["avx512_vnni"] if light else ["avx512_vnni", "avx2", "arm64"],
                            calibration_data="texts" if args.static_int8 else None, calibration_size=128,
                            probe_max_tokens=256)
         start = time.perf_counter()
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
     parser.add_argument("--scifact-docs", type=int, default=0, help="subsample the SciFact corpus (0: all)")
     parser.add_argument("--llm-sentences", type=int, default=256, help="throughput sentences for the LLM")
+    parser.add_argument("--llm-light", action="store_true",
+                        help="LLM export without the token graph and with one int8 target (saves time)")
     parser.add_argument("--llm-sts-pairs", type=int, default=400, help="STS-B dev pairs for the LLM (0: all)")
     parser.add_argument("--llm-scifact-docs", type=int, default=-1,
                         help="SciFact corpus size for the LLM (0: all, -1: skip)")

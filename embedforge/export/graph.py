@@ -152,12 +152,14 @@ def attention_kernel(model: SentenceTransformer, implementation: str) -> Iterato
 
 
 def check_exportable(model: SentenceTransformer) -> None:
-    """Fail early, with a reason, on module chains a fixed graph cannot reproduce."""
+    """Warn about module chains whose behaviour a fixed graph cannot fully reproduce."""
+    prompts = {k: v for k, v in (getattr(model, "prompts", None) or {}).items() if v}
     for module in model:
-        if getattr(module, "include_prompt", True) is False:
+        if prompts and getattr(module, "include_prompt", True) is False:
             logger.warning(
                 "%s excludes prompt tokens from pooling; the ONNX graph cannot know a prompt's length, so the "
-                "export is checked and served without prompts", type(module).__name__,
+                "export is checked and served without prompts (the model's prompts: %s)", type(module).__name__,
+                sorted(prompts),
             )
 
 

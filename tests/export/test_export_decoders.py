@@ -45,7 +45,7 @@ def _check(model_dir: Path, out: Path, **config) -> dict:
 
 @pytest.mark.parametrize(
     ("pooling", "padding_side"),
-    [("mean", "right"), ("lasttoken", "left"), ("lasttoken", "right"), ("weightedmean", "right"),
+    [("mean", "right"), ("lasttoken", "left"), ("weightedmean", "right"),
      ("latent_attention", "right"), ("multi_layer", "left"), ("echo", "right")],
 )
 def test_llama_heads(tiny_llama_dir: Path, tmp_path: Path, pooling: str, padding_side: str) -> None:
