@@ -134,13 +134,14 @@ def _swap_head(args: argparse.Namespace, src: Path, pooling: str, work: Path) ->
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize
 
-    from embedforge.model import is_complete, load_model, save_model
+    from embedforge.model import is_complete, save_model
+    from embedforge.modules import load_embedder
     from embedforge.modules.latent_attention import LatentAttentionPooling
 
     out = work / f"{src.name}-{pooling}"
     if is_complete(out):
         return out
-    base = load_model(src)
+    base = load_embedder(src)
     dim = base.get_embedding_dimension()
     import torch
 
@@ -306,9 +307,9 @@ def main(argv: list[str] | None = None) -> None:
             model, info = ZERO_SHOT[name](args, work)
         else:
             path, info = TUNED[name](args, work, name)
-            from embedforge.model import load_model
+            from embedforge.modules import load_embedder
 
-            model = load_model(path)
+            model = load_embedder(path)  # resolves embedforge's own modules (echo, latent attention)
         info["scores"] = evaluate_model(model, args, full=name in full_eval)
         info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         info["variant_wall_s"] = round(time.perf_counter() - start, 1)
