@@ -47,15 +47,22 @@ def _scifact(max_docs: int) -> Any:
                     qrels=beir.qrels)
 
 
-def evaluate_model(model: Any, args: argparse.Namespace, full: bool) -> dict[str, Any]:
-    """Scores of one embedder: STS-B dev, SICK trial, and (``full``) SciFact dev and Banking77."""
+def evaluate_model(model: Any, args: argparse.Namespace, full: bool,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Scores of one embedder: STS-B dev, SICK trial, and (``full``) SciFact dev and Banking77.
+
+    ``progress`` is called with the scores so far after each task (partial results survive a stopped run).
+    """
     from embedforge.data import builtin
     from embedforge.evaluation import evaluate_classification, evaluate_retrieval, evaluate_sts, split_labeled
 
     out: dict[str, Any] = {}
+    report = progress or (lambda scores: None)
     t = time.perf_counter()
     out["stsb-dev"] = evaluate_sts(model, builtin("stsb-dev"), batch_size=64)
+    report(out)
     out["sick-trial"] = evaluate_sts(model, builtin("sick-trial"), batch_size=64)
+    report(out)
     if full:
         keep_len = model.max_seq_length
         model.max_seq_length = args.doc_len
@@ -63,7 +70,9 @@ def evaluate_model(model: Any, args: argparse.Namespace, full: bool) -> dict[str
         prompt = (getattr(model, "prompts", None) or {}).get("query") or None
         out["scifact-dev"] = evaluate_retrieval(model, beir, query_prompt=prompt, batch_size=32)
         out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
+        out["scifact-dev"]["doc_max_tokens"] = args.doc_len
         model.max_seq_length = keep_len
+        report(out)
         banking = builtin("banking77")
         if args.banking_rows and args.banking_rows < len(banking):
             banking = banking.shuffle(seed=0).select(range(args.banking_rows))
@@ -287,8 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {"variants": {}}
+    results: dict[str, Any] = {"variants": {}}  # only this run's variants; _write merges them into the file
     if not args.collect_only:
         results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
         results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -310,7 +318,12 @@ def main(argv: list[str] | None = None) -> None:
             from embedforge.modules import load_embedder
 
             model = load_embedder(path)  # resolves embedforge's own modules (echo, latent attention)
-        info["scores"] = evaluate_model(model, args, full=name in full_eval)
+        def partial(scores: dict[str, Any], name: str = name, info: dict[str, Any] = info) -> None:
+            results["variants"][name] = {**info, "scores": dict(scores), "eval_complete": False}
+            _write(out, results)
+
+        info["scores"] = evaluate_model(model, args, full=name in full_eval, progress=partial)
+        info["eval_complete"] = True
         info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         info["variant_wall_s"] = round(time.perf_counter() - start, 1)
         info["run_settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -320,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         del model
     if not names:
         _write(out, results)
+    if not (out / "results.md").is_file():
+        return
     print((out / "results.md").read_text())
 
 
