@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--static-epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=128, help="layer students' batch size")
+    parser.add_argument("--max-steps", type=int, default=-1, help="layer students: stop after this many steps")
     parser.add_argument("--static-lr", type=float, default=1e-2)
     parser.add_argument("--speed-texts", type=int, default=500)
     parser.add_argument("--speed-rounds", type=int, default=2)
@@ -204,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     # 3. each student: distill (resumable), throughput against the teacher in the same call, scores
     specs = {
         "layers2": dict(student="layers", keep_layers=[2, 5], learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=128),
+                        batch_size=args.batch_size, max_steps=args.max_steps),
         "layers3": dict(student="layers", keep_layers=[1, 3, 5], learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=128),
+                        batch_size=args.batch_size, max_steps=args.max_steps),
         "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
                        batch_size=256, warmup_ratio=0.0),
     }
