@@ -47,7 +47,7 @@ def test_learned_binarizer_starts_as_sign_and_bitops_equal_reconstruction_dots()
 def test_training_improves_similarity_preservation_over_sign():
     x = _clustered(800, seed=1)
     train, held = x[:600], x[600:]
-    hp = BinarizerTraining(bits=2, steps=150, batch_size=256, lr=3e-3)
+    hp = BinarizerTraining(bits=2, steps=80, batch_size=128, lr=3e-3)
     b, hist = train_binarizer(train, hp, show_progress=False)
     assert hist["last"]["loss"] < hist["first"]["loss"]
     teacher = held @ held.T
