@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ from embedforge.configs import StageContext
 logger = logging.getLogger(__name__)
 
 PROBE_TEXTS = 64
+# Used to measure drift when the config names no texts of its own (no vocabulary corpus, healing or calibration).
+FALLBACK_PROBES = [
+    "A cyclist waits at the red light while the rain gets heavier.",
+    "The committee postponed its vote on the new budget until next week.",
+    "Mitochondria produce most of the chemical energy a cell needs.",
+    "How can I change the delivery address of my order?",
+    "Two children build a sandcastle near the edge of the water.",
+    "The central bank kept interest rates unchanged for a third month.",
+    "Vaccination reduced hospital admissions among older adults.",
+    "My card was charged twice for the same purchase.",
+]
 
 
 def load_texts(spec: str, limit: int | None = None) -> list[str]:
@@ -94,7 +106,8 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     from embedforge.compress.pruning import backbone, count_parameters, heal, layer_list, prune_layers, resolve_keep
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
-    from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, quantize_quanto, require_bnb, weight_bytes
+    from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
+    from embedforge.model import config_hash
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -105,14 +118,14 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     metrics: dict[str, Any] = {"params_before": count_parameters(model), "weight_bytes_before": weight_bytes(model)}
     extra: dict[str, Any] = {}
     corpus = load_texts(config.vocab_corpus, config.vocab_limit) if config.vocab_corpus else None
-    probe = (corpus or load_texts(config.heal_data, PROBE_TEXTS))[:PROBE_TEXTS]
-    probe_before = _vectors(model, probe)
     pruning = config.keep_layers is not None or config.num_layers is not None
     heal_texts: list[str] = []
     teacher: np.ndarray | None = None
     if pruning and config.heal_steps:
         heal_texts = load_texts(config.heal_data, config.heal_limit)
         teacher = _vectors(model, heal_texts, config.heal_batch_size)
+    probe = (corpus or heal_texts or FALLBACK_PROBES)[:PROBE_TEXTS]
+    probe_before = _vectors(model, probe)
     # 2. layer pruning + healing
     if pruning:
         n_layers = len(layer_list(backbone(model))[2])
@@ -121,7 +134,8 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
         if teacher is not None:
             metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
                                 batch_size=config.heal_batch_size, max_seq_length=config.max_seq_length,
-                                seed=config.seed, checkpoint_dir=Path(f"{out_dir}.ckpt")))
+                                seed=config.seed, checkpoint_dir=Path(f"{out_dir}.ckpt"),
+                                signature=config_hash(config)))
     # 3. vocabulary pruning
     if corpus is not None:
         extra["vocab_pruning"] = prune_vocabulary(model, corpus)
@@ -159,6 +173,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     metrics["weight_bytes_after"] = weight_bytes(model)
     metrics.update(_cosines(probe_before, _vectors(model, probe)))
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files=files)
+    shutil.rmtree(f"{out_dir}.ckpt", ignore_errors=True)  # finished: checkpoints and staging are not needed
 
 
 def _code_width(precision: str, dim: int, truncate_dim: int | None) -> int:
@@ -224,6 +239,7 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
                            "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()}}
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={})
+    shutil.rmtree(cache, ignore_errors=True)  # finished: the cached vectors are not needed any more
 
 
 def similarity_preservation(binarizer: Any, vectors: np.ndarray) -> dict[str, float]:

@@ -128,11 +128,13 @@ def count_parameters(model: Any) -> int:
 
 def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, steps: int, lr: float = 5e-5,
          batch_size: int = 32, max_seq_length: int = 128, seed: int = 0, checkpoint_dir: str | os.PathLike[str] | None
-         = None, checkpoint_every: int = 50, show_progress: bool = True) -> dict[str, float]:
+         = None, checkpoint_every: int = 50, signature: str | None = None, show_progress: bool = True
+         ) -> dict[str, float]:
     """Distill ``student`` towards ``teacher_vectors`` (one per text): loss = (1 - cos) + MSE, AdamW, ``steps`` steps.
 
     With ``checkpoint_dir`` the student's weights, optimizer state and step are saved every ``checkpoint_every``
-    steps and a rerun continues from there. Returns the mean loss of the first and last 10 steps.
+    steps and a rerun continues from there (only if the checkpoint carries the same ``signature``, e.g. a config
+    hash). Returns the mean loss of the first and last 10 steps.
     """
     import torch
     import torch.nn.functional as F
@@ -149,8 +151,11 @@ def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, ste
     gen = torch.Generator().manual_seed(seed)
     start = 0
     ckpt = Path(checkpoint_dir) / "heal.pt" if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt is not None and ckpt.is_file() else None
+    if state is not None and state.get("signature") != signature:
+        logger.warning("ignoring healing checkpoint %s: it was made with another configuration", ckpt)
+        state = None
+    if state is not None:
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -177,7 +182,7 @@ def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, ste
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "signature": signature}, tmp)
             os.replace(tmp, ckpt)
     student.eval()
     student.max_seq_length = old_len
