@@ -30,8 +30,8 @@ class BinarizerTraining:
 
     bits: int = 2
     hidden_dim: int | None = None
-    steps: int = 1500
-    batch_size: int = 1024
+    steps: int = 600
+    batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
     temperature: float = 0.05
