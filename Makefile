@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest tests -q --durations=15
 
 quickstart: setup
 	$(VENV)/bin/embedforge run recipes/quickstart.yaml

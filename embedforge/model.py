@@ -155,8 +155,13 @@ def load_model(
     from embedforge.sources import resolve_source
 
     resolved = resolve_source(os.fspath(path))
+    if isinstance(resolved, Path):
+        # embedforge's own module classes (pooling heads, binarizer) resolve without trust_remote_code.
+        from embedforge.modules import load_embedder
+
+        return load_embedder(resolved, device=device, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
     return SentenceTransformer(
-        os.fspath(resolved),
+        resolved,
         device=device or "cpu",
         trust_remote_code=trust_remote_code,
         truncate_dim=truncate_dim,
