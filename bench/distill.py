@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--static-lr", type=float, default=1e-2)
     parser.add_argument("--speed-texts", type=int, default=500)
     parser.add_argument("--speed-rounds", type=int, default=2)
+    parser.add_argument("--static-init", action="store_true",
+                        help="also score the static student's model2vec initialisation before training")
     parser.add_argument("--eval-max-seq-length", type=int, default=128,
                         help="input length for every model in evaluation and throughput (same for all)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="evaluation tasks (for quick checks)")
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["size_mb"] = model_size_mb(model_dir)
         write(out, results)
         candidates = [(name, model_dir)]
-        if name == "static":  # also the model2vec initialisation alone, untrained, for reference
+        if name == "static" and args.static_init:  # the model2vec initialisation alone, untrained
             init_dir = out / "models" / "static-init"
             if not (init_dir / "modules.json").is_file():
                 from embedforge.distill.students import static_student
