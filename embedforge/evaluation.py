@@ -59,6 +59,11 @@ class STEncoder:
 
 def as_encoder(model: Any, truncate_dim: int | None = None) -> Encoder:
     """Wrap a SentenceTransformer (or a model dir path) as an :class:`Encoder`; pass encoders through."""
+    if isinstance(model, (str, Path)) and (Path(model) / "manifest.json").is_file():
+        # An export directory: evaluate the ONNX graph itself.
+        from embedforge.export.encoder import OnnxEncoder
+
+        return OnnxEncoder(model)
     if isinstance(model, (str, Path)):
         from embedforge.model import load_model
 

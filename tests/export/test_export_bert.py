@@ -143,6 +143,12 @@ def test_onnx_encoder_works_with_evaluation(full_export: Path, tiny_st_dir: Path
     onnx_scores = evaluate_sts(OnnxEncoder(full_export), pairs, show_progress=False)
     st_scores = evaluate_sts(str(tiny_st_dir), pairs, show_progress=False)
     assert onnx_scores["spearman"] == pytest.approx(st_scores["spearman"], abs=1e-6)
+    # An export directory given by path is evaluated through its ONNX graph (what `embedforge eval DIR` does).
+    from embedforge.evaluation import as_encoder
+
+    assert isinstance(as_encoder(str(full_export)), OnnxEncoder)
+    by_path = evaluate_sts(str(full_export), pairs, show_progress=False)
+    assert by_path["spearman"] == pytest.approx(onnx_scores["spearman"], abs=1e-9)
 
 
 def test_truncation_and_normalization_inside_graph(tiny_st_dir: Path, tmp_path: Path) -> None:
