@@ -424,8 +424,30 @@ def single_stage(kind: str, values: dict[str, Any], out: str | os.PathLike[str],
     return validate_recipe(doc, {}, source)
 
 
+#: Stages whose runners take part in multi-process training (every rank runs them); the rest run on rank 0 only.
+DISTRIBUTED_STAGES = frozenset({"mntp", "simcse", "contrastive"})
+
+
+def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
+    import time
+
+    from embedforge.model import is_complete
+
+    timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
+    start = time.monotonic()
+    logger.info("rank %d: waiting for rank 0 to finish stage %s", rank, st.name)
+    while not is_complete(st.out, st.config):
+        if time.monotonic() - start > timeout:
+            raise RecipeError(f"rank {rank}: stage {st.name!r} did not complete on rank 0 within {timeout:.0f} s")
+        time.sleep(poll_s)
+
+
 def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
-    """Run the stages in order. Returns ``(stage, "ran" | "skipped")`` for each stage considered."""
+    """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
+    while the other ranks wait for its complete output.
+    """
     from embedforge.model import is_complete
 
     if only:
@@ -434,8 +456,15 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         if unknown:
             raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
     done: list[tuple[Stage, str]] = []
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     for st in recipe.stages:
         if only and st.name not in only:
+            continue
+        if world > 1 and rank != 0 and st.stage not in DISTRIBUTED_STAGES:
+            # Under torchrun only rank 0 runs single-process stages; the others wait for its finished output.
+            _wait_for(st, rank)
+            done.append((st, "waited"))
             continue
         if not force and is_complete(st.out, st.config):
             logger.info("stage %s: %s is complete, skipping (use --force to redo)", st.name, st.out)

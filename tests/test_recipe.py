@@ -142,3 +142,20 @@ def test_every_shipped_recipe_validates() -> None:
 
 def test_registry_is_consistent() -> None:
     stages.check_registry()
+
+
+def test_under_torchrun_other_ranks_wait_for_rank_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    recipe = load_recipe(path)
+    assert [s for _, s in run_recipe(recipe)] == ["ran", "ran"]  # rank 0 (no torchrun) made the outputs
+    RUNS.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert [s for _, s in run_recipe(recipe, force=True)] == ["waited", "waited"]
+    assert RUNS == []  # rank 1 ran nothing itself
+    monkeypatch.setenv("EMBEDFORGE_RANK_WAIT_S", "0")
+    import shutil
+
+    shutil.rmtree(recipe.stages[0].out)
+    with pytest.raises(RecipeError, match="did not complete on rank 0"):
+        run_recipe(recipe)
