@@ -140,14 +140,7 @@ def check_sentence_graph(
     if "binary_embedding" in outputs and np.issubdtype(reference.dtype, np.floating):
         parity.bit_agreement = bit_agreement(reference, np.stack(outputs["binary_embedding"]))
     scale = max(1.0, float(np.abs(reference).max(initial=0.0)))
-    parity.tolerance = {"min_cosine": min_cosine}
-    problems = []
-    if parity.min_cosine < min_cosine:
-        problems.append(f"min cosine {parity.min_cosine:.6f} < {min_cosine}")
-    if max_abs is not None:
-        parity.tolerance["max_abs_diff"] = max_abs * scale
-        if parity.max_abs_diff > max_abs * scale:
-            problems.append(f"max abs diff {parity.max_abs_diff:.3g} > {max_abs * scale:.3g}")
+    problems = _tolerance_problems(parity, scale, min_cosine, max_abs)
     if parity.bit_agreement is not None and parity.bit_agreement < min_bit_agreement:
         problems.append(f"binary output agrees on only {parity.bit_agreement:.4f} of bits")
     _finish(encoder, parity, problems, texts)
@@ -160,6 +153,13 @@ def check_token_graph(encoder: OnnxEncoder, reference: Sequence[np.ndarray], tex
     outputs = encoder.run(list(texts), batch_size=5, sort_by_length=False)
     parity = compare(reference, outputs["last_hidden_state"])
     scale = max(1.0, max(float(np.abs(r).max(initial=0.0)) for r in reference))
+    problems = _tolerance_problems(parity, scale, min_cosine, max_abs)
+    _finish(encoder, parity, problems, texts)
+    return parity
+
+
+def _tolerance_problems(parity: Parity, scale: float, min_cosine: float, max_abs: float | None) -> list[str]:
+    """Record the tolerances on ``parity`` and list every one it exceeds (``max_abs`` scaled by ``scale``)."""
     parity.tolerance = {"min_cosine": min_cosine}
     problems = []
     if parity.min_cosine < min_cosine:
@@ -168,8 +168,7 @@ def check_token_graph(encoder: OnnxEncoder, reference: Sequence[np.ndarray], tex
         parity.tolerance["max_abs_diff"] = max_abs * scale
         if parity.max_abs_diff > max_abs * scale:
             problems.append(f"max abs diff {parity.max_abs_diff:.3g} > {max_abs * scale:.3g}")
-    _finish(encoder, parity, problems, texts)
-    return parity
+    return problems
 
 
 def _finish(encoder: OnnxEncoder, parity: Parity, problems: list[str], texts: Sequence[str]) -> None:
