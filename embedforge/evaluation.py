@@ -80,6 +80,11 @@ def _default_prompt(encoder: Encoder, role: str, given: str | None) -> str | Non
     return prompt_for(role) if callable(prompt_for) else None
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero); the dtype is kept."""
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
 def encode(
     model: Any,
     texts: Sequence[str],
@@ -110,7 +115,7 @@ def encode(
     if truncate_dim is not None:
         emb = emb[:, :truncate_dim]
     if normalize:
-        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+        emb = l2_normalize(emb)
     return emb
 
 

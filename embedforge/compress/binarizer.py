@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from embedforge.evaluation import l2_normalize
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
 
     hp = hp or BinarizerTraining()
     x_all = np.asarray(vectors, dtype=np.float32)
-    x_all = x_all / np.maximum(np.linalg.norm(x_all, axis=1, keepdims=True), 1e-12)
+    x_all = l2_normalize(x_all)
     n, dim = x_all.shape
     if n < 2:
         raise ValueError("the binarizer needs at least 2 training vectors")
@@ -124,7 +126,7 @@ def binarize(binarizer: Any, vectors: np.ndarray, batch_size: int = 4096) -> tup
     from embedforge.modules.binarizer import pack_bits
 
     x = np.asarray(vectors, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(x)
     codes, recons = [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):

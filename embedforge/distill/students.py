@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedforge.evaluation import l2_normalize
+
 logger = logging.getLogger(__name__)
 
 _LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
@@ -219,6 +221,4 @@ def fit_projection(model: Any, texts: Sequence[str], targets: np.ndarray, *, bat
         dense.linear.weight.copy_(torch.from_numpy(solution[:-1].T).float())
         dense.linear.bias.copy_(torch.from_numpy(solution[-1]).float())
     pred = x1 @ solution
-    pred /= np.clip(np.linalg.norm(pred, axis=1, keepdims=True), 1e-12, None)
-    tgt = targets / np.clip(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12, None)
-    return float(np.mean(np.sum(pred * tgt, axis=1)))
+    return float(np.mean(np.sum(l2_normalize(pred) * l2_normalize(targets), axis=1)))

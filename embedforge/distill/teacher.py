@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from embedforge.evaluation import l2_normalize
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -280,11 +282,8 @@ def combine_teachers(vectors: Sequence[np.ndarray], weights: Sequence[float] | N
     n = {v.shape[0] for v in vectors}
     if len(n) != 1:
         raise ValueError(f"teachers disagree on the number of rows: {sorted(n)}")
-    parts = [w * v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None)
-             for v, w in zip(vectors, weights)]
-    out = np.concatenate(parts, axis=1).astype(np.float32)
-    out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
-    return out
+    parts = [w * l2_normalize(v) for v, w in zip(vectors, weights)]
+    return l2_normalize(np.concatenate(parts, axis=1).astype(np.float32))
 
 
 def teacher_targets(

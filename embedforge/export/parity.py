@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from embedforge.evaluation import l2_normalize
+
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
@@ -82,7 +84,7 @@ def reference_embeddings(model: SentenceTransformer, texts: Sequence[str], *, tr
         if truncate_dim is not None:
             emb = emb[:, :truncate_dim]
         if normalize:
-            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+            emb = l2_normalize(emb)
     return emb
 
 
