@@ -2,9 +2,13 @@
 
     nice -n 5 python bench/distill.py --out runs/bench-distill
 
-Teacher vectors for unlabeled texts from ../shared/data (STS-B train, SICK train, SNLI, 20 Newsgroups,
-SciFact train pairs; none of the evaluation sets) are computed once and cached; each student is trained with
-the ``distill`` stage and saved under ``OUT/models/<name>/``. Every model is evaluated on STS-B dev (Spearman),
+Teacher vectors for unlabeled texts from ../shared/data (STS-B train, SICK train, SNLI, 20 Newsgroups subjects
+and bodies, SciFact train-pair claims and abstracts; none of the evaluation sets) are computed once and cached;
+each student is trained with the ``distill`` stage and saved under ``OUT/models/<name>/``. Layer students
+train on length-grouped batches (short sentences and long documents are not padded together) and, with
+``--rotation pca``, learn the teacher vectors rotated onto their principal axes, so that Matryoshka prefixes
+start with the directions of largest variance. ``--scifact-corpus`` adds the SciFact corpus abstracts as
+unlabeled text (unsupervised domain adaptation, an ablation: the corpus is what SciFact retrieval searches). Every model is evaluated on STS-B dev (Spearman),
 SciFact dev (nDCG@10) and Banking77 (accuracy) at its full dimension and at 256/128/64/32 (Matryoshka
 prefixes, renormalized), each text encoded once. Encode throughput is measured in the same run for the teacher
 and each student (alternating, best of several rounds, so that other jobs on the machine hurt both alike).
@@ -33,14 +37,21 @@ logger = logging.getLogger("bench.distill")
 # ---------------------------------------------------------------------------------------------- texts
 
 
-def training_texts(limit: int, seed: int = 0) -> list[str]:
-    """Unlabeled texts from the shared data, no evaluation set among them, shuffled, at most ``limit``."""
-    from embedforge.data import builtin
+def training_texts(limit: int, seed: int = 0, scifact_corpus: bool = False) -> list[str]:
+    """Unlabeled texts from the shared data, no evaluation set among them, shuffled, at most ``limit``.
 
+    ``scifact_corpus`` adds the SciFact corpus abstracts (the documents SciFact dev retrieval searches, without
+    its queries or relevance labels): an unsupervised domain-adaptation ablation, off by default.
+    """
+    from embedforge.data import builtin, builtin_beir
+
+    sources = [builtin(name) for name in
+               ("stsb-train", "sick-train", "snli-triplets", "newsgroups-pairs", "scifact-train-pairs")]
+    if scifact_corpus:
+        sources.append({"text": list(builtin_beir("scifact-dev").corpus.values())})
     seen: dict[str, None] = {}
-    for name in ("stsb-train", "sick-train", "snli-triplets", "newsgroups-pairs", "scifact-train-pairs"):
-        ds = builtin(name)
-        for column in ds.column_names:
+    for ds in sources:
+        for column in (ds.column_names if hasattr(ds, "column_names") else list(ds)):
             values = ds[column]
             if values and isinstance(values[0], str):
                 for text in values:
@@ -127,8 +138,13 @@ def write(out: Path, results: dict[str, Any]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Distillation benchmark (teacher all-MiniLM-L6-v2, CPU)", "",
-             "| model | dim | STS-B | SciFact | Banking77 | avg | % teacher | % own full | speed-up | size MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Commands (in order, on the same OUT; a rerun resumes and adds what is missing):", "",
+             *[f"- `python bench/{c}`" for c in results.get("commands", [results.get("command", "")])], "",
+             f"{results.get('n_texts', '?')} training texts; SciFact corpus in training: "
+             f"{results.get('scifact_corpus_in_training', False)}; {results.get('threads', '?')} torch thread(s); "
+             f"evaluation and throughput at {results.get('eval_max_seq_length', '?')} tokens.", "",
+             "| model | dim | STS-B | SciFact | Banking77 | avg | % teacher | % own full | speed-up | size MB | distill s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     teacher = results.get("models", {}).get("teacher", {}).get("scores", {}).get("full", {})
     for name, info in results.get("models", {}).items():
         scores = info.get("scores", {})
@@ -142,20 +158,21 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {dim} | {s.get('stsb-dev', '')} | {s.get('scifact-dev', '')} | "
                          f"{s.get('banking77', '')} | "
                          f"{s['average']} | {pct_t} | {pct_own} | {up if dim == 'full' else ''} | "
-                         f"{info.get('size_mb', '') if dim == 'full' else ''} |")
+                         f"{info.get('size_mb', '') if dim == 'full' else ''} | "
+                         f"{info.get('distill', {}).get('seconds', '') if dim == 'full' else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--texts", type=int, default=16000, help="training texts")
+    parser.add_argument("--texts", type=int, default=60000, help="training texts (at most; 51,567 exist)")
     parser.add_argument("--students", default="layers2,static,layers3",
-                        help="comma list of: layers2 (layers 2,5), layers3 (1,3,5), static")
-    parser.add_argument("--epochs", type=float, default=1.0)
+                        help="comma list of: layers2 (two layers, --keep-layers), layers3 (1,3,5), static")
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--static-epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=128, help="layer students' batch size")
+    parser.add_argument("--batch-size", type=int, default=64, help="layer students' batch size")
     parser.add_argument("--max-steps", type=int, default=-1, help="layer students: stop after this many steps")
     parser.add_argument("--static-lr", type=float, default=1e-2)
     parser.add_argument("--speed-texts", type=int, default=500)
@@ -165,9 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-max-seq-length", type=int, default=128,
                         help="input length for every model in evaluation and throughput (same for all)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="evaluation tasks (for quick checks)")
+    parser.add_argument("--keep-layers", default="0,5", help="layers2 student: the two teacher layers it keeps")
+    parser.add_argument("--rotation", default="pca", choices=["pca", "none"],
+                        help="layer students: learn the teacher vectors rotated onto their principal axes")
+    parser.add_argument("--batching", default="length", choices=["length", "random"],
+                        help="layer students: length-grouped or random batches")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="training input length (teacher and students)")
+    parser.add_argument("--scifact-corpus", action="store_true",
+                        help="ablation: add the SciFact corpus abstracts to the unlabeled training texts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the same for every model)")
     args = parser.parse_args(argv)
     TASKS[:] = [t for t in args.tasks.split(",") if t]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from embedforge.configs import StageContext
     from embedforge.distill.config import DistillConfig
@@ -180,13 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results.setdefault("models", {})
     results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    results.setdefault("commands", [])
+    results["commands"].append(results["command"])  # a resumed or extended run keeps every invocation
     results["targets"] = {"layers_pct_teacher": 95, "layers_speedup": 2.5, "dim128_pct_own_full": 97,
                           "static_pct_teacher": 85, "static_speedup": 50}
+    settings = results.setdefault("settings", {})
+    if "out" in settings:  # written by an earlier version as one flat dict: file it under its command
+        results["settings"] = settings = {results["commands"][-2] if len(results["commands"]) > 1 else "": settings}
+    settings[results["command"]] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
     # 1. texts (written once; the pipeline reads them as a jsonl file)
     texts_file = out / "texts.jsonl"
     if not texts_file.is_file():
-        texts = training_texts(args.texts)
+        texts = training_texts(args.texts, scifact_corpus=args.scifact_corpus)
         texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     results["n_texts"] = sum(1 for _ in texts_file.open())
     write(out, results)
@@ -198,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher.max_seq_length = args.eval_max_seq_length
     speed_texts = training_texts(10**9, seed=1)[-args.speed_texts:]
     results["eval_max_seq_length"] = args.eval_max_seq_length
+    results["threads"] = args.threads
+    results["scifact_corpus_in_training"] = args.scifact_corpus
     results["throughput_texts"] = len(speed_texts)
     entry = results["models"].setdefault("teacher", {})
     entry["size_mb"] = model_size_mb(teacher_dir)
@@ -206,21 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         write(out, results)
 
     # 3. each student: distill (resumable), throughput against the teacher in the same call, scores
+    layer_common = dict(student="layers", learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                        max_steps=args.max_steps, target_rotation=args.rotation, batching=args.batching)
     specs = {
-        "layers2": dict(student="layers", keep_layers=[2, 5], learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=args.batch_size, max_steps=args.max_steps),
-        "layers3": dict(student="layers", keep_layers=[1, 3, 5], learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=args.batch_size, max_steps=args.max_steps),
+        "layers2": dict(keep_layers=[int(i) for i in args.keep_layers.split(",")], **layer_common),
+        "layers3": dict(keep_layers=[1, 3, 5], **layer_common),
         "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
                        batch_size=256, warmup_ratio=0.0),
     }
     for name in [s for s in args.students.split(",") if s]:
         model_dir = out / "models" / name
         cfg = DistillConfig(model=str(teacher_dir), texts=[str(texts_file)], matryoshka_dims=DIMS,
-                            max_seq_length=128, save_steps=25, shard_size=1024, **specs[name])
+                            max_seq_length=args.max_seq_length, save_steps=100, shard_size=1024, **specs[name])
         start = time.perf_counter()
         run(cfg, model_dir, ctx)
         entry = results["models"].setdefault(name, {})
+        entry["spec"] = {k: getattr(v, "value", v) for k, v in specs[name].items()}
         entry["distill"] = read_lineage(model_dir).get("metrics", {}).get("distill", {})
         entry["distill"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
         entry["size_mb"] = model_size_mb(model_dir)

@@ -30,6 +30,20 @@ class Projection(str, enum.Enum):
     NEVER = "never"     # never (the dimensions must match)
 
 
+class TargetRotation(str, enum.Enum):
+    """An orthogonal rotation of the teacher vectors before the student learns them."""
+
+    NONE = "none"   # the teacher's own coordinates
+    PCA = "pca"     # principal axes of the training vectors, largest variance first (for Matryoshka prefixes)
+
+
+class Batching(str, enum.Enum):
+    """How training texts are put into batches."""
+
+    RANDOM = "random"   # uniformly shuffled
+    LENGTH = "length"   # shuffled, then texts of similar length batched together (less padding)
+
+
 @dataclass
 class DistillConfig:
     """Distill one or more teachers into a smaller, faster student."""
@@ -83,6 +97,17 @@ class DistillConfig:
     matryoshka_dims: list[int] = opt(
         factory=list, help="extra output dims trained at once, e.g. [256, 128, 64, 32] (the full dim is implied)"
     )
+    target_rotation: TargetRotation = opt(
+        TargetRotation.NONE,
+        help="none | pca: rotate the teacher vectors onto their principal axes (fit on the training vectors; "
+             "orthogonal, so full-dim cosines are unchanged) so that Matryoshka prefixes keep the most variance; "
+             "the student's linear head learns the rotated vectors",
+    )
+    batching: Batching = opt(
+        Batching.RANDOM,
+        help="random | length: length batches group texts of similar length (within windows of 64 batches, "
+             "batch order shuffled), which saves most of the padding when short and long texts are mixed",
+    )
     layer_dims: list[list[int]] = opt(
         factory=list, help="Starbucks 2D pairs [[layer, dim], ...]: the state after that layer, cut to dim"
     )
@@ -93,6 +118,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         self.student = choice(StudentKind, self.student, "student")
         self.projection = choice(Projection, self.projection, "projection")
+        self.target_rotation = choice(TargetRotation, self.target_rotation, "target_rotation")
+        self.batching = choice(Batching, self.batching, "batching")
         check(bool(self.model), "model", "name the teacher")
         n_teachers = 1 + len(self.extra_teachers)
         check(not self.teacher_weights or len(self.teacher_weights) == n_teachers, "teacher_weights",
@@ -132,6 +159,9 @@ class DistillConfig:
         for pair in self.layer_dims:
             check(len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1, "layer_dims",
                   f"each entry is [layer >= 1, dim >= 1], got {pair!r}")
+        if self.target_rotation != TargetRotation.NONE:
+            check(self.projection != Projection.NEVER, "target_rotation",
+                  "a rotated target needs the student's linear head (projection auto or always)")
         if self.layer_dims:
             check(self.student != StudentKind.STATIC, "layer_dims", "a static student has no layers")
         check(self.save_steps > 0, "save_steps", "must be positive")

@@ -35,6 +35,30 @@ def prefix(vectors: Tensor, dim: int) -> Tensor:
     return F.normalize(vectors[..., :dim], dim=-1)
 
 
+def pca_rotation(vectors: Any) -> Any:
+    """An orthogonal D x D matrix whose columns are the principal axes of ``vectors`` (N x D), largest variance
+    first; ``vectors @ R`` are the same vectors in those coordinates.
+
+    The axes are the eigenvectors of the covariance of the rows (centered for fitting only: the rotated vectors
+    are not shifted, so every cosine between full vectors is unchanged). The first ``d`` coordinates of a
+    rotated vector are its components along the top ``d`` principal axes, so a Matryoshka prefix of a student
+    that learns the rotated vectors starts where the teacher's information is. Signs are fixed so that each
+    axis has its largest-magnitude entry positive (deterministic across runs).
+    """
+    import numpy as np
+
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need an N x D matrix with N >= 2, got shape {x.shape}")
+    centered = x - x.mean(axis=0, keepdims=True)
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered / (x.shape[0] - 1))
+    order = np.argsort(eigenvalues)[::-1]
+    rotation = eigenvectors[:, order]
+    signs = np.sign(rotation[np.argmax(np.abs(rotation), axis=0), np.arange(rotation.shape[1])])
+    rotation = rotation * np.where(signs == 0, 1.0, signs)
+    return rotation.astype(np.float32)
+
+
 def full_dims(dims: Sequence[int], full: int) -> list[int]:
     """The Matryoshka dims to train, largest first, with the full dimension always included."""
     bad = [d for d in dims if d > full]

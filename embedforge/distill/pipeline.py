@@ -3,7 +3,8 @@
 ``run`` reads top to bottom as the steps of the recipe:
 
 1. gather the unlabeled texts;
-2. encode them with every teacher (cached on disk, reused, resumable) and combine the teachers;
+2. encode them with every teacher (cached on disk, reused, resumable), combine the teachers, and optionally
+   rotate the result onto its principal axes (for Matryoshka prefixes);
 3. build the student (teacher layer subset, static token table, or any model) and its projection head;
 4. train it with the Jasper/Stella losses over Matryoshka dims and (layer, dim) pairs, checkpointing to
    ``<out_dir>.ckpt/`` so that a killed run resumes;
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedforge.configs import StageContext
-from embedforge.distill.config import DistillConfig, Projection, StudentKind
+from embedforge.distill.config import Batching, DistillConfig, Projection, StudentKind, TargetRotation
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,29 @@ def teacher_vectors(config: DistillConfig, texts: list[str], cache_dir: Path) ->
                            processes=config.teacher_processes)
 
 
-def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], targets: np.ndarray) -> Any:
-    """The untrained student, with a projection head to ``teacher_dim`` where the config asks for one."""
+def rotate_targets(config: DistillConfig, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The teacher vectors in the coordinates ``config.target_rotation`` asks for, and the rotation (or None)."""
+    if config.target_rotation == TargetRotation.NONE:
+        return targets, None
+    from embedforge.distill.matryoshka import pca_rotation
+
+    rotation = pca_rotation(targets)
+    rotated = (targets @ rotation).astype(np.float32)
+    variance = rotated.var(axis=0)
+    share = np.cumsum(variance) / variance.sum()
+    logger.info("targets rotated onto their principal axes: the first 32/64/128/256 dims hold %s of the variance",
+                "/".join(f"{share[min(d, len(share)) - 1]:.2f}" for d in (32, 64, 128, 256)))
+    return rotated, rotation
+
+
+def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], targets: np.ndarray,
+                  rotation: np.ndarray | None = None) -> Any:
+    """The untrained student, with a projection head to ``teacher_dim`` where the config asks for one.
+
+    With a target ``rotation`` (targets = teacher vectors @ rotation) the student always gets a head: a layer
+    student, which already speaks the teacher's coordinates, starts from the rotation itself; any other student
+    gets a head fitted by least squares.
+    """
     from embedforge.distill import students
     from embedforge.model import load_model
     from embedforge.sources import resolve_source
@@ -96,10 +118,12 @@ def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], tar
     dim = int(student.get_embedding_dimension())
     if config.projection == Projection.NEVER and dim != teacher_dim:
         raise ValueError(f"projection=never but the student gives {dim} dims and the teachers {teacher_dim}")
-    if config.projection == Projection.ALWAYS or dim != teacher_dim:
+    if config.projection == Projection.ALWAYS or dim != teacher_dim or rotation is not None:
         identity = dim == teacher_dim
         student = students.add_projection(student, teacher_dim, identity=identity)
-        if not identity:
+        if identity and rotation is not None and config.student == StudentKind.LAYERS:
+            students.set_projection(student, rotation.T)  # the teacher's vector, rotated: x @ R
+        elif not identity or rotation is not None:
             sample = min(len(texts), 4096)
             cos = students.fit_projection(student, texts[:sample], targets[:sample])
             logger.info("projection %d -> %d fitted by least squares: mean cosine %.3f", dim, teacher_dim, cos)
@@ -152,6 +176,12 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
         dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(),
     )
+    if config.batching == Batching.LENGTH:
+        from functools import partial
+
+        from embedforge.distill.batching import LengthGroupedBatchSampler
+
+        args.batch_sampler = partial(LengthGroupedBatchSampler, lengths=[len(t) for t in texts])
     dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
     trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
     # Train on inputs cut to max_seq_length; the saved student keeps the length it had (the teacher's).
@@ -196,9 +226,10 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     # 2. teacher vectors
     targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))
     teacher_dim = int(targets.shape[1])
+    targets, rotation = rotate_targets(config, targets)
 
     # 3. student
-    student = build_student(config, teacher_dim, texts, targets)
+    student = build_student(config, teacher_dim, texts, targets, rotation)
 
     # 4. training
     checkpoint_dir = out_dir.parent / f"{out_dir.name}.ckpt"
@@ -212,6 +243,7 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
         "teachers": [{"source": t, "weight": w, "cache": os.fspath(r.directory), "dim": r.dim}
                      for t, w, r in zip(config.teachers, config.weights, reports)],
         "n_texts": len(texts),
+        "target_rotation": config.target_rotation.value,
     }
     metrics = {"distill": {**stats, "seconds": round(time.perf_counter() - start, 2)}}
     parent = config.model if Path(config.model).is_dir() else None

@@ -199,6 +199,23 @@ def add_projection(model: Any, out_dim: int, *, identity: bool = False) -> Any:
     return SentenceTransformer(modules=[*body, dense, Normalize()], device=str(model.device))
 
 
+def set_projection(model: Any, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
+    """Set the student's ``Dense`` head to ``y = x @ weight.T + bias`` (``weight`` is out x in)."""
+    from sentence_transformers.base.modules import Dense
+
+    body, _ = _split_at_normalize(model)
+    if not body or not isinstance(body[-1], Dense):
+        raise ValueError("the student has no Dense head to set")
+    linear = body[-1].linear
+    w = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+    if tuple(w.shape) != tuple(linear.weight.shape):
+        raise ValueError(f"head weight of shape {tuple(w.shape)}, expected {tuple(linear.weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if linear.bias is not None:
+            linear.bias.copy_(torch.zeros(w.shape[0]) if bias is None else torch.as_tensor(bias, dtype=torch.float32))
+
+
 def fit_projection(model: Any, texts: Sequence[str], targets: np.ndarray, *, batch_size: int = 64) -> float:
     """Least-squares fit of the student's ``Dense`` head so that its outputs match ``targets`` on ``texts``.
 

@@ -74,3 +74,34 @@ def test_objective_rejects_pairs_outside_the_student(bert_teacher):
         DistillObjective(model, torch.zeros(4, 32), JasperStellaLoss(), layer_dims=[[4, 8]])
     with pytest.raises(ValueError, match="outside"):
         DistillObjective(model, torch.zeros(4, 32), JasperStellaLoss(), layer_dims=[[1, 64]])
+
+
+def test_pca_rotation_keeps_cosines_and_puts_the_top_components_first():
+    """Against a hand computation: eigenvectors of the covariance, sorted by eigenvalue."""
+    from embedforge.distill.matryoshka import pca_rotation
+
+    rng = np.random.default_rng(0)
+    d = 12
+    # Anisotropic data whose largest variances sit in the *last* coordinates, plus a common offset.
+    scales = np.linspace(0.1, 3.0, d)
+    mixing, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    x = (rng.normal(size=(500, d)) * scales) @ mixing.T + 0.5
+    rotation = pca_rotation(x).astype(np.float64)
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(d), atol=1e-5)  # orthogonal
+
+    rotated = x @ rotation
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(rotated) @ unit(rotated).T, unit(x) @ unit(x).T, atol=1e-5)  # cosines kept
+
+    # By hand: the covariance's eigenvalues, largest first, are the variances of the rotated coordinates ...
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    np.testing.assert_allclose(rotated.var(axis=0, ddof=1), eigenvalues, rtol=1e-4)
+    # ... and a k-prefix is the projection onto the top-k principal axes (up to each axis' sign).
+    for k in (1, 3, 6):
+        np.testing.assert_allclose(np.abs(rotated[:, :k]), np.abs(x @ eigenvectors[:, :k]), rtol=1e-4, atol=1e-5)
+        assert rotated[:, :k].var(axis=0).sum() > 1.5 * x[:, :k].var(axis=0).sum()
+    # Deterministic signs: each axis' largest entry is positive.
+    assert np.all(rotation[np.abs(rotation).argmax(axis=0), np.arange(d)] > 0)
+    with pytest.raises(ValueError, match="N >= 2"):
+        pca_rotation(x[:1])

@@ -169,3 +169,41 @@ def test_cli_distill_command(bert_teacher, texts_file, tmp_path, monkeypatch):
     assert read_lineage(out)["extra"]["matryoshka_dims"] == [32, 16]
     bad = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "first_layers=0"])
     assert bad.exit_code != 0 and "first_layers" in bad.output
+
+
+def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_path):
+    """target_rotation=pca: a layer student's head starts as the rotation (its vectors are the unrotated
+    student's, rotated), the run trains with length-grouped batches and records the rotation."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.distill import pipeline
+    from embedforge.distill.matryoshka import pca_rotation
+    from embedforge.model import read_lineage
+
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], keep_layers=[0, 2], batch_size=16,
+                        max_steps=3, save_steps=100, matryoshka_dims=[8], target_rotation="pca",
+                        batching="length", max_seq_length=32)
+    texts = pipeline.gather_texts(cfg.texts)
+    targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
+    rotated, rotation = pipeline.rotate_targets(cfg, targets)
+    np.testing.assert_allclose(rotated, targets @ pca_rotation(targets), atol=1e-6)
+    plain = pipeline.build_student(DistillConfig(**{**cfg.__dict__, "target_rotation": "none"}), 32, texts, targets)
+    student = pipeline.build_student(cfg, 32, texts, rotated, rotation)
+    assert len(student) == len(plain) + 1  # the head
+    sample = texts[:10]
+    np.testing.assert_allclose(student.encode(sample), plain.encode(sample) @ rotation, atol=1e-5)
+
+    out = tmp_path / "student"
+    pipeline.run(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
+    lineage = read_lineage(out)
+    assert lineage["extra"]["target_rotation"] == "pca" and lineage["metrics"]["distill"]["steps"] == 3
+    assert SentenceTransformer(str(out), device="cpu").encode(sample, truncate_dim=8).shape == (10, 8)
+
+
+def test_rotation_needs_a_head():
+    with pytest.raises(ConfigError) as err:
+        DistillConfig(model="t", first_layers=1, target_rotation="pca", projection="never")
+    assert err.value.key == "target_rotation"
+    with pytest.raises(ConfigError) as err:
+        DistillConfig(model="t", first_layers=1, batching="sorted")
+    assert err.value.key == "batching"
