@@ -204,6 +204,80 @@ def _tuned(pooling: str, bidirectional: bool, mntp: bool, **overrides: Any) -> C
     return make
 
 
+def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
+    """Unlabeled training texts for teacher distillation, as a JSONL file (column ``text``).
+
+    Short sentences (STS-B train, SICK train, SNLI triplets, SciFact train claims) plus long texts (the SciFact
+    abstracts cited by *train* claims, 20 Newsgroups bodies) so that the student also sees document-length inputs.
+    None of the evaluation sets (STS-B dev, SICK trial, SciFact dev queries, Banking77) is used.
+    """
+    from embedforge.data import builtin
+
+    out = work / f"kd-texts-{args.kd_long}.jsonl"
+    if out.is_file():
+        return out
+    seen: dict[str, None] = {}
+    for name in ("stsb-train", "sick-train", "snli-triplets", "scifact-train-pairs"):
+        ds = builtin(name)
+        for column in ds.column_names:
+            if ds[column] and isinstance(ds[column][0], str):
+                for text in ds[column]:
+                    seen.setdefault(text.strip(), None)
+    bodies = [t.strip() for t in builtin("newsgroups-pairs")["positive"] if len(t.strip()) > 200]
+    for text in random.Random(0).sample(bodies, min(args.kd_long, len(bodies))):
+        seen.setdefault(text, None)
+    texts = [t for t in seen if t]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    os.replace(tmp, out)
+    return out
+
+
+def _distill_config(args: argparse.Namespace, work: Path, start: Path, steps: int) -> Any:
+    from embedforge.distill.config import DistillConfig
+
+    return DistillConfig(
+        model=args.teacher, student="model", student_model=str(start), texts=[str(_kd_texts(args, work))],
+        max_seq_length=args.kd_len, batch_size=args.kd_batch, max_steps=steps, learning_rate=args.kd_lr,
+        batching="length", save_steps=25, matryoshka_dims=[],
+    )
+
+
+def _distilled(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+    """Causal mean-pooled SmolLM2 (``--keep-layers``) + a linear head, trained on a teacher's vectors (Jasper
+    losses, the ``distill`` stage with ``student: model``); the head starts from a least-squares fit."""
+    from embedforge.configs import StageContext
+    from embedforge.distill.pipeline import run as run_distill
+    from embedforge.model import read_lineage
+
+    start = _convert(args, work, "mean", False)
+    out = Path(args.out) / "models" / name
+    config = _distill_config(args, work, start, args.kd_steps)
+    run_distill(config, out, StageContext(stage_name="distill", cache_dir=work / "cache"))
+    lineage = read_lineage(out)
+    stats = (lineage.get("metrics") or {}).get("distill", {})
+    info = {"pooling": "mean", "bidirectional": False, "mntp_steps": 0, "keep_layers": args.keep_layers,
+            "trained": True, "teacher": args.teacher, "steps": stats.get("steps"), "distill": stats,
+            "n_texts": (lineage.get("extra") or {}).get("n_texts"), "kd_len": args.kd_len,
+            "train_wall_s": round(stats.get("seconds", 0.0), 1)}
+    return out, info
+
+
+def _head_only(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
+    """Ablation: the zero-shot backbone with only the least-squares head to the teacher space (no training)."""
+    from embedforge.distill.pipeline import build_student, gather_texts, teacher_vectors
+
+    start = _convert(args, work, "mean", False)
+    config = _distill_config(args, work, start, 1)
+    texts = gather_texts(config.texts)
+    targets, _ = teacher_vectors(config, texts, work / "cache")
+    t = time.perf_counter()
+    model = build_student(config, int(targets.shape[1]), texts, targets)
+    model.max_seq_length = args.max_len
+    return model, {"pooling": "mean", "bidirectional": False, "trained": False, "layers": args.keep_layers,
+                   "teacher": args.teacher, "head_fit_s": round(time.perf_counter() - t, 1)}
+
+
 ZERO_SHOT = {
     "zs-causal-mean-truncated": _zero_shot("mean", False, truncate=True),
     "zs-bidir-mean-truncated": _zero_shot("mean", True, truncate=True),
@@ -211,12 +285,14 @@ ZERO_SHOT = {
     "zs-causal-lasttoken": _zero_shot("lasttoken", False),
     "zs-causal-echo": _zero_shot("echo", False),
     "zs-bidir-mean": _zero_shot("mean", True),
+    "ablation-causal-mean-teacher-head": _head_only,
 }
 TUNED = {
     "causal-sup-mean": _tuned("mean", False, False),
     "bidir-mntp-sup-mean": _tuned("mean", True, True),
     "bidir-mntp-sup-latent": _tuned("latent_attention", True, True),
     "causal-sup-echo": _tuned("echo", False, False),
+    "causal-distill-mean": _distilled,
     # ablations
     "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
     "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),
@@ -285,6 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc-len", type=int, default=96)
     parser.add_argument("--scifact-docs", type=int, default=1000)
     parser.add_argument("--banking-rows", type=int, default=2000)
+    parser.add_argument("--teacher", default="minilm-l6", help="causal-distill-mean: the teacher embedder")
+    parser.add_argument("--kd-steps", type=int, default=400, help="causal-distill-mean: training steps")
+    parser.add_argument("--kd-batch", type=int, default=64)
+    parser.add_argument("--kd-len", type=int, default=128, help="causal-distill-mean: tokens per training text")
+    parser.add_argument("--kd-lr", type=float, default=1e-4)
+    parser.add_argument("--kd-long", type=int, default=2000, help="20 Newsgroups bodies among the distill texts")
     parser.add_argument("--collect-only", action="store_true",
                         help="run nothing: import --zero-shot-from and rewrite results.json / results.md")
     args = parser.parse_args(argv)

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``convert``.
 
-    1. build the embedder (:func:`embedforge.convert.embedder.build_embedder_from_config`);
+    1. build the embedder (:func:`embedforge.convert.embedder.build_embedder_from_config`), cut to its first
+       ``keep_layers`` decoder layers if asked;
     2. optionally score it on ``config.eval_tasks``;
     3. save it with lineage (``stage="convert"``) to ``out_dir``, atomically.
     """
@@ -23,6 +24,10 @@ def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None
     from embedforge.model import save_model
 
     model = build_embedder_from_config(config)
+    if config.keep_layers is not None:
+        from embedforge.convert.train_model import truncate_layers
+
+        truncate_layers(model, config.keep_layers)
     metrics: dict[str, Any] = {}
     if config.eval_tasks:
         from embedforge.evaluation import evaluate
@@ -32,6 +37,7 @@ def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None
         "pooling": config.pooling.value,
         "bidirectional": config.bidirectional,
         "embedding_dimension": model.get_embedding_dimension(),
+        "keep_layers": config.keep_layers,
     }
     save_model(
         model, out_dir, stage="convert", source=config.model, config=config, metrics=metrics,

@@ -31,6 +31,10 @@ def test_config_checks_name_the_key() -> None:
     assert err.value.key == "echo_template"
     with pytest.raises(ConfigError, match="max_seq_length"):
         ConvertConfig(model="m", max_seq_length=0)
+    with pytest.raises(ConfigError, match="keep_layers"):
+        ConvertConfig(model="m", keep_layers=0)
+    with pytest.raises(ConfigError, match="keep_layers: cannot be combined with multi_layer"):
+        ConvertConfig(model="m", pooling="multi_layer", keep_layers=2)
     assert ConvertConfig(model="m", pooling="last_token").pooling == PoolingMode.LAST_TOKEN
     assert ConvertConfig(model="m", pooling="Weighted-Mean").pooling == PoolingMode.WEIGHTED_MEAN
 
@@ -95,6 +99,53 @@ def test_run_convert_with_a_trainable_head(tiny_llama_dir: Path, tmp_path: Path)
     texts = sample_texts()
     # same seed -> same head weights: the saved model equals a fresh build
     np.testing.assert_allclose(loaded.encode(texts), build_embedder_from_config(cfg).encode(texts), atol=1e-6)
+
+
+def test_keep_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """convert (causal, first layer only) -> distill (``student: model``) from another embedder's vectors: the
+    student keeps one causal layer, gains a fitted head to the teacher's space and gets closer to the teacher."""
+    import torch
+
+    from embedforge.convert.pipeline import run_convert
+    from embedforge.distill.config import DistillConfig
+    from embedforge.distill.pipeline import run as run_distill
+    from embedforge.model import read_lineage
+    from embedforge.modules import load_embedder
+
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    run_convert(ConvertConfig(model=str(tiny_llama_dir), bidirectional=False, keep_layers=1, max_seq_length=32),
+                student_dir, StageContext())
+    run_convert(ConvertConfig(model=str(tiny_llama_dir), pooling="weightedmean", max_seq_length=32, seed=3),
+                teacher_dir, StageContext())
+    assert read_lineage(student_dir)["extra"]["keep_layers"] == 1
+    start = load_embedder(student_dir)
+    assert start[0].auto_model.config.num_hidden_layers == 1 and len(start[0].auto_model.layers) == 1
+
+    texts = sample_texts() * 4
+    texts_file = tmp_path / "texts.jsonl"
+    texts_file.write_text("".join(json.dumps({"text": f"{t} #{i}"}) + "\n" for i, t in enumerate(texts)))
+    cfg = DistillConfig(model=str(teacher_dir), student="model", student_model=str(student_dir),
+                        texts=[str(texts_file)], projection="always", batch_size=8, max_steps=6,
+                        learning_rate=5e-4, warmup_ratio=0.0, save_steps=100, max_seq_length=32)
+    out = tmp_path / "distilled"
+    run_distill(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
+    student = load_embedder(out)
+    assert any(type(m).__name__ == "Dense" for m in student)
+    backbone = student[0].auto_model
+    assert len(backbone.layers) == 1 and backbone.config.is_causal is not False
+    ids = student.tokenizer(["one two three four"], return_tensors="pt")["input_ids"]
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % backbone.config.vocab_size
+    with torch.no_grad():
+        first = backbone(input_ids=ids).last_hidden_state[0, 0]
+        first_changed = backbone(input_ids=changed).last_hidden_state[0, 0]
+    torch.testing.assert_close(first, first_changed)  # still causal: the first token cannot see the last
+
+    probe = [f"{t} #{i}" for i, t in enumerate(texts)]
+    teacher_vecs = load_embedder(teacher_dir).encode(probe)
+    cos_start = float(np.mean(np.sum(start.encode(probe) * teacher_vecs, axis=1)))
+    cos_end = float(np.mean(np.sum(student.encode(probe) * teacher_vecs, axis=1)))
+    assert cos_end > cos_start + 0.05, (cos_start, cos_end)
 
 
 def test_there_are_zero_shot_recipes() -> None:
