@@ -13,6 +13,13 @@ Compares, in one run and on the same vectors:
 * an equal-bit baseline for the learned 2-bit code: sign of a random 2x rotation (LSH with ``2 * D`` bits).
 
 Search times are single-threaded medians over repeats, for the 200 queries as one batch and one query at a time.
+
+SciFact alone has 5,183 documents: a float index of 7.6 MB that sits in cache, where fixed per-call costs decide
+the search time. ``--distractors-from`` / ``--distractor-onnx`` enlarge the corpus with REAL distractor texts
+(STS-B train, SICK train, SNLI triplets, 20 Newsgroups subjects and bodies; nothing from SciFact), encoded by the
+same model; the SciFact qrels stay valid, so nDCG@10 is reported on the enlarged corpus for float and binary
+search alike, next to per-query latency and batch throughput of both sides (single-threaded, interleaved rounds).
+
 Writes ``results.json`` (partial after every step) and ``results.md`` under ``--out``; ``run()`` returns the dict.
 """
 
@@ -108,6 +115,19 @@ def _markdown(result: dict[str, Any]) -> str:
             f"rescoring depths {list(RESCORE_DEPTHS)} (headline {HEADLINE_DEPTH}); times: single-threaded FAISS, "
             "median of repeats", ""]
     tail = ["", "Comparisons:", ""] + [f"- {k}: {v}" for k, v in result.get("comparisons", {}).items()]
+    enl = result.get("enlarged")
+    if enl:
+        tail += ["", f"## Enlarged corpus: {enl['n_scifact_docs']} SciFact + {enl['n_distractors']} real distractors "
+                 f"= {enl['n_docs']} documents", "", enl["note"], "",
+                 "| method | nDCG@10 | % of float | index bytes | memory ratio | latency ms (mean / p50 / p95) | "
+                 "speed-up (1 query) | batch ms (200 q) | queries/s (batch) | speed-up (batch) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in enl["methods"].items():
+            tail.append(f"| {name} | {m['ndcg@10']:.2f} | {m['retention'] * 100:.1f} | {m['index_bytes']} | "
+                        f"{m['memory_ratio']:.1f}x | {m['latency_ms_mean']:.3f} / {m['latency_ms_p50']:.3f} / "
+                        f"{m['latency_ms_p95']:.3f} | {m['speedup_latency']:.1f}x | {m['batch_ms']:.1f} | "
+                        f"{m['batch_queries_per_s']:.0f} | {m['speedup_batch']:.1f}x |")
+        tail += ["", f"Distractors: {json.dumps(enl.get('distractors', {}))}"]
     return "\n".join(head + rows + tail) + "\n"
 
 
@@ -142,17 +162,201 @@ def _scaled_timing(docs: np.ndarray, queries: np.ndarray, calib: Any, n_docs: in
             "binary_index_bytes": int(codes.nbytes)}
 
 
+DISTRACTOR_SOURCES = ("stsb-train", "sick-train", "snli-triplets", "newsgroups-pairs")
+
+
+def _norm_text(text: str) -> str:
+    """Whitespace-normalized, cut at 1,000 characters (the distill benchmark's text normalization)."""
+    return " ".join(text.split())[:1000]
+
+
+def _distractor_texts(scifact_root: Path, limit: int | None) -> list[str]:
+    """Real non-SciFact texts from the shared data, de-duplicated, in a fixed shuffled order.
+
+    Every SciFact text (corpus documents and queries of all splits) is excluded, so no distractor can be a
+    relevant document in disguise and the dev qrels stay valid.
+    """
+    import random
+
+    from embedforge.data import builtin, load_beir
+
+    scifact: set[str] = set()
+    for split in ("train", "dev"):
+        beir = load_beir(scifact_root, split)
+        scifact.update(_norm_text(t) for t in list(beir.corpus.values()) + list(beir.queries.values()))
+    seen: dict[str, None] = {}
+    for name in DISTRACTOR_SOURCES:
+        ds = builtin(name)
+        for column in ds.column_names:
+            values = ds[column]
+            if values and isinstance(values[0], str):
+                for text in values:
+                    t = _norm_text(text)
+                    if len(t) > 3 and t not in scifact:
+                        seen.setdefault(t, None)
+    texts = list(seen)
+    random.Random(0).shuffle(texts)
+    return texts[:limit] if limit else texts
+
+
+def _vectors_from_cache(folder: Path) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:
+    """Read a distill benchmark's teacher-vector cache: ``texts.jsonl`` + ``cache/teacher-vectors/*/shard-*.npy``."""
+    texts = [json.loads(line)["text"].strip() for line in (folder / "texts.jsonl").read_text().splitlines()]
+    metas = sorted((folder / "cache").glob("teacher-vectors/*/meta.json"))
+    if not metas:
+        raise FileNotFoundError(f"no teacher-vector cache under {folder / 'cache'}")
+    meta = json.loads(metas[0].read_text())
+    shards = sorted(metas[0].parent.glob("shard-*.npy"))
+    vecs = np.concatenate([np.load(f) for f in shards]).astype(np.float32)
+    if len(vecs) != len(texts) or meta.get("n_texts") != len(texts):
+        raise ValueError(f"{folder}: {len(vecs)} cached vectors for {len(texts)} texts (meta {meta.get('n_texts')})")
+    return {t: i for i, t in enumerate(texts)}, vecs, meta
+
+
+def _distractor_vectors(encoder: Any, texts: list[str], out: Path, cache_from: str | None,
+                        onnx_encoder: Any | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Unit vectors for ``texts``: from a distill teacher cache where it has them, else encoded (and cached)."""
+    from embedforge.evaluation import encode, l2_normalize
+
+    info: dict[str, Any] = {"n": len(texts), "sources": list(DISTRACTOR_SOURCES)}
+    vecs = np.zeros((len(texts), 0), dtype=np.float32)
+    missing = list(range(len(texts)))
+    if cache_from:
+        index, cached, meta = _vectors_from_cache(Path(cache_from))
+        rows = [index.get(t, -1) for t in texts]
+        hit = [i for i, r in enumerate(rows) if r >= 0]
+        vecs = np.zeros((len(texts), cached.shape[1]), dtype=np.float32)
+        vecs[hit] = cached[[rows[i] for i in hit]]
+        missing = [i for i, r in enumerate(rows) if r < 0]
+        # check: the cache holds this model's vectors -- re-encode short texts (no truncation either way)
+        rng = np.random.default_rng(0)
+        short = [i for i in hit if len(texts[i]) < 300]
+        probe = [int(i) for i in rng.choice(short, size=min(64, len(short)), replace=False)]
+        fresh = encode(encoder, [texts[i] for i in probe], batch_size=32, normalize=True, desc="cache check")
+        cos = (fresh * l2_normalize(vecs[probe])).sum(1)
+        info.update(cache={"from": str(cache_from), "teacher": meta.get("teacher"), "settings": meta.get("settings"),
+                           "hits": len(hit), "check_texts": len(probe), "check_min_cosine": float(cos.min())})
+        if cos.min() < 0.999:
+            raise ValueError(f"cached vectors in {cache_from} are not this model's (min cosine {cos.min():.4f})")
+    if missing and cache_from and onnx_encoder is None:  # only what the cache holds: drop the rest
+        keep = np.setdiff1d(np.arange(len(texts)), missing)
+        info.update(n=len(keep), dropped_not_in_cache=len(missing))
+        return l2_normalize(vecs[keep]).astype(np.float32), info
+    if missing:
+        enc = onnx_encoder or encoder
+        cache = out / f"distractors_{len(texts)}_{type(enc).__name__}.npy"
+        fresh = _encode_cached(enc, [texts[i] for i in missing], cache, "distractors")
+        if vecs.shape[1] == 0:
+            vecs = np.zeros((len(texts), fresh.shape[1]), dtype=np.float32)
+        vecs[missing] = fresh
+        info["encoded"] = {"n": len(missing), "encoder": type(enc).__name__,
+                           "file": getattr(enc, "file", None)}
+    return l2_normalize(vecs).astype(np.float32), info
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median wall seconds per function over ``rounds``, the functions interleaved within each round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _per_query(search: Callable[[np.ndarray], Any], queries: np.ndarray) -> Callable[[], list[float]]:
+    def loop() -> list[float]:
+        lat = []
+        for i in range(len(queries)):
+            t0 = time.perf_counter()
+            search(queries[i:i + 1])
+            lat.append(time.perf_counter() - t0)
+        return lat
+    return loop
+
+
+def _enlarged(result: dict[str, Any], docs: np.ndarray, queries: np.ndarray, doc_ids: list[str],
+              query_ids: list[str], qrels: dict[str, dict[str, int]], distractors: np.ndarray, calib: Any,
+              rounds: int) -> dict[str, Any]:
+    """Quality and speed of float vs binary search on SciFact + real distractors (same vectors, same run)."""
+    import faiss
+
+    from embedforge.compress.quantization import BinaryRescoreIndex, binary_search, faiss_binary_index, pack_binary
+    from embedforge.evaluation import retrieval_metrics
+
+    big = np.ascontiguousarray(np.concatenate([docs, distractors]), dtype=np.float32)
+    ids = doc_ids + [f"distractor-{i}" for i in range(len(distractors))]
+    n = len(ids)
+    metric = lambda s: retrieval_metrics(s, ids, query_ids, qrels)  # noqa: E731
+    flat = faiss.IndexFlatIP(big.shape[1])
+    flat.add(big)
+    two_stage = BinaryRescoreIndex.build(big, calib)
+    ham = faiss_binary_index(pack_binary(big))
+    qc = pack_binary(queries)
+    searches: dict[str, Callable[[np.ndarray], Any]] = {
+        "float32 exact (IndexFlatIP)": lambda q: flat.search(q, 10),
+        "sign binary (hamming)": lambda q: ham.search(np.packbits(q > 0, axis=1), 10),
+    }
+    for depth in RESCORE_DEPTHS:
+        searches[f"sign binary + int8 rescore @{depth}"] = (lambda d: lambda q: two_stage.search(q, 10, d))(depth)
+    methods: dict[str, Any] = {}
+    hd, hi = binary_search(ham, qc, RESCORE_K)
+    for name in searches:
+        if name.startswith("float"):
+            m = metric(queries @ big.T)
+            bytes_ = big.nbytes
+        elif name == "sign binary (hamming)":
+            m = metric(_scores_from_topk(hi, -hd.astype(np.float32) + 1e-3 * np.linspace(1, 0, RESCORE_K)[None], n))
+            bytes_ = two_stage.binary_bytes
+        else:
+            depth = int(name.rsplit("@", 1)[1])
+            s, top = two_stage.search(queries, 10, depth)
+            m = metric(_scores_from_topk(top, s, n))
+            bytes_ = two_stage.binary_bytes
+        methods[name] = {"ndcg@10": m["ndcg@10"], "mrr@10": m["mrr@10"], "index_bytes": int(bytes_)}
+    # timing: every method in every round, one query at a time (latency) and all queries in one call (batch)
+    per_query = {k: _per_query(f, queries) for k, f in searches.items()}
+    lat: dict[str, list[float]] = {k: [] for k in searches}
+    for fn in per_query.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in per_query.items():
+            lat[k].append(fn())
+    batch = _interleaved({k: (lambda f: lambda: f(queries))(f) for k, f in searches.items()}, rounds)
+    ref = methods["float32 exact (IndexFlatIP)"]
+    ref_lat = float(np.median([np.mean(r) for r in lat["float32 exact (IndexFlatIP)"]]))
+    for k, m in methods.items():
+        per_round = [np.mean(r) for r in lat[k]]
+        all_q = np.concatenate([np.asarray(r) for r in lat[k]])
+        m.update(retention=m["ndcg@10"] / ref["ndcg@10"], memory_ratio=ref["index_bytes"] / m["index_bytes"],
+                 latency_ms_mean=1000 * float(np.median(per_round)), latency_ms_p50=1000 * float(np.median(all_q)),
+                 latency_ms_p95=1000 * float(np.percentile(all_q, 95)),
+                 batch_ms=1000 * batch[k], batch_queries_per_s=len(queries) / batch[k])
+        m["speedup_latency"] = ref_lat / float(np.median(per_round))
+        m["speedup_batch"] = batch["float32 exact (IndexFlatIP)"] / batch[k]
+    return {"n_docs": n, "n_scifact_docs": len(doc_ids), "n_distractors": len(distractors),
+            "n_queries": len(queries), "rounds": rounds, "methods": methods,
+            "note": "single-threaded FAISS / numpy, methods interleaved in every round; latency = one query per "
+                    "call (mean over the queries, median over rounds; p50/p95 over all single calls); batch = all "
+                    "queries in one call (median over rounds). int8 rows for rescoring are in memory; the memory "
+                    "ratio counts the in-memory index only (float vectors vs packed sign bits)."}
+
+
 def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int = 2, train_steps: int = 600,
         train_batch: int = 512,
         n_generic: int = 5000, repeats: int = 20, seed: int = 0, scifact_dir: str | None = None,
-        scale_docs: int = 200_000) -> dict[str, Any]:
+        scale_docs: int = 200_000, distractors_from: str | None = None, distractor_onnx: str | None = None,
+        n_distractors: int | None = None, enlarged_rounds: int = 5) -> dict[str, Any]:
     """Run the whole benchmark for one model (a model dir / alias, a SentenceTransformer or an Encoder)."""
     import faiss
     import torch
 
     from embedforge.compress.binarizer import BinarizerTraining, binarize, level_scores, train_binarizer
     from embedforge.compress.quantization import (
-        Int8Calibration, binary_search, faiss_binary_index, pack_binary, rescore,
+        BinaryRescoreIndex, Int8Calibration, binary_search, faiss_binary_index, pack_binary, rescore,
     )
     from embedforge.data import load_beir, shared_data_dir
     from embedforge.evaluation import as_encoder, retrieval_metrics
@@ -160,7 +364,7 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     faiss.omp_set_num_threads(1)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
     root = Path(scifact_dir) if scifact_dir else shared_data_dir() / "scifact"
     dev = load_beir(root, "dev")
     train = load_beir(root, "train")
@@ -228,10 +432,13 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
     ham_scores = _scores_from_topk(hi, -hd.astype(np.float32) + 1e-3 * np.linspace(1, 0, RESCORE_K)[None], n)
     add("sign binary (hamming)", ham_scores, dim, codes.nbytes, t_b, t_s)
 
+    two_stage = BinaryRescoreIndex(codes, docs_int8, calib)  # packs the query itself, int8 rows in memory
     for depth in RESCORE_DEPTHS:
         for label, vecs, cal in (("int8", docs_int8, calib), ("float", docs, None)):
             def search(qs: np.ndarray, qc: np.ndarray, k: int = 10, depth: int = depth, vecs: np.ndarray = vecs,
                        cal: Any = cal) -> tuple[np.ndarray, np.ndarray]:
+                if cal is not None:
+                    return two_stage.search(qs, k, depth)
                 return rescore(qs, binary_search(index, qc, depth)[1], vecs, k, calibration=cal)
 
             s_all, ids_all = search(queries, qcodes, depth)
@@ -241,7 +448,8 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
             add(f"sign binary + {label} rescore @{depth}", _scores_from_topk(ids_all, s_all, n), dim, codes.nbytes,
                 t_b, t_s, rescore_depth=depth, rescore_vectors_bytes=int(vecs.nbytes),
                 note=f"in-memory index = packed bits; {label} document vectors are read only for the {depth} "
-                     "candidates (kept on disk / mmap, as in sentence-transformers' rescoring recipe)")
+                     "candidates (they may live on disk / mmap, as in sentence-transformers' rescoring recipe; "
+                     "timed here from memory)")
 
     # 4. equal-bit baseline: sign of a random rotation to bits * dim
     rng = np.random.default_rng(seed)
@@ -303,6 +511,31 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
                                                  max(3, repeats // 4), seed)
         result["comparisons"][f"search speed-up at {scale_docs} synthetic docs, 1 query, binary+int8 rescore "
                               f"@{HEADLINE_DEPTH}"] = round(result["scaled_timing"]["speedup_rescore"], 2)
+    if distractors_from or distractor_onnx:
+        from embedforge.export.encoder import OnnxEncoder
+
+        onnx_enc = None
+        if distractor_onnx:
+            graph = Path(distractor_onnx).resolve()
+            onnx_enc = OnnxEncoder(graph.parent.parent, os.path.relpath(graph, graph.parent.parent), threads=1)
+        texts = _distractor_texts(root, n_distractors)
+        dvecs, dinfo = _distractor_vectors(encoder, texts, out, distractors_from, onnx_enc)
+        enl = _enlarged(result, docs, queries, doc_ids, query_ids, dev.qrels, dvecs, calib, enlarged_rounds)
+        enl["distractors"] = dinfo
+        result["enlarged"] = enl
+        em = enl["methods"]
+        head = em[f"sign binary + int8 rescore @{HEADLINE_DEPTH}"]
+        where = f"at {enl['n_docs']} docs (SciFact + real distractors)"
+        result["comparisons"].update({
+            f"float nDCG@10 {where}": round(em["float32 exact (IndexFlatIP)"]["ndcg@10"], 2),
+            f"binary+int8 rescore @{HEADLINE_DEPTH} retention {where}": round(head["retention"], 4),
+            f"search speed-up {where}, 1 query, binary+int8 rescore @{HEADLINE_DEPTH} (target >= 15)": round(
+                head["speedup_latency"], 2),
+            f"search speed-up {where}, 200-query batch, binary+int8 rescore @{HEADLINE_DEPTH}": round(
+                head["speedup_batch"], 2),
+            f"search speed-up {where}, 1 query, binary+int8 rescore @20": round(
+                em["sign binary + int8 rescore @20"]["speedup_latency"], 2),
+        })
     result["notes"]["timing"] = ("single-threaded FAISS, median of repeats, top-10; 'batch' = all queries in one "
                                  "search call, '1 query' = per-query latency averaged over the queries")
     _write(out, result)
@@ -321,12 +554,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--scale-docs", type=int, default=200_000,
                         help="also time search on this many synthetic docs (0: skip)")
+    parser.add_argument("--distractors-from", default=None,
+                        help="a distill benchmark out dir (texts.jsonl + cache/teacher-vectors) holding this model's "
+                        "vectors of the distractor texts")
+    parser.add_argument("--distractor-onnx", default=None,
+                        help="an exported graph (EXPORT_DIR/onnx/FILE.onnx) that encodes distractors not in the cache")
+    parser.add_argument("--distractors", type=int, default=0, help="at most this many distractors (0: all)")
+    parser.add_argument("--enlarged-rounds", type=int, default=5, help="timing rounds on the enlarged corpus")
     parser.add_argument("--copy-json", default=None, help="also copy results.json to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args.model, args.out, bits=args.bits, train_steps=args.train_steps,
                  train_batch=args.train_batch, n_generic=args.generic_texts,
-                 repeats=args.repeats, scale_docs=args.scale_docs)
+                 repeats=args.repeats, scale_docs=args.scale_docs, distractors_from=args.distractors_from,
+                 distractor_onnx=args.distractor_onnx, n_distractors=args.distractors or None,
+                 enlarged_rounds=args.enlarged_rounds)
     if args.copy_json:
         Path(args.copy_json).write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(_markdown(result))

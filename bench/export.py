@@ -22,6 +22,7 @@ Writes ``OUT/results.json`` after every step and ``OUT/results.md`` at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -85,13 +86,26 @@ def _export(model_dir: str, dest: Path, args: argparse.Namespace) -> dict[str, A
     return json.loads((dest / "manifest.json").read_text())
 
 
+def _all_int8_graph(dest: Path, manifest: dict[str, Any]) -> Path:
+    """The int8 graph of the previous default recipe (every MatMul and the embeddings in int8), made once."""
+    from embedforge.export import precision
+
+    folder = dest.parent.parent / "ablation" / dest.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model_qint8_every_matmul.onnx"
+    base = dest / ("onnx/model_O2.onnx" if manifest["fusion"]["applied"] else "onnx/model.onnx")
+    if not path.is_file():
+        precision.quantize_int8_dynamic(base, path, per_channel=True, keep_float=[], quantize_embeddings=True)
+    return path
+
+
 def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """Extra int8 graphs for the ablation (in ``OUT/ablation/<model>/``), made once."""
     from embedforge.export import precision
 
     folder = dest.parent.parent / "ablation" / dest.name
     folder.mkdir(parents=True, exist_ok=True)
-    made = {}
+    made = {"int8 every MatMul (previous default)": str(_all_int8_graph(dest, manifest))}
     if manifest["fusion"]["applied"]:
         plain = folder / "model_qint8_plain.onnx"
         if not plain.is_file():
@@ -158,6 +172,9 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
     }
     if "fp32_fused" in graphs:
         encoders["onnx fp32 fused"] = _encoder_for(dest, graphs["fp32_fused"]["file"], args.threads)
+    if ablate:
+        encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(
+            dest, os.path.relpath(_all_int8_graph(dest, manifest), dest), args.threads)
     if "int8_blockwise" in graphs:
         encoders["onnx int8 blockwise"] = _encoder_for(dest, graphs["int8_blockwise"]["file"], args.threads)
     if ablate and not args.quick:
@@ -167,6 +184,8 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
         for label, path in _ablation_graphs(dest, manifest).items():
             from embedforge.export.encoder import OnnxEncoder
 
+            if f"onnx {label}" in encoders:
+                continue
             encoders[f"onnx {label}"] = OnnxEncoder(dest, os.path.relpath(path, dest), threads=args.threads)
     for name, enc in encoders.items():
         variants[name] = (lambda e: (lambda: e.encode(texts, batch_size=32)))(enc)
@@ -203,11 +222,11 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
 
 
 def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argparse.Namespace,
-             limits: dict[str, int]) -> dict[str, Any]:
+             limits: dict[str, int], previous: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from embedforge.data import builtin, builtin_beir
-    from embedforge.evaluation import evaluate_retrieval, evaluate_sts
+    from embedforge.evaluation import evaluate_sts
     from embedforge.modules import load_embedder
 
     torch.set_num_threads(args.threads)
@@ -217,15 +236,28 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     int8_file = manifest["graphs"]["int8_avx512_vnni"]["file"]
     encoders = {"pytorch fp32": st, "onnx fp32": _encoder_for(dest, "onnx/model.onnx", args.threads),
                 "onnx int8": _encoder_for(dest, int8_file, args.threads)}
+    keys = {"pytorch fp32": "pytorch-fp32", "onnx fp32": _file_key(dest / "onnx/model.onnx"),
+            "onnx int8": _file_key(dest / int8_file)}
+    previous = _all_int8_graph(dest, manifest)  # the same-run comparison with the previous int8 recipe
+    encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(dest, os.path.relpath(previous, dest),
+                                                                         args.threads)
+    keys["onnx int8 every MatMul (previous default)"] = _file_key(previous)
     if "int8_blockwise" in manifest["graphs"]:
         encoders["onnx int8 blockwise"] = _encoder_for(dest, manifest["graphs"]["int8_blockwise"]["file"],
                                                        args.threads)
+        keys["onnx int8 blockwise"] = _file_key(dest / manifest["graphs"]["int8_blockwise"]["file"])
+    cache_dir = Path(args.out) / "vectors"
+    cache_dir.mkdir(parents=True, exist_ok=True)
     sts = builtin("stsb-dev")
     out: dict[str, Any] = {"stsb-dev": {}, "scifact-dev": {}}
+    if previous:  # a resumed run only adds the evaluations the earlier one skipped
+        out = {"stsb-dev": dict(previous.get("stsb-dev", {})), "scifact-dev": dict(previous.get("scifact-dev", {}))}
     if limits["sts_pairs"]:
         sts = sts.select(range(min(len(sts), limits["sts_pairs"])))
         out["stsb-dev"]["pairs"] = len(sts)
     for name, enc in encoders.items():
+        if name in out["stsb-dev"]:
+            continue
         out["stsb-dev"][name] = evaluate_sts(enc, sts, show_progress=False)
         logger.info("stsb-dev %s: %s", name, out["stsb-dev"][name])
     ref_sts = out["stsb-dev"]["pytorch fp32"]["spearman"]
@@ -238,12 +270,124 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     if limits["scifact_docs"]:
         beir = _subsample_corpus(beir, limits["scifact_docs"])
     out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
-    for name in [n for n in ("pytorch fp32", "onnx int8", "onnx int8 blockwise") if n in encoders]:
-        out["scifact-dev"][name] = evaluate_retrieval(encoders[name], beir, show_progress=False)
-        logger.info("scifact-dev %s: %s", name, out["scifact-dev"][name])
+    wanted = ("pytorch fp32", "onnx int8", "onnx int8 every MatMul (previous default)", "onnx int8 blockwise")
+    for name in [n for n in wanted if n in encoders and (n == "pytorch fp32" or n in args.scifact_encoders)]:
+        if name not in out["scifact-dev"]:
+            out["scifact-dev"][name] = _retrieval_cached(encoders[name], keys[name], beir, cache_dir)
+            logger.info("scifact-dev %s: %s", name, out["scifact-dev"][name])
         ref_ir = out["scifact-dev"]["pytorch fp32"]["ndcg@10"]
         if name != "pytorch fp32":
             out["retention"][f"scifact {name}"] = round(out["scifact-dev"][name]["ndcg@10"] / ref_ir, 4)
+    return out
+
+
+def _file_key(path: Path) -> str:
+    """Cache key of an ONNX graph: its name and content hash (a re-quantized graph gets new vectors)."""
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).stem}-{digest}"
+
+
+def _encode_cached(encoder: Any, texts: list[str], cache_dir: Path, key: str, prompt: str | None) -> np.ndarray:
+    """``embedforge.evaluation.encode`` once per (encoder, texts); later runs read ``cache_dir/<key>-<hash>.npy``."""
+    from embedforge.evaluation import encode
+
+    path = cache_dir / f"{key}-{hashlib.sha1(chr(0).join(texts).encode()).hexdigest()[:12]}.npy"
+    if path.is_file():
+        logger.info("vectors from cache: %s", path.name)
+        return np.load(path)
+    emb = encode(encoder, texts, batch_size=32, prompt=prompt, show_progress=False)
+    np.save(path, emb)
+    return emb
+
+
+def _retrieval_cached(model: Any, key: str, beir: Any, cache_dir: Path) -> dict[str, float]:
+    """:func:`embedforge.evaluation.evaluate_retrieval` (same encode, prompts and metric) with cached vectors."""
+    from embedforge.evaluation import _default_prompt, as_encoder, retrieval_metrics
+
+    encoder = as_encoder(model)
+    doc_ids, query_ids = list(beir.corpus), list(beir.queries)
+    d = _encode_cached(encoder, [beir.corpus[i] for i in doc_ids], cache_dir, f"{key}-docs",
+                       _default_prompt(encoder, "document", None))
+    q = _encode_cached(encoder, [beir.queries[i] for i in query_ids], cache_dir, f"{key}-queries",
+                       _default_prompt(encoder, "query", None))
+    return retrieval_metrics(q @ d.T, doc_ids, query_ids, beir.qrels)
+
+
+def _matmul_groups(base: Path) -> dict[tuple[int, str], str]:
+    """(layer, group) -> node name of a fused BERT graph: qkv (fused Attention), attn_out, ffn_up, ffn_down."""
+    import onnx
+
+    groups = {}
+    for node in onnx.load(str(base), load_external_data=False).graph.node:
+        name = node.name
+        if node.op_type == "Attention" and name.startswith("Attention_"):
+            groups[(int(name.split("_")[1]), "qkv")] = name
+        elif node.op_type == "MatMul" and "/layer." in name:
+            layer = int(name.split("/layer.")[1].split("/")[0])
+            kind = ("attn_out" if "/attention/output/" in name else "ffn_up" if "/intermediate/" in name
+                    else "ffn_down" if "/output/dense" in name else None)
+            if kind:
+                groups[(layer, kind)] = name
+    return groups
+
+
+def _int8_sensitivity(model_dir: str, dest: Path, manifest: dict[str, Any], n_docs: int,
+                      threads: int) -> dict[str, Any]:
+    """Leave-one-group-out sensitivity of dynamic int8 on the ``n_docs`` longest SciFact documents.
+
+    Each variant quantizes every MatMul except one group (per kind over all layers, per layer over all kinds,
+    and each layer's FFN-down) and reports ``1 - cosine`` to the PyTorch fp32 vectors (mean over documents, and
+    the worst document): the groups whose float copy removes most of the error are the ones to keep in float.
+    """
+    import torch
+
+    from embedforge.data import builtin_beir
+    from embedforge.evaluation import encode
+    from embedforge.export import precision
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.modules import load_embedder
+
+    torch.set_num_threads(threads)
+    base = dest / ("onnx/model_O2.onnx" if manifest["fusion"]["applied"] else "onnx/model.onnx")
+    groups = _matmul_groups(base)
+    if not groups:
+        return {"skipped": "no fused BERT-like graph"}
+    beir = builtin_beir("scifact-dev")
+    texts = sorted(beir.corpus.values(), key=len, reverse=True)[:n_docs]
+    st = load_embedder(model_dir)
+    st.eval()
+    st.max_seq_length = manifest["tokenizer"]["max_length"]
+    ref = encode(st, texts, batch_size=32, show_progress=False)
+    layers = sorted({layer for layer, _ in groups})
+    kinds = ("qkv", "attn_out", "ffn_up", "ffn_down")
+    variants: dict[str, tuple[list[str], bool]] = {"every MatMul int8": ([], True)}
+    for kind in kinds:
+        variants[f"{kind} float (all layers)"] = ([groups[(la, kind)] for la in layers], True)
+    for la in layers:
+        variants[f"layer {la} float (all kinds)"] = ([groups[(la, k)] for k in kinds], True)
+    for la in layers:
+        variants[f"layer {la} ffn_down float"] = ([groups[(la, "ffn_down")]], True)
+    variants["embeddings float"] = ([], False)
+    default_nodes = precision.matmul_nodes(base, list(precision.ENCODER_KEEP_FLOAT))
+    variants[f"{list(precision.ENCODER_KEEP_FLOAT)} float, embeddings int8"] = (default_nodes, True)
+    variants[f"default: {list(precision.ENCODER_KEEP_FLOAT)} float, embeddings float"] = (default_nodes, False)
+    folder = dest.parent.parent / "ablation" / dest.name / "sensitivity"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"docs": len(texts), "reference": "PyTorch fp32 (sentence-transformers)",
+                           "metric": "1 - cosine to PyTorch fp32, mean over documents (and the worst document)",
+                           "variants": {}}
+    for i, (label, (keep, quant_emb)) in enumerate(variants.items()):
+        path = folder / f"variant_{i:02d}.onnx"
+        if not path.is_file():
+            precision.quantize_int8_dynamic(base, path, keep_float=keep, quantize_embeddings=quant_emb)
+        enc = OnnxEncoder(dest, os.path.relpath(path, dest), threads=threads)
+        start = time.perf_counter()
+        got = encode(enc, texts, batch_size=32, show_progress=False)
+        seconds = time.perf_counter() - start
+        cos = (got * ref).sum(1)
+        out["variants"][label] = {"float_nodes": len(keep), "mean_1_minus_cos": round(float((1 - cos).mean()), 6),
+                                  "min_cos": round(float(cos.min()), 5), "encode_s": round(seconds, 2)}
+        logger.info("sensitivity %s: %s", label, out["variants"][label])
     return out
 
 
@@ -315,21 +459,27 @@ def bench_model(name: str, model_dir: str, out: Path, result: dict[str, Any], ar
               "scifact_docs": args.llm_scifact_docs if llm else args.scifact_docs}
     entry["limits"] = limits
     texts = _sts_sentences(limits["sentences"])
-    if "throughput" not in entry:
+    if "throughput" not in entry and not args.skip_throughput:
         entry["throughput"] = _throughput(model_dir, dest, manifest, texts, args, ablate=not llm)
-    entry["throughput"]["texts"] = {"n": len(texts), "source": "STS-B dev sentences", "batch_size": 32,
-                                    "threads": args.threads, "rounds": args.rounds}
-    _write(out, result)
-    if "memory" not in entry:
+        entry["throughput"]["texts"] = {"n": len(texts), "source": "STS-B dev sentences", "batch_size": 32,
+                                        "threads": args.threads, "rounds": args.rounds}
+        _write(out, result)
+    if "memory" not in entry and not args.skip_throughput:
         entry["memory"] = _memory(model_dir, dest, manifest, texts[:128], out, args.threads)
         _write(out, result)
-    if not args.skip_quality and "quality" not in entry:
-        entry["quality"] = _quality(model_dir, dest, manifest, args, limits)
+    if args.int8_sensitivity and not llm and "int8_sensitivity" not in entry:
+        entry["int8_sensitivity"] = _int8_sensitivity(model_dir, dest, manifest, args.int8_sensitivity,
+                                                      args.threads)
+        _write(out, result)
+    if not args.skip_quality:
+        entry["quality"] = _quality(model_dir, dest, manifest, args, limits, previous=entry.get("quality"))
         _write(out, result)
 
 
 def _markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Export benchmark ({result['machine']})", "", f"Command: `{result['command']}`", ""]
+    runs = result.get("commands") or [result["command"]]
+    lines = [f"# Export benchmark ({result['machine']})", "", "Command(s), in order (later ones resume the same "
+             "output folder and add the steps the earlier ones skipped):", ""] + [f"- `{c}`" for c in runs] + [""]
     for name, entry in result["models"].items():
         lines += [f"## {name}", "", "| variant | sentences/s | x PyTorch (wall) | x PyTorch (CPU time) |",
                   "|---|---|---|---|"]
@@ -337,6 +487,11 @@ def _markdown(result: dict[str, Any]) -> str:
             if isinstance(t, dict) and "sentences_per_s" in t:
                 lines.append(f"| {variant} | {t['sentences_per_s']} | {t['speedup_vs_pytorch']} | "
                              f"{t.get('cpu_speedup_vs_pytorch', '-')} |")
+        tt = entry.get("throughput", {}).get("texts")
+        if tt:
+            lines.append(f"\nThroughput: {tt['n']} {tt['source']}, batch {tt['batch_size']}, {tt['threads']} thread(s) "
+                         f"for PyTorch and onnxruntime alike, {tt['rounds']} interleaved rounds in one process "
+                         "(median round).")
         q = entry.get("quality")
         if q:
             lines += ["", "| task | encoder | score |", "|---|---|---|"]
@@ -345,6 +500,13 @@ def _markdown(result: dict[str, Any]) -> str:
                     if isinstance(scores, dict):
                         lines.append(f"| {task} {metric} | {enc_name} | {scores[metric]:.2f} |")
             lines.append(f"\nRetention: {q['retention']}")
+        sens = entry.get("int8_sensitivity", {})
+        if sens.get("variants"):
+            lines += ["", f"int8 sensitivity ({sens['docs']} longest SciFact docs; {sens['metric']}):", "",
+                      "| variant | MatMuls in float | 1 - cos (mean) | min cos | encode s |", "|---|---|---|---|---|"]
+            for label, v in sens["variants"].items():
+                lines.append(f"| {label} | {v['float_nodes']} | {v['mean_1_minus_cos']:.5f} | {v['min_cos']:.4f} | "
+                             f"{v['encode_s']} |")
         if "export" in entry:
             lines.append(f"\nSizes (MB): {entry['export']['sizes_mb']}")
         if "memory" in entry:
@@ -369,10 +531,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-scifact-docs", type=int, default=-1,
                         help="SciFact corpus size for the LLM (0: all, -1: skip)")
     parser.add_argument("--skip-quality", action="store_true", help="skip STS-B / SciFact evaluation")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip the throughput rounds")
+    parser.add_argument("--int8-sensitivity", type=int, default=0,
+                        help="leave-one-group-out int8 sensitivity on this many long SciFact docs (0: skip)")
+    parser.add_argument("--scifact-encoders", default="onnx int8,onnx int8 every MatMul (previous default),"
+                        "onnx int8 blockwise", help="comma list of ONNX encoders evaluated on SciFact (besides "
+                        "PyTorch); vectors are cached under OUT/vectors/")
     parser.add_argument("--quick", action="store_true", help="no ablation variants")
     parser.add_argument("--static-int8", action="store_true", help="also export a static QDQ int8 graph")
     parser.add_argument("--binary", action="store_true", help="run bench/binary_retrieval.py on ONNX vectors")
     args = parser.parse_args(argv)
+    args.scifact_encoders = [e.strip() for e in args.scifact_encoders.split(",") if e.strip()]
     # the root logger stays at WARNING (onnxruntime's quantizers log every node through it at INFO)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True)
     for ours in ("embedforge", "bench"):
@@ -381,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "results.json"
     result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
-    result.update(command="python bench/export.py " + " ".join(argv or sys.argv[1:]),
+    command = "python bench/export.py " + " ".join(argv or sys.argv[1:])
+    result["commands"] = result.get("commands", [result["command"]] if "command" in result else []) + [command]
+    result.update(command=command,
                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result.setdefault("models", {})

@@ -289,3 +289,51 @@ def _rescore_one(q: np.ndarray, cand: np.ndarray, doc_vectors: np.ndarray, k: in
     s = s.astype(np.float32, copy=False)
     top = np.argsort(-s, kind="stable")[:k]
     return s[top][None], cand[top][None]
+
+
+class BinaryRescoreIndex:
+    """Two-stage search over one corpus: hamming top-``depth`` on packed sign bits, then int8 rescoring.
+
+    Stage 1 is a FAISS ``IndexBinaryFlat`` over ``pack_binary`` rows (the only thing that must stay in memory:
+    ``D / 8`` bytes per document). Stage 2 gathers the candidates' int8 rows — from an in-memory array or a
+    ``np.load(..., mmap_mode="r")`` file — and scores them against the float query with the calibration's affine
+    map, all queries of a call at once (a few vectorized numpy calls, no Python loop over queries).
+    """
+
+    def __init__(self, codes: np.ndarray, doc_codes_int8: np.ndarray, calibration: Int8Calibration) -> None:
+        if len(codes) != len(doc_codes_int8):
+            raise ValueError(f"{len(codes)} binary rows but {len(doc_codes_int8)} int8 rows")
+        self.index = faiss_binary_index(codes)
+        self.docs = doc_codes_int8
+        self.calibration = calibration
+        self._steps = calibration.steps
+        self._low = np.ascontiguousarray(calibration.ranges[0], dtype=np.float32)
+        self._offset = np.float32(128.5 if calibration.precision == "int8" else 0.5)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, calibration: Int8Calibration) -> BinaryRescoreIndex:
+        """Index float document vectors: sign bits for stage 1, calibrated int8 rows for stage 2."""
+        return cls(pack_binary(embeddings), calibration.quantize(embeddings), calibration)
+
+    @property
+    def binary_bytes(self) -> int:
+        return int(self.index.ntotal * self.index.code_size)
+
+    def search(self, queries: np.ndarray, k: int = 10, depth: int = 40) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the best ``k`` per query, best first; ids -1 / scores -inf where fewer exist."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        _, cand = self.index.search(np.packbits(q > 0, axis=1), depth)  # the packed query, same layout as docs
+        if self.calibration.truncate_dim is not None:
+            q = truncate(q, self.calibration.truncate_dim)
+        scaled = q * self._steps
+        const = q @ self._low + self._offset * scaled.sum(axis=1)
+        gathered = np.asarray(self.docs[np.maximum(cand, 0)], dtype=np.float32)  # (nq, depth, D)
+        s = np.matmul(gathered, scaled[:, :, None])[:, :, 0] + const[:, None]
+        missing = cand < 0
+        if missing.any():
+            s[missing] = -np.inf
+        k = min(k, s.shape[1])
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(s, top, axis=1)
+        ids = np.where(np.isfinite(scores), np.take_along_axis(cand, top, axis=1), -1)
+        return scores, ids

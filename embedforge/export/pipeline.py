@@ -200,17 +200,21 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             graphs["fp16"]["precision"] = "fp16"
 
         # 7. dynamic int8 per CPU family
+        encoder_like = fuse_info["applied"] or model_type in precision.BERT_LIKE
         keep_float = config.int8_keep_float
         if keep_float is None:
-            keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
+            keep_float = list(precision.ENCODER_KEEP_FLOAT) if encoder_like else ["down_proj"]
+        int8_embeddings = config.int8_embeddings if config.int8_embeddings is not None else not encoder_like
         for target in config.int8:
             settings = precision.INT8_TARGETS[target]
             file = f"model_qint8_{target}.onnx"
-            kept = precision.quantize_int8_dynamic(base, onnx_dir / file, keep_float=keep_float, **settings)
+            kept = precision.quantize_int8_dynamic(base, onnx_dir / file, keep_float=keep_float,
+                                                   quantize_embeddings=int8_embeddings, **settings)
             check(f"int8_{target}", file, fp32, config.int8_min_cosine, None, min_bits=0.85)
             graphs[f"int8_{target}"].update(precision="int8-dynamic", quantization={
                 "weights": "int8 symmetric", "activations": "uint8 dynamic", **settings,
-                "kept_float": {"patterns": keep_float, "matmuls": kept}, "from": base.name,
+                "kept_float": {"patterns": keep_float, "matmuls": len(kept), "nodes": kept},
+                "embeddings": "int8" if int8_embeddings else "float", "from": base.name,
             })
         if config.blockwise_int8:
             precision.quantize_int8_blockwise(base, onnx_dir / "model_q8_blockwise.onnx")

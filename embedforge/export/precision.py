@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -74,31 +75,78 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     model.save_model_to_file(str(dst))
 
 
+#: MatMuls that BERT-like encoders keep in float in their dynamic int8 graphs by default: the MLP output
+#: projections of the first three layers, whose inputs (GELU outputs) suffer most from one per-tensor uint8
+#: range per batch (leave-one-group-out sensitivity on all-MiniLM-L6-v2: FFN-down is the most sensitive kind and
+#: layers 0-2 hold most of its error; bench/results/export_minilm_int8.md)
+ENCODER_KEEP_FLOAT = ("ffn_down:0,1,2",)
+
+#: op types whose weights dynamic int8 quantizes (``Attention`` is onnxruntime's fused Q/K/V projection)
+MATMUL_OPS = ("MatMul", "Gemm", "Attention")
+
+#: name patterns of the MLP output projection ("FFN down") of layer ``{i}``, per exporter naming
+_FFN_DOWN = (re.compile(r"/layer\.(\d+)/output/dense/MatMul"),  # BERT family (not attention/output)
+             re.compile(r"/layers\.(\d+)/mlp/down_proj/MatMul"))  # Llama / Qwen / Mistral / Gemma
+
+
+def _ffn_down_layers(name: str) -> int | None:
+    for pattern in _FFN_DOWN:
+        match = pattern.search(name)
+        if match and "/attention/" not in name:
+            return int(match.group(1))
+    return None
+
+
 def matmul_nodes(src: str | os.PathLike[str], patterns: list[str]) -> list[str]:
-    """Names of the MatMul/Gemm nodes of a graph whose name contains any of ``patterns``."""
+    """Names of the MatMul/Gemm/Attention nodes of a graph selected by ``patterns``.
+
+    A pattern is a substring of the node name, or ``ffn_down:<layers>`` — the MLP output projections of the listed
+    layers (comma-separated indices, negative ones count from the last layer; ``ffn_down:all`` for every layer),
+    resolved from the exporter's node names for BERT-like encoders and Llama-style decoders alike.
+    """
     import onnx
 
     if not patterns:
         return []
     graph = onnx.load(str(src), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(p in n.name for p in patterns)]
+    nodes = [n.name for n in graph.node if n.op_type in MATMUL_OPS]
+    ffn = {name: layer for name in nodes if (layer := _ffn_down_layers(name)) is not None}
+    n_layers = max(ffn.values()) + 1 if ffn else 0
+    wanted_layers: set[int] = set()
+    substrings = []
+    for p in patterns:
+        if p.startswith("ffn_down:"):
+            spec = p.split(":", 1)[1]
+            if spec == "all":
+                wanted_layers.update(range(n_layers))
+                continue
+            for item in spec.split(","):
+                i = int(item)
+                wanted_layers.add(i + n_layers if i < 0 else i)
+        else:
+            substrings.append(p)
+    return [n for n in nodes if any(p in n for p in substrings) or ffn.get(n, -1) in wanted_layers]
 
 
 def quantize_int8_dynamic(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, per_channel: bool = True,
-                          reduce_range: bool = False, keep_float: list[str] | None = None) -> int:
+                          reduce_range: bool = False, keep_float: list[str] | None = None,
+                          quantize_embeddings: bool = True) -> list[str]:
     """Dynamic int8: symmetric int8 weights (per output channel), uint8 activations quantized per batch.
 
-    MatMuls whose node name contains a ``keep_float`` substring stay in float; returns how many were kept.
+    MatMuls selected by ``keep_float`` (see :func:`matmul_nodes`) stay in float; ``quantize_embeddings=False``
+    keeps a fused embedding layer's tables in float too (they cost no compute, only file size). Returns the names
+    of the nodes kept in float.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     excluded = matmul_nodes(src, keep_float or [])
     quantize_dynamic(
         str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
-        nodes_to_exclude=excluded, extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True},
+        nodes_to_exclude=excluded, op_types_to_quantize=None if quantize_embeddings else list(MATMUL_OPS),
+        extra_options={"DefaultTensorType": _float_type(), "MatMulConstBOnly": True},
         use_external_data_format=_is_large(src),
     )
-    return len(excluded)
+    return excluded
 
 
 def _is_large(path: str | os.PathLike[str]) -> bool:

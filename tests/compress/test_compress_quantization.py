@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from embedforge.compress.quantization import (
+    BinaryRescoreIndex,
     EmbeddingQuantizer,
     Int8Calibration,
     binary_search,
@@ -142,3 +143,31 @@ def test_quantizer_rejects_bad_input(vecs):
         EmbeddingQuantizer(precision="int4")
     with pytest.raises(ValueError, match="dims"):
         Int8Calibration.fit(vecs).quantize(vecs[:, :10])
+
+
+def test_binary_rescore_index_equals_hamming_then_int8_rescoring(tmp_path, vecs):
+    docs, queries = vecs[:250], vecs[250:]
+    calib = Int8Calibration.fit(docs)
+    codes8 = calib.quantize(docs)
+    np.save(tmp_path / "docs_int8.npy", codes8)
+    mapped = np.load(tmp_path / "docs_int8.npy", mmap_mode="r")  # stage 2 reads the rows from disk
+    index = BinaryRescoreIndex(pack_binary(docs), mapped, calib)
+    assert index.binary_bytes == 250 * 8
+    # depth = whole corpus: exactly the top-10 of the dequantized int8 scores (independent dense computation)
+    scores, ids = index.search(queries, k=10, depth=250)
+    dense = queries @ calib.dequantize(codes8).T
+    expected = np.argsort(-dense, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(dense, expected, axis=1), rtol=1e-4, atol=1e-4)
+    # depth 20: rescoring of FAISS's hamming candidates, the same as the generic rescore(); one query alone agrees
+    _, cand = binary_search(faiss_binary_index(pack_binary(docs)), pack_binary(queries), 20)
+    ref_s, ref_ids = rescore(queries, cand, codes8, 10, calibration=calib)
+    s20, ids20 = index.search(queries, k=10, depth=20)
+    np.testing.assert_array_equal(ids20, ref_ids)
+    np.testing.assert_allclose(s20, ref_s, rtol=1e-4, atol=1e-4)
+    one_s, one_ids = index.search(queries[3], k=10, depth=20)
+    np.testing.assert_array_equal(one_ids[0], ids20[3])
+    # fewer documents than asked for: FAISS pads with -1, which must rank last as id -1 / score -inf
+    small = BinaryRescoreIndex.build(docs[:5], calib)
+    s5, ids5 = small.search(queries[:2], k=10, depth=8)
+    assert (ids5[:, 5:] == -1).all() and np.isneginf(s5[:, 5:]).all() and (ids5[:, :5] >= 0).all()

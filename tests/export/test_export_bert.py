@@ -209,3 +209,50 @@ def test_cli_export(tiny_st_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["graphs"]) == {"fp32", "fp32_fused", "int8_arm64"}
+
+
+def _float_matmuls(path: Path) -> tuple[set[str], int]:
+    """Names of the MatMul nodes of a graph that still multiply by a float weight, and the MatMulInteger count."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {i.name: i.data_type for i in graph.initializer}
+    floats = {n.name for n in graph.node
+              if n.op_type == "MatMul" and weights.get(n.input[1]) == onnx.TensorProto.FLOAT}
+    return floats, sum(n.op_type == "MatMulInteger" for n in graph.node)
+
+
+def test_int8_default_keeps_sensitive_ffn_down_in_float(full_export: Path) -> None:
+    from embedforge.export.precision import ENCODER_KEEP_FLOAT
+
+    m = json.loads((full_export / "manifest.json").read_text())
+    for target in ("avx512_vnni", "avx2"):
+        info = m["graphs"][f"int8_{target}"]
+        kept = info["quantization"]["kept_float"]
+        # the tiny model has 2 layers: both of its MLP output projections are among the first three
+        assert kept["patterns"] == list(ENCODER_KEEP_FLOAT)
+        assert sorted(kept["nodes"]) == [f"/chain.0/encoder/layer.{i}/output/dense/MatMul" for i in (0, 1)]
+        assert kept["matmuls"] == 2
+        floats, n_int = _float_matmuls(full_export / info["file"])
+        assert set(kept["nodes"]) <= floats  # still float MatMuls in the saved int8 graph
+        assert n_int >= 2 and not any("attention" in n or "intermediate" in n for n in floats)
+        # the parity of every int8 graph with PyTorch is recorded
+        assert info["parity"]["passed"] and info["parity"]["min_cosine"] > 0.99
+        assert info["quantization"]["embeddings"] == "float"  # auto: float tables for BERT-like encoders
+
+
+def test_int8_keep_float_patterns_resolve_layers(full_export: Path, tmp_path: Path) -> None:
+    from embedforge.export.precision import matmul_nodes, quantize_int8_dynamic
+
+    base = full_export / "onnx" / "model_O2.onnx"
+    last = matmul_nodes(base, ["ffn_down:-1"])
+    assert last == ["/chain.0/encoder/layer.1/output/dense/MatMul"]
+    assert matmul_nodes(base, ["ffn_down:0"]) == ["/chain.0/encoder/layer.0/output/dense/MatMul"]
+    assert len(matmul_nodes(base, ["ffn_down:all"])) == 2
+    assert matmul_nodes(base, ["Attention_1"]) == ["Attention_1"]  # fused Q/K/V projections can be kept too
+    assert matmul_nodes(base, []) == []
+    kept = quantize_int8_dynamic(base, tmp_path / "one.onnx", keep_float=["ffn_down:-1"])
+    floats, _ = _float_matmuls(tmp_path / "one.onnx")
+    assert kept == last and floats == set(last)
+    quantize_int8_dynamic(base, tmp_path / "all.onnx", keep_float=[])
+    assert _float_matmuls(tmp_path / "all.onnx")[0] == set()
