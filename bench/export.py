@@ -99,6 +99,22 @@ def _all_int8_graph(dest: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+PLAIN_RECIPE = "onnx int8 from the unfused graph (default keep-float recipe)"
+
+
+def _plain_recipe_graph(dest: Path, manifest: dict[str, Any]) -> Path | None:
+    """The keep-float recipe (``SENSITIVE_MATMULS``, float embeddings) on the unfused fp32 graph, made once."""
+    from embedforge.export import precision
+
+    if not manifest["fusion"]["applied"]:
+        return None
+    path = dest.parent.parent / "ablation" / dest.name / "model_qint8_plain_recipe.onnx"
+    if not path.is_file():
+        precision.quantize_int8_dynamic(dest / "onnx/model.onnx", path, per_channel=True,
+                                        keep_float=list(precision.SENSITIVE_MATMULS), quantize_embeddings=False)
+    return path
+
+
 def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """Extra int8 graphs for the ablation (in ``OUT/ablation/<model>/``), made once."""
     from embedforge.export import precision
@@ -175,6 +191,9 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
     if ablate:
         encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(
             dest, os.path.relpath(_all_int8_graph(dest, manifest), dest), args.threads)
+        plain = _plain_recipe_graph(dest, manifest)
+        if plain is not None:
+            encoders[PLAIN_RECIPE] = _encoder_for(dest, os.path.relpath(plain, dest), args.threads)
     if "int8_blockwise" in graphs:
         encoders["onnx int8 blockwise"] = _encoder_for(dest, graphs["int8_blockwise"]["file"], args.threads)
     if ablate and not args.quick:
@@ -238,10 +257,14 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
                 "onnx int8": _encoder_for(dest, int8_file, args.threads)}
     keys = {"pytorch fp32": "pytorch-fp32", "onnx fp32": _file_key(dest / "onnx/model.onnx"),
             "onnx int8": _file_key(dest / int8_file)}
-    previous = _all_int8_graph(dest, manifest)  # the same-run comparison with the previous int8 recipe
-    encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(dest, os.path.relpath(previous, dest),
+    prev_graph = _all_int8_graph(dest, manifest)  # the same-run comparison with the previous int8 recipe
+    encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(dest, os.path.relpath(prev_graph, dest),
                                                                          args.threads)
-    keys["onnx int8 every MatMul (previous default)"] = _file_key(previous)
+    keys["onnx int8 every MatMul (previous default)"] = _file_key(prev_graph)
+    plain = _plain_recipe_graph(dest, manifest)
+    if plain is not None:
+        encoders[PLAIN_RECIPE] = _encoder_for(dest, os.path.relpath(plain, dest), args.threads)
+        keys[PLAIN_RECIPE] = _file_key(plain)
     if "int8_blockwise" in manifest["graphs"]:
         encoders["onnx int8 blockwise"] = _encoder_for(dest, manifest["graphs"]["int8_blockwise"]["file"],
                                                        args.threads)
@@ -270,7 +293,8 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     if limits["scifact_docs"]:
         beir = _subsample_corpus(beir, limits["scifact_docs"])
     out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
-    wanted = ("pytorch fp32", "onnx int8", "onnx int8 every MatMul (previous default)", "onnx int8 blockwise")
+    wanted = ("pytorch fp32", "onnx int8", "onnx int8 every MatMul (previous default)", PLAIN_RECIPE,
+              "onnx int8 blockwise")
     for name in [n for n in wanted if n in encoders and (n == "pytorch fp32" or n in args.scifact_encoders)]:
         if name not in out["scifact-dev"]:
             out["scifact-dev"][name] = _retrieval_cached(encoders[name], keys[name], beir, cache_dir)
@@ -368,9 +392,9 @@ def _int8_sensitivity(model_dir: str, dest: Path, manifest: dict[str, Any], n_do
     for la in layers:
         variants[f"layer {la} ffn_down float"] = ([groups[(la, "ffn_down")]], True)
     variants["embeddings float"] = ([], False)
-    default_nodes = precision.matmul_nodes(base, list(precision.ENCODER_KEEP_FLOAT))
-    variants[f"{list(precision.ENCODER_KEEP_FLOAT)} float, embeddings int8"] = (default_nodes, True)
-    variants[f"default: {list(precision.ENCODER_KEEP_FLOAT)} float, embeddings float"] = (default_nodes, False)
+    default_nodes = precision.matmul_nodes(base, list(precision.SENSITIVE_MATMULS))
+    variants[f"{list(precision.SENSITIVE_MATMULS)} float, embeddings int8"] = (default_nodes, True)
+    variants[f"{list(precision.SENSITIVE_MATMULS)} float, embeddings float"] = (default_nodes, False)
     folder = dest.parent.parent / "ablation" / dest.name / "sensitivity"
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"docs": len(texts), "reference": "PyTorch fp32 (sentence-transformers)",

@@ -325,6 +325,11 @@ class BinaryRescoreIndex:
         _, cand = self.index.search(np.packbits(q > 0, axis=1), depth)  # the packed query, same layout as docs
         if self.calibration.truncate_dim is not None:
             q = truncate(q, self.calibration.truncate_dim)
+        if q.shape[0] == 1 and cand[0, -1] >= 0:  # serving latency: one query, a few 1-D / 2-D numpy calls
+            c, qs = cand[0], q[0] * self._steps
+            s1 = self.docs[c].astype(np.float32) @ qs + (q[0] @ self._low + self._offset * qs.sum())
+            top1 = np.argsort(-s1, kind="stable")[:k]
+            return s1[top1][None], c[top1][None]
         scaled = q * self._steps
         const = q @ self._low + self._offset * scaled.sum(axis=1)
         gathered = np.asarray(self.docs[np.maximum(cand, 0)], dtype=np.float32)  # (nq, depth, D)

@@ -200,11 +200,10 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             graphs["fp16"]["precision"] = "fp16"
 
         # 7. dynamic int8 per CPU family
-        encoder_like = fuse_info["applied"] or model_type in precision.BERT_LIKE
         keep_float = config.int8_keep_float
         if keep_float is None:
-            keep_float = list(precision.ENCODER_KEEP_FLOAT) if encoder_like else ["down_proj"]
-        int8_embeddings = config.int8_embeddings if config.int8_embeddings is not None else not encoder_like
+            keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
+        int8_embeddings = config.int8_embeddings
         for target in config.int8:
             settings = precision.INT8_TARGETS[target]
             file = f"model_qint8_{target}.onnx"

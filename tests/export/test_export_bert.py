@@ -33,7 +33,10 @@ def full_export(tiny_st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from embedforge.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("export") / "tiny-bert"
-    cfg = ExportConfig(model=str(tiny_st_dir), static_int8=True, binary=True, int8=["avx512_vnni", "avx2"])
+    from embedforge.export.precision import SENSITIVE_MATMULS
+
+    cfg = ExportConfig(model=str(tiny_st_dir), static_int8=True, binary=True, int8=["avx512_vnni", "avx2"],
+                       int8_keep_float=list(SENSITIVE_MATMULS), int8_embeddings=False)
     return export_model(cfg, out)
 
 
@@ -222,15 +225,15 @@ def _float_matmuls(path: Path) -> tuple[set[str], int]:
     return floats, sum(n.op_type == "MatMulInteger" for n in graph.node)
 
 
-def test_int8_default_keeps_sensitive_ffn_down_in_float(full_export: Path) -> None:
-    from embedforge.export.precision import ENCODER_KEEP_FLOAT
+def test_int8_keep_float_recipe_keeps_sensitive_ffn_down_in_float(full_export: Path) -> None:
+    from embedforge.export.precision import SENSITIVE_MATMULS
 
     m = json.loads((full_export / "manifest.json").read_text())
     for target in ("avx512_vnni", "avx2"):
         info = m["graphs"][f"int8_{target}"]
         kept = info["quantization"]["kept_float"]
         # the tiny model has 2 layers: both of its MLP output projections are among the first three
-        assert kept["patterns"] == list(ENCODER_KEEP_FLOAT)
+        assert kept["patterns"] == list(SENSITIVE_MATMULS)
         assert sorted(kept["nodes"]) == [f"/chain.0/encoder/layer.{i}/output/dense/MatMul" for i in (0, 1)]
         assert kept["matmuls"] == 2
         floats, n_int = _float_matmuls(full_export / info["file"])
@@ -238,7 +241,7 @@ def test_int8_default_keeps_sensitive_ffn_down_in_float(full_export: Path) -> No
         assert n_int >= 2 and not any("attention" in n or "intermediate" in n for n in floats)
         # the parity of every int8 graph with PyTorch is recorded
         assert info["parity"]["passed"] and info["parity"]["min_cosine"] > 0.99
-        assert info["quantization"]["embeddings"] == "float"  # auto: float tables for BERT-like encoders
+        assert info["quantization"]["embeddings"] == "float"  # int8_embeddings=False
 
 
 def test_int8_keep_float_patterns_resolve_layers(full_export: Path, tmp_path: Path) -> None:
