@@ -199,14 +199,19 @@ def add_projection(model: Any, out_dim: int, *, identity: bool = False) -> Any:
     return SentenceTransformer(modules=[*body, dense, Normalize()], device=str(model.device))
 
 
-def set_projection(model: Any, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
-    """Set the student's ``Dense`` head to ``y = x @ weight.T + bias`` (``weight`` is out x in)."""
+def _dense_head(model: Any, action: str) -> tuple[list[nn.Module], Any]:
+    """The modules before the student's ``Dense`` head, and the head (the last module before ``Normalize``)."""
     from sentence_transformers.base.modules import Dense
 
     body, _ = _split_at_normalize(model)
     if not body or not isinstance(body[-1], Dense):
-        raise ValueError("the student has no Dense head to set")
-    linear = body[-1].linear
+        raise ValueError(f"the student has no Dense head to {action}")
+    return body[:-1], body[-1]
+
+
+def set_projection(model: Any, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
+    """Set the student's ``Dense`` head to ``y = x @ weight.T + bias`` (``weight`` is out x in)."""
+    linear = _dense_head(model, "set")[1].linear
     w = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
     if tuple(w.shape) != tuple(linear.weight.shape):
         raise ValueError(f"head weight of shape {tuple(w.shape)}, expected {tuple(linear.weight.shape)}")
@@ -223,13 +228,9 @@ def fit_projection(model: Any, texts: Sequence[str], targets: np.ndarray, *, bat
     the mean cosine to the targets after the fit.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Dense
 
-    body, _ = _split_at_normalize(model)
-    if not body or not isinstance(body[-1], Dense):
-        raise ValueError("the student has no Dense head to fit")
-    dense = body[-1]
-    inner = SentenceTransformer(modules=body[:-1], device=str(model.device))
+    body, dense = _dense_head(model, "fit")
+    inner = SentenceTransformer(modules=body, device=str(model.device))
     with torch.inference_mode():
         x = inner.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     x1 = np.concatenate([x, np.ones((len(x), 1), dtype=x.dtype)], axis=1).astype(np.float64)
