@@ -212,21 +212,14 @@ def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
     None of the evaluation sets (STS-B dev, SICK trial, SciFact dev queries, Banking77) is used.
     """
     from embedforge.data import builtin
+    from embedforge.distill.pipeline import gather_texts
 
     out = work / f"kd-texts-{args.kd_long}.jsonl"
     if out.is_file():
         return out
-    seen: dict[str, None] = {}
-    for name in ("stsb-train", "sick-train", "snli-triplets", "scifact-train-pairs"):
-        ds = builtin(name)
-        for column in ds.column_names:
-            if ds[column] and isinstance(ds[column][0], str):
-                for text in ds[column]:
-                    seen.setdefault(text.strip(), None)
+    texts = gather_texts(["stsb-train", "sick-train", "snli-triplets", "scifact-train-pairs"])
     bodies = [t.strip() for t in builtin("newsgroups-pairs")["positive"] if len(t.strip()) > 200]
-    for text in random.Random(0).sample(bodies, min(args.kd_long, len(bodies))):
-        seen.setdefault(text, None)
-    texts = [t for t in seen if t]
+    texts = list(dict.fromkeys(texts + random.Random(0).sample(bodies, min(args.kd_long, len(bodies)))))
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     os.replace(tmp, out)
