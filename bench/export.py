@@ -87,7 +87,8 @@ def _export(model_dir: str, dest: Path, args: argparse.Namespace) -> dict[str, A
 
 
 def _all_int8_graph(dest: Path, manifest: dict[str, Any]) -> Path:
-    """The int8 graph of the previous default recipe (every MatMul and the embeddings in int8), made once."""
+    """The int8 graph of the previous default recipe (every MatMul and the embeddings in int8, no first-token
+    split), made once."""
     from embedforge.export import precision
 
     folder = dest.parent.parent / "ablation" / dest.name
@@ -100,6 +101,8 @@ def _all_int8_graph(dest: Path, manifest: dict[str, Any]) -> Path:
 
 
 PLAIN_RECIPE = "onnx int8 from the unfused graph (default keep-float recipe)"
+#: the int8 graph of the previous default: every MatMul in int8, no first-token split of the MLP blocks
+PREVIOUS = "onnx int8 every MatMul without first-token split (previous default)"
 
 
 def _plain_recipe_graph(dest: Path, manifest: dict[str, Any]) -> Path | None:
@@ -121,7 +124,7 @@ def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
 
     folder = dest.parent.parent / "ablation" / dest.name
     folder.mkdir(parents=True, exist_ok=True)
-    made = {"int8 every MatMul (previous default)": str(_all_int8_graph(dest, manifest))}
+    made = {PREVIOUS[len("onnx "):]: str(_all_int8_graph(dest, manifest))}
     if manifest["fusion"]["applied"]:
         plain = folder / "model_qint8_plain.onnx"
         if not plain.is_file():
@@ -189,7 +192,7 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
     if "fp32_fused" in graphs:
         encoders["onnx fp32 fused"] = _encoder_for(dest, graphs["fp32_fused"]["file"], args.threads)
     if ablate:
-        encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(
+        encoders[PREVIOUS] = _encoder_for(
             dest, os.path.relpath(_all_int8_graph(dest, manifest), dest), args.threads)
         plain = _plain_recipe_graph(dest, manifest)
         if plain is not None:
@@ -258,9 +261,9 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     keys = {"pytorch fp32": "pytorch-fp32", "onnx fp32": _file_key(dest / "onnx/model.onnx"),
             "onnx int8": _file_key(dest / int8_file)}
     prev_graph = _all_int8_graph(dest, manifest)  # the same-run comparison with the previous int8 recipe
-    encoders["onnx int8 every MatMul (previous default)"] = _encoder_for(dest, os.path.relpath(prev_graph, dest),
+    encoders[PREVIOUS] = _encoder_for(dest, os.path.relpath(prev_graph, dest),
                                                                          args.threads)
-    keys["onnx int8 every MatMul (previous default)"] = _file_key(prev_graph)
+    keys[PREVIOUS] = _file_key(prev_graph)
     plain = _plain_recipe_graph(dest, manifest)
     if plain is not None:
         encoders[PLAIN_RECIPE] = _encoder_for(dest, os.path.relpath(plain, dest), args.threads)
@@ -293,7 +296,7 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     if limits["scifact_docs"]:
         beir = _subsample_corpus(beir, limits["scifact_docs"])
     out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
-    wanted = ("pytorch fp32", "onnx int8", "onnx int8 every MatMul (previous default)", PLAIN_RECIPE,
+    wanted = ("pytorch fp32", "onnx int8", PREVIOUS, PLAIN_RECIPE,
               "onnx int8 blockwise")
     for name in [n for n in wanted if n in encoders and (n == "pytorch fp32" or n in args.scifact_encoders)]:
         if name not in out["scifact-dev"]:
@@ -558,9 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true", help="skip the throughput rounds")
     parser.add_argument("--int8-sensitivity", type=int, default=0,
                         help="leave-one-group-out int8 sensitivity on this many long SciFact docs (0: skip)")
-    parser.add_argument("--scifact-encoders", default="onnx int8,onnx int8 every MatMul (previous default),"
-                        "onnx int8 blockwise", help="comma list of ONNX encoders evaluated on SciFact (besides "
-                        "PyTorch); vectors are cached under OUT/vectors/")
+    parser.add_argument("--scifact-encoders", default=f"onnx int8,{PREVIOUS},onnx int8 blockwise",
+                        help="comma list of ONNX encoders evaluated on SciFact (besides PyTorch); vectors are cached "
+                        "under OUT/vectors/")
     parser.add_argument("--quick", action="store_true", help="no ablation variants")
     parser.add_argument("--static-int8", action="store_true", help="also export a static QDQ int8 graph")
     parser.add_argument("--binary", action="store_true", help="run bench/binary_retrieval.py on ONNX vectors")

@@ -203,17 +203,24 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         keep_float = config.int8_keep_float
         if keep_float is None:
             keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
+        int8_base, split = base, []
+        if config.int8 and config.int8_split_first_token and spec.padding_side == "right":
+            int8_base = onnx_dir / "model_split.tmp.onnx"
+            split = precision.split_first_token(base, int8_base, precision.matmul_nodes(base, ["ffn_down:all"]))
         for target in config.int8:
             settings = precision.INT8_TARGETS[target]
             file = f"model_qint8_{target}.onnx"
-            kept = precision.quantize_int8_dynamic(base, onnx_dir / file, keep_float=keep_float,
+            kept = precision.quantize_int8_dynamic(int8_base, onnx_dir / file, keep_float=keep_float,
                                                    quantize_embeddings=config.int8_embeddings, **settings)
             check(f"int8_{target}", file, fp32, config.int8_min_cosine, None, min_bits=0.85)
             graphs[f"int8_{target}"].update(precision="int8-dynamic", quantization={
                 "weights": "int8 symmetric", "activations": "uint8 dynamic", **settings,
                 "kept_float": {"patterns": keep_float, "matmuls": len(kept), "nodes": kept},
                 "embeddings": "int8" if config.int8_embeddings else "float", "from": base.name,
+                "first_token_split": {"mlp_blocks": len(split), "down_projections": split},
             })
+        if int8_base != base:
+            int8_base.unlink(missing_ok=True)
         if config.blockwise_int8:
             precision.quantize_int8_blockwise(base, onnx_dir / "model_q8_blockwise.onnx")
             check("int8_blockwise", "model_q8_blockwise.onnx", fp32, config.int8_min_cosine, None, min_bits=0.85)

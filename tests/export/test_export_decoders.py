@@ -74,9 +74,13 @@ def test_causal_decoder_with_int8_and_token_graph(tiny_llama_dir: Path, tmp_path
     manifest = _check(model_dir, tmp_path / "export", int8=["arm64"], last_hidden_state=True, fp16=True)
     assert manifest["fusion"]["applied"] is False  # decoders keep the plain graph
     assert {"fp32", "fp16", "int8_arm64", "last_hidden_state"} <= set(manifest["graphs"])
-    # decoders keep each layer's MLP down projection in float by default (2 layers here)
-    kept = manifest["graphs"]["int8_arm64"]["quantization"]["kept_float"]
-    assert kept["patterns"] == ["down_proj"] and kept["matmuls"] == 2
+    # decoders keep each layer's MLP down projection in float by default (2 layers here), both halves of the
+    # first-token split of each MLP block
+    quant = manifest["graphs"]["int8_arm64"]["quantization"]
+    kept = quant["kept_float"]
+    assert quant["first_token_split"]["mlp_blocks"] == 2
+    assert all("down_proj" in n for n in quant["first_token_split"]["down_projections"])
+    assert kept["patterns"] == ["down_proj"] and kept["matmuls"] == 4
     assert all("down_proj" in n for n in kept["nodes"])
     assert manifest["graphs"]["int8_arm64"]["quantization"]["embeddings"] == "int8"
     got = OnnxEncoder(tmp_path / "export", "onnx/model_qint8_arm64.onnx").encode(TEXTS)
