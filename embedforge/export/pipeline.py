@@ -204,7 +204,10 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         if keep_float is None:
             keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
         int8_base, split = base, []
-        if config.int8 and config.int8_split_first_token and spec.padding_side == "right":
+        split_wanted = config.int8_split_first_token
+        if split_wanted is None:
+            split_wanted = fuse_info["applied"] or model_type in precision.BERT_LIKE
+        if config.int8 and split_wanted and spec.padding_side == "right":
             int8_base = onnx_dir / "model_split.tmp.onnx"
             split = precision.split_first_token(base, int8_base, precision.matmul_nodes(base, ["ffn_down:all"]))
         for target in config.int8:

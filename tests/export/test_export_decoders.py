@@ -74,18 +74,31 @@ def test_causal_decoder_with_int8_and_token_graph(tiny_llama_dir: Path, tmp_path
     manifest = _check(model_dir, tmp_path / "export", int8=["arm64"], last_hidden_state=True, fp16=True)
     assert manifest["fusion"]["applied"] is False  # decoders keep the plain graph
     assert {"fp32", "fp16", "int8_arm64", "last_hidden_state"} <= set(manifest["graphs"])
-    # decoders keep each layer's MLP down projection in float by default (2 layers here), both halves of the
-    # first-token split of each MLP block
+    # decoders keep each layer's MLP down projection in float by default (2 layers here) and skip the
+    # first-token split unless asked for
     quant = manifest["graphs"]["int8_arm64"]["quantization"]
     kept = quant["kept_float"]
-    assert quant["first_token_split"]["mlp_blocks"] == 2
-    assert all("down_proj" in n for n in quant["first_token_split"]["down_projections"])
-    assert kept["patterns"] == ["down_proj"] and kept["matmuls"] == 4
+    assert quant["first_token_split"]["mlp_blocks"] == 0
+    assert kept["patterns"] == ["down_proj"] and kept["matmuls"] == 2
     assert all("down_proj" in n for n in kept["nodes"])
     assert manifest["graphs"]["int8_arm64"]["quantization"]["embeddings"] == "int8"
     got = OnnxEncoder(tmp_path / "export", "onnx/model_qint8_arm64.onnx").encode(TEXTS)
     cos = (got * _reference(model_dir, TEXTS)).sum(1)
     assert cos.min() > 0.95
+
+
+def test_decoder_int8_with_first_token_split(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from embedforge.export.encoder import OnnxEncoder
+
+    model_dir = _embedder(tiny_llama_dir, tmp_path / "model", pooling="mean", bidirectional=True)
+    manifest = _check(model_dir, tmp_path / "export", int8=["avx512_vnni"], int8_split_first_token=True,
+                      int8_keep_float=[])
+    quant = manifest["graphs"]["int8_avx512_vnni"]["quantization"]
+    # both Llama MLP blocks (gate and up projections, SiLU, product, down projection) are split
+    assert quant["first_token_split"]["mlp_blocks"] == 2
+    assert all("mlp/down_proj" in n for n in quant["first_token_split"]["down_projections"])
+    got = OnnxEncoder(tmp_path / "export", "onnx/model_qint8_avx512_vnni.onnx").encode(TEXTS)
+    assert (got * _reference(model_dir, TEXTS)).sum(1).min() > 0.95
 
 
 def test_model_binarizer_module_exports(tiny_st_dir: Path, tmp_path: Path) -> None:
