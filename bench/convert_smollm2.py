@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import resource
 import sys
 import time
@@ -228,10 +227,10 @@ def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
     if corpus:  # domain adaptation: unlabeled SciFact corpus abstracts and sentences cut from them
         from embedforge.data import builtin_beir
 
+        from distill import corpus_sentences  # bench/distill.py
+
         abstracts = list(builtin_beir("scifact-dev").corpus.values())
-        sentences = [s.strip() for a in abstracts for s in re.split(r"(?<=[.!?])\s+", a) if len(s.split()) >= 6]
-        rng = random.Random(1)
-        texts = list(dict.fromkeys(texts + abstracts + rng.sample(sentences, min(corpus, len(sentences)))))
+        texts = list(dict.fromkeys(texts + abstracts + corpus_sentences(abstracts, corpus)))
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     os.replace(tmp, out)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,18 +38,26 @@ logger = logging.getLogger("bench.distill")
 # ---------------------------------------------------------------------------------------------- texts
 
 
-def training_texts(limit: int, seed: int = 0, scifact_corpus: bool = False) -> list[str]:
+def corpus_sentences(documents: list[str], n: int, seed: int = 1) -> list[str]:
+    """``n`` random sentences (6 words or more) cut from ``documents``: claim-like unlabeled texts."""
+    sentences = [s.strip() for d in documents for s in re.split(r"(?<=[.!?])\s+", d) if len(s.split()) >= 6]
+    return random.Random(seed).sample(sentences, min(n, len(sentences)))
+
+
+def training_texts(limit: int, seed: int = 0, scifact_corpus: bool = False, scifact_sentences: int = 0) -> list[str]:
     """Unlabeled texts from the shared data, no evaluation set among them, shuffled, at most ``limit``.
 
     ``scifact_corpus`` adds the SciFact corpus abstracts (the documents SciFact dev retrieval searches, without
-    its queries or relevance labels): an unsupervised domain-adaptation ablation, off by default.
+    its queries or relevance labels) and ``scifact_sentences`` sentences cut from them: an unsupervised
+    domain-adaptation ablation, off by default.
     """
     from embedforge.data import builtin, builtin_beir
 
     sources = [builtin(name) for name in
                ("stsb-train", "sick-train", "snli-triplets", "newsgroups-pairs", "scifact-train-pairs")]
     if scifact_corpus:
-        sources.append({"text": list(builtin_beir("scifact-dev").corpus.values())})
+        abstracts = list(builtin_beir("scifact-dev").corpus.values())
+        sources.append({"text": abstracts + corpus_sentences(abstracts, scifact_sentences)})
     seen: dict[str, None] = {}
     for ds in sources:
         for column in (ds.column_names if hasattr(ds, "column_names") else list(ds)):
@@ -190,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=128, help="training input length (teacher and students)")
     parser.add_argument("--scifact-corpus", action="store_true",
                         help="ablation: add the SciFact corpus abstracts to the unlabeled training texts")
+    parser.add_argument("--scifact-sentences", type=int, default=0,
+                        help="with --scifact-corpus: also this many sentences cut from the corpus abstracts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the same for every model)")
     args = parser.parse_args(argv)
     TASKS[:] = [t for t in args.tasks.split(",") if t]
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. texts (written once; the pipeline reads them as a jsonl file)
     texts_file = out / "texts.jsonl"
     if not texts_file.is_file():
-        texts = training_texts(args.texts, scifact_corpus=args.scifact_corpus)
+        texts = training_texts(args.texts, scifact_corpus=args.scifact_corpus,
+                               scifact_sentences=args.scifact_sentences)
         texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     results["n_texts"] = sum(1 for _ in texts_file.open())
     write(out, results)
@@ -235,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     results["eval_max_seq_length"] = args.eval_max_seq_length
     results["threads"] = args.threads
     results["scifact_corpus_in_training"] = args.scifact_corpus
+    results["scifact_corpus_sentences"] = args.scifact_sentences if args.scifact_corpus else 0
     results["throughput_texts"] = len(speed_texts)
     entry = results["models"].setdefault("teacher", {})
     entry["size_mb"] = model_size_mb(teacher_dir)
