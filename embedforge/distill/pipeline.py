@@ -246,7 +246,9 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
         "target_rotation": config.target_rotation.value,
     }
     metrics = {"distill": {**stats, "seconds": round(time.perf_counter() - start, 2)}}
-    parent = config.model if Path(config.model).is_dir() else None
+    # the lineage follows the weights: a student=model student comes from student_model, the others from the teacher
+    origin = config.student_model if config.student == StudentKind.MODEL else config.model
+    parent = origin if origin and Path(origin).is_dir() else None
     save_model(student, out_dir, stage="distill", source=config.model, config=config, metrics=metrics,
                parent=parent, recipe_hash=ctx.recipe_hash, extra=extra)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

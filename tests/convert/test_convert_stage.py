@@ -131,6 +131,9 @@ def test_keep_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path:
     run_distill(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
     student = load_embedder(out)
     assert any(type(m).__name__ == "Dense" for m in student)
+    # the lineage follows the weights (the converted student), not the teacher
+    assert read_lineage(out)["parents"][0]["path"] == str(student_dir)
+    assert read_lineage(out)["parents"][0]["stage"] == "convert"
     backbone = student[0].auto_model
     assert len(backbone.layers) == 1 and backbone.config.is_causal is not False
     ids = student.tokenizer(["one two three four"], return_tensors="pt")["input_ids"]
