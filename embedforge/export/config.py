@@ -67,8 +67,8 @@ class ExportConfig:
         None, help="int8 graphs: run each MLP block on the first token and on the other tokens separately, so the "
         "first token's outlier activations get their own dynamic scale (same int8 weights, same float result; "
         "right-padded models only). None: auto -- on for BERT-like encoders (all-MiniLM-L6-v2: SciFact retention "
-        "98.3% -> 100.0% for about 1% of int8 speed), off for decoders, whose default keeps the MLP down projections "
-        "in float (a distilled SmolLM2: no gain, 13% slower; see bench/results/export_minilm_int8.md)"
+        "98.3% -> 100.0% for 0-5% of int8 speed), off for decoders, whose default keeps the MLP down projections "
+        "in float (a distilled SmolLM2: no gain, 13% slower; see bench/results/export_minilm_split.md)"
     )
     int8_embeddings: bool = opt(
         True, help="quantize the embedding tables (Gather / fused EmbedLayerNormalization) of the int8 graphs too "
