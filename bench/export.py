@@ -138,7 +138,8 @@ def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
     return made
 
 
-def _timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
+def _timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int,
+                  pause: float = 1.0) -> dict[str, dict[str, float]]:
     """Run every function once per round, interleaved; return per-variant median wall and CPU seconds.
 
     CPU seconds (this process, all threads) are less sensitive to other processes on the machine; with one
@@ -148,6 +149,9 @@ def _timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, d
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name, fn in fns.items():
+            # let the previous variant's spinning worker threads (OpenMP for PyTorch, onnxruntime's pool) go idle
+            # first: in one process they would otherwise compete with this variant's threads for the cores
+            time.sleep(pause)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -216,7 +220,7 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
         st.encode(warm, batch_size=32, show_progress_bar=False)
     for enc in encoders.values():
         enc.encode(warm, batch_size=32)
-    timing = _timed_rounds(variants, args.rounds)
+    timing = _timed_rounds(variants, args.rounds, pause=args.pause)
     base = timing["pytorch fp32 (sentence-transformers)"]["median_s"]
     base_cpu = timing["pytorch fp32 (sentence-transformers)"]["median_cpu_s"]
     result: dict[str, Any] = {}
@@ -549,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2", default=None, help="a tuned SmolLM2-135M embedder dir (default: zero-shot)")
     parser.add_argument("--sentences", type=int, default=1024, help="STS-B dev sentences for throughput")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    parser.add_argument("--pause", type=float, default=1.0,
+                        help="seconds of rest before each timed variant (lets spinning thread pools go idle)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
     parser.add_argument("--scifact-docs", type=int, default=0, help="subsample the SciFact corpus (0: all)")
     parser.add_argument("--llm-sentences", type=int, default=256, help="throughput sentences for the LLM")
