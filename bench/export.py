@@ -119,12 +119,13 @@ def _plain_recipe_graph(dest: Path, manifest: dict[str, Any]) -> Path | None:
 
 
 def _ablation_graphs(dest: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Extra int8 graphs for the ablation (in ``OUT/ablation/<model>/``), made once."""
+    """Extra int8 graphs for the ablation (in ``OUT/ablation/<model>/``), made once; the previous default's graph
+    (:func:`_all_int8_graph`) is timed in every ablating run, so it is not among them."""
     from embedforge.export import precision
 
     folder = dest.parent.parent / "ablation" / dest.name
     folder.mkdir(parents=True, exist_ok=True)
-    made = {PREVIOUS[len("onnx "):]: str(_all_int8_graph(dest, manifest))}
+    made: dict[str, str] = {}
     if manifest["fusion"]["applied"]:
         plain = folder / "model_qint8_plain.onnx"
         if not plain.is_file():
@@ -208,11 +209,7 @@ def _throughput(model_dir: str, dest: Path, manifest: dict[str, Any], texts: lis
         encoders["onnx int8 no spinning"] = _encoder_for(dest, int8_file, args.threads, spin=False)
         encoders["onnx int8 1 thread"] = _encoder_for(dest, int8_file, 1)
         for label, path in _ablation_graphs(dest, manifest).items():
-            from embedforge.export.encoder import OnnxEncoder
-
-            if f"onnx {label}" in encoders:
-                continue
-            encoders[f"onnx {label}"] = OnnxEncoder(dest, os.path.relpath(path, dest), threads=args.threads)
+            encoders[f"onnx {label}"] = _encoder_for(dest, os.path.relpath(path, dest), args.threads)
     for name, enc in encoders.items():
         variants[name] = (lambda e: (lambda: e.encode(texts, batch_size=32)))(enc)
     warm = texts[-64:]  # warm-up on the longest texts (first-run allocations, thread pools)
@@ -260,22 +257,21 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     st.eval()
     st.max_seq_length = manifest["tokenizer"]["max_length"]
     int8_file = manifest["graphs"]["int8_avx512_vnni"]["file"]
-    encoders = {"pytorch fp32": st, "onnx fp32": _encoder_for(dest, "onnx/model.onnx", args.threads),
-                "onnx int8": _encoder_for(dest, int8_file, args.threads)}
-    keys = {"pytorch fp32": "pytorch-fp32", "onnx fp32": _file_key(dest / "onnx/model.onnx"),
-            "onnx int8": _file_key(dest / int8_file)}
-    prev_graph = _all_int8_graph(dest, manifest)  # the same-run comparison with the previous int8 recipe
-    encoders[PREVIOUS] = _encoder_for(dest, os.path.relpath(prev_graph, dest),
-                                                                         args.threads)
-    keys[PREVIOUS] = _file_key(prev_graph)
+    encoders: dict[str, Any] = {"pytorch fp32": st}
+    keys = {"pytorch fp32": "pytorch-fp32"}
+
+    def add(label: str, graph: Path) -> None:  # an ONNX encoder and its vector-cache key
+        encoders[label] = _encoder_for(dest, os.path.relpath(graph, dest), args.threads)
+        keys[label] = _file_key(graph)
+
+    add("onnx fp32", dest / "onnx/model.onnx")
+    add("onnx int8", dest / int8_file)
+    add(PREVIOUS, _all_int8_graph(dest, manifest))  # the same-run comparison with the previous int8 recipe
     plain = _plain_recipe_graph(dest, manifest)
     if plain is not None:
-        encoders[PLAIN_RECIPE] = _encoder_for(dest, os.path.relpath(plain, dest), args.threads)
-        keys[PLAIN_RECIPE] = _file_key(plain)
+        add(PLAIN_RECIPE, plain)
     if "int8_blockwise" in manifest["graphs"]:
-        encoders["onnx int8 blockwise"] = _encoder_for(dest, manifest["graphs"]["int8_blockwise"]["file"],
-                                                       args.threads)
-        keys["onnx int8 blockwise"] = _file_key(dest / manifest["graphs"]["int8_blockwise"]["file"])
+        add("onnx int8 blockwise", dest / manifest["graphs"]["int8_blockwise"]["file"])
     cache_dir = Path(args.out) / "vectors"
     cache_dir.mkdir(parents=True, exist_ok=True)
     sts = builtin("stsb-dev")
@@ -300,8 +296,7 @@ def _quality(model_dir: str, dest: Path, manifest: dict[str, Any], args: argpars
     if limits["scifact_docs"]:
         beir = _subsample_corpus(beir, limits["scifact_docs"])
     out["scifact-dev"]["corpus_docs"] = len(beir.corpus)
-    wanted = ("pytorch fp32", "onnx int8", PREVIOUS, PLAIN_RECIPE,
-              "onnx int8 blockwise")
+    wanted = ("pytorch fp32", "onnx int8", PREVIOUS, PLAIN_RECIPE, "onnx int8 blockwise")
     for name in [n for n in wanted if n in encoders and (n == "pytorch fp32" or n in args.scifact_encoders)]:
         if name not in out["scifact-dev"]:
             out["scifact-dev"][name] = _retrieval_cached(encoders[name], keys[name], beir, cache_dir)

@@ -200,13 +200,12 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             graphs["fp16"]["precision"] = "fp16"
 
         # 7. dynamic int8 per CPU family
+        encoder_like = fuse_info["applied"] or model_type in precision.BERT_LIKE  # the auto defaults differ
         keep_float = config.int8_keep_float
         if keep_float is None:
-            keep_float = [] if fuse_info["applied"] or model_type in precision.BERT_LIKE else ["down_proj"]
+            keep_float = [] if encoder_like else ["down_proj"]
+        split_wanted = encoder_like if config.int8_split_first_token is None else config.int8_split_first_token
         int8_base, split = base, []
-        split_wanted = config.int8_split_first_token
-        if split_wanted is None:
-            split_wanted = fuse_info["applied"] or model_type in precision.BERT_LIKE
         if config.int8 and split_wanted and spec.padding_side == "right":
             int8_base = onnx_dir / "model_split.tmp.onnx"
             split = precision.split_first_token(base, int8_base, precision.matmul_nodes(base, ["ffn_down:all"]))

@@ -212,8 +212,8 @@ def split_first_token(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     ])
     replacement: dict[int, list[Any]] = {}  # id of the block's down node -> the nodes that replace the block
     removed: set[int] = set()
+    order = {id(n): i for i, n in enumerate(graph.node)}
     for down, block_input, nodes in blocks:
-        order = {id(n): i for i, n in enumerate(graph.node)}
         nodes.sort(key=lambda n: order[id(n)])
         inner = {t for n in nodes for t in n.output}
         new = []
