@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="layer students: learn the teacher vectors rotated onto their principal axes")
     parser.add_argument("--batching", default="length", choices=["length", "random"],
                         help="layer students: length-grouped or random batches")
+    parser.add_argument("--full-dim-weight", type=float, default=1.0,
+                        help="layer students: weight of the full-dim view against each Matryoshka prefix (1 each)")
     parser.add_argument("--max-seq-length", type=int, default=128, help="training input length (teacher and students)")
     parser.add_argument("--scifact-corpus", action="store_true",
                         help="ablation: add the SciFact corpus abstracts to the unlabeled training texts")
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. each student: distill (resumable), throughput against the teacher in the same call, scores
     layer_common = dict(student="layers", learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                        max_steps=args.max_steps, target_rotation=args.rotation, batching=args.batching)
+                        max_steps=args.max_steps, target_rotation=args.rotation, batching=args.batching,
+                        full_dim_weight=args.full_dim_weight)
     specs = {
         "layers2": dict(keep_layers=[int(i) for i in args.keep_layers.split(",")], **layer_common),
         "layers3": dict(keep_layers=[1, 3, 5], **layer_common),

@@ -97,6 +97,10 @@ class DistillConfig:
     matryoshka_dims: list[int] = opt(
         factory=list, help="extra output dims trained at once, e.g. [256, 128, 64, 32] (the full dim is implied)"
     )
+    full_dim_weight: float = opt(
+        1.0, help="weight of the full-dimension view in the mean over views (each Matryoshka prefix and layer/dim "
+                  "pair weighs 1); above 1 favours the full vector over its prefixes"
+    )
     target_rotation: TargetRotation = opt(
         TargetRotation.NONE,
         help="none | pca: rotate the teacher vectors onto their principal axes (fit on the training vectors; "
@@ -156,6 +160,7 @@ class DistillConfig:
               "at least one loss weight must be positive")
         check(self.relative_pairs >= 2, "relative_pairs", "must be >= 2")
         check(all(d > 0 for d in self.matryoshka_dims), "matryoshka_dims", "dims must be positive")
+        check(self.full_dim_weight > 0, "full_dim_weight", "must be positive")
         for pair in self.layer_dims:
             check(len(pair) == 2 and pair[0] >= 1 and pair[1] >= 1, "layer_dims",
                   f"each entry is [layer >= 1, dim >= 1], got {pair!r}")

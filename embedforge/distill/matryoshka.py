@@ -85,11 +85,16 @@ class DistillObjective(nn.Module):
         loss: the per-view loss.
         dims: Matryoshka dims (the full output dim is added when missing).
         layer_dims: Starbucks pairs ``(layer, dim)``; ``layer`` counts from 1 (the state after that layer).
+        full_dim_weight: weight of the full-dimension view; every other view weighs 1 and the loss is the
+            weighted mean.
     """
 
     def __init__(self, model: Any, targets: Tensor, loss: JasperStellaLoss, dims: Sequence[int] = (),
-                 layer_dims: Iterable[Sequence[int]] = ()):
+                 layer_dims: Iterable[Sequence[int]] = (), full_dim_weight: float = 1.0):
         super().__init__()
+        if full_dim_weight <= 0:
+            raise ValueError(f"full_dim_weight must be positive, got {full_dim_weight}")
+        self.full_dim_weight = float(full_dim_weight)
         self.model = model
         self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.float32), persistent=False)
         self.loss = loss
@@ -135,17 +140,20 @@ class DistillObjective(nn.Module):
         for layer, dim in self.layer_dims:
             views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim)))
         total = student.new_zeros(())
+        weight_sum = 0.0
         logged: dict[str, float] = {}
         for name, view in views:
             value = self.loss(view, teacher)
             logged[name] = float(value.detach())
-            total = total + value
+            weight = self.full_dim_weight if name == f"dim{self.out_dim}" else 1.0
+            total = total + weight * value
+            weight_sum += weight
         self.last_views = logged
-        return total / len(views)
+        return total / weight_sum
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into the model card about this loss."""
         w = self.loss.weights
-        return {"dims": self.dims, "layer_dims": self.layer_dims, "cosine_weight": w.cosine,
-                "similarity_weight": w.similarity, "relative_weight": w.relative,
+        return {"dims": self.dims, "layer_dims": self.layer_dims, "full_dim_weight": self.full_dim_weight,
+                "cosine_weight": w.cosine, "similarity_weight": w.similarity, "relative_weight": w.relative,
                 "margin": self.loss.relative.margin, "max_pairs": self.loss.relative.max_pairs}

@@ -46,6 +46,21 @@ def test_objective_is_the_mean_over_prefixes(bert_teacher, texts):
     assert direct == pytest.approx(got, rel=1e-5)
 
 
+def test_full_dim_weight_is_a_weighted_mean_over_views(bert_teacher, texts):
+    model = _load(bert_teacher)
+    targets = torch.randn(len(texts), 32, generator=torch.Generator().manual_seed(1))
+    loss = JasperStellaLoss(max_pairs=10_000)
+    objective = DistillObjective(model, targets, loss, dims=[16, 8], full_dim_weight=3.0)
+    batch = [1, 4, 9, 16]
+    with torch.no_grad():
+        got = objective([model.preprocess([texts[i] for i in batch])], torch.tensor(batch)).item()
+    views = objective.last_views
+    assert got == pytest.approx((3 * views["dim32"] + views["dim16"] + views["dim8"]) / 5, rel=1e-5)
+    assert got != pytest.approx((views["dim32"] + views["dim16"] + views["dim8"]) / 3, rel=1e-3)
+    with pytest.raises(ValueError, match="full_dim_weight"):
+        DistillObjective(model, targets, loss, dims=[16], full_dim_weight=0.0)
+
+
 def test_layer_dim_view_is_the_truncated_model(bert_teacher, texts):
     """The (layer, dim) view equals what a student cut after that layer outputs, cut to dim."""
     from embedforge.distill.students import layer_student

@@ -34,6 +34,7 @@ def test_config_imports_without_torch():
         ({"first_layers": 1, "layer_dims": [[0, 8]]}, "layer_dims"),
         ({"student": "static", "layer_dims": [[1, 8]]}, "layer_dims"),
         ({"first_layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
+        ({"first_layers": 1, "full_dim_weight": 0.0}, "full_dim_weight"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
