@@ -136,20 +136,19 @@ class DistillObjective(nn.Module):
                 config.output_hidden_states = restore
         student = out["sentence_embedding"]
         teacher = self.teacher_rows(labels).to(student.device)
-        views: list[tuple[str, Tensor]] = [(f"dim{d}", prefix(student, d)) for d in self.dims]
+        views: list[tuple[str, Tensor, float]] = [
+            (f"dim{d}", prefix(student, d), self.full_dim_weight if d == self.out_dim else 1.0) for d in self.dims
+        ]
         for layer, dim in self.layer_dims:
-            views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim)))
+            views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim), 1.0))
         total = student.new_zeros(())
-        weight_sum = 0.0
         logged: dict[str, float] = {}
-        for name, view in views:
+        for name, view, weight in views:
             value = self.loss(view, teacher)
             logged[name] = float(value.detach())
-            weight = self.full_dim_weight if name == f"dim{self.out_dim}" else 1.0
             total = total + weight * value
-            weight_sum += weight
         self.last_views = logged
-        return total / weight_sum
+        return total / sum(weight for _, _, weight in views)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into the model card about this loss."""
