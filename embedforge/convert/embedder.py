@@ -105,6 +105,26 @@ def prompt_merges_with_text(tokenizer: Any, prompt: str) -> bool:
     return False
 
 
+def weighted_mean_handles_left_padding() -> bool:
+    """True when the installed sentence-transformers starts the weighted mean's position weights at the first real
+    token (6.1 and later); 6.0 weighs by absolute position, so left padding shifts every weight."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    return Version(importlib.metadata.version("sentence-transformers")) >= Version("6.1")
+
+
+def _check_padding(cfg: ConvertConfig) -> None:
+    if (cfg.pooling == PoolingMode.WEIGHTED_MEAN and cfg.padding_side.value == "left"
+            and not weighted_mean_handles_left_padding()):
+        raise ValueError(
+            "pooling weightedmean with padding_side left needs sentence-transformers >= 6.1 (the installed version "
+            "weighs tokens by absolute position, so padded rows would get wrong vectors); use padding_side right "
+            "or upgrade sentence-transformers"
+        )
+
+
 def _check_prompts(tokenizer: Any, cfg: ConvertConfig) -> None:
     if cfg.pooling == PoolingMode.ECHO or cfg.include_prompt:
         return  # echo tokenizes the prompt on its own; included prompts are not cut
@@ -181,6 +201,7 @@ def build_embedder_from_config(cfg: ConvertConfig, *, device: str | None = None)
 
     from embedforge.sources import resolve_source
 
+    _check_padding(cfg)
     source = os.fspath(resolve_source(cfg.model))                            # 1
     backbone = _load_backbone(source, cfg)                                    # 2
     tokenizer = backbone.tokenizer                                            # 3

@@ -245,6 +245,24 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def reset_peak_gpu() -> None:
+    """Start a new peak-memory window on the current CUDA device (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak memory torch allocated on the current CUDA device since :func:`reset_peak_gpu`, in MiB (None without
+    CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def save_trained(
     model: Any, out_dir: Path, *, stage: str, config: Any, parent: str | None, ctx: Any,
     adapter: Path | None = None, train_stats: dict[str, Any] | None = None,

@@ -133,6 +133,7 @@ def _common_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate
 def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any]) -> dict[str, Any]:
     """Train (resuming from the newest checkpoint), honouring signals; returns wall time and final loss."""
     from embedforge.convert.train_guard import SignalCheckpoint, TrainingInterrupted, last_checkpoint
+    from embedforge.convert.train_model import peak_gpu_mb, reset_peak_gpu
 
     guard = SignalCheckpoint()
     for cb in extra_callbacks:
@@ -142,6 +143,7 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any]) -> di
     if resume:
         logger.info("resuming from %s", resume)
     guard.install()
+    reset_peak_gpu()
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -152,12 +154,16 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any]) -> di
             f"training stopped on signal {guard.received} at step {trainer.state.global_step}; checkpoint in "
             f"{last_checkpoint(ckpt_dir)}. Rerun the same command to resume."
         )
-    return {
+    stats = {
         "steps": trainer.state.global_step,
         "wall_s": round(time.perf_counter() - start, 1),
         "train_loss": float(result.training_loss),
         "resumed_from": resume,
     }
+    gpu_mb = peak_gpu_mb()  # training only: loading, quantizing and merging are outside this window
+    if gpu_mb is not None:
+        stats["peak_gpu_mb"] = gpu_mb
+    return stats
 
 
 def _st_trainer(model: Any, args: Any, train: Any, loss: Any) -> Any:
@@ -446,4 +452,6 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
         logger.info("%s done: %s", name, all_stats[name])
     stats = {"stages": all_stats, "steps": sum(s["steps"] for s in all_stats.values()),
              "wall_s": round(sum(s["wall_s"] for s in all_stats.values()), 1)}
+    if any("peak_gpu_mb" in s for s in all_stats.values()):
+        stats["peak_gpu_mb"] = max(s.get("peak_gpu_mb", 0.0) for s in all_stats.values())
     _finish(model, out_dir, config, parent, ctx, ctx.stage_name or "contrastive", stats)  # 5. save

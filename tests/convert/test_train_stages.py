@@ -219,3 +219,5 @@ def test_qlora_trains_and_merges_on_gpu(embedder_dir: Path, data_files: dict[str
                             gradient_checkpointing=True, precision="bf16", **FAST)
     run_contrastive(cfg, tmp_path / "out", StageContext())
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
+    stats = json.loads((tmp_path / "out" / "embedforge.json").read_text())["extra"]["train"]
+    assert stats["peak_gpu_mb"] > 0
