@@ -281,7 +281,11 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
             row["moved_1_minus_cos_mean"] = round(float(1 - _cos_rows(before, after).mean()), 5)
             row["ok"] = bool(row["bidirectional_flag"] and row["bidirectional_probe"] and np.isfinite(after).all()
                              and row["moved_1_minus_cos_mean"] > 1e-6)
-            del loaded
+            # drop every reference (the backbone too): a model left on the GPU would count in the next
+            # variant's peak (it did in gpu_check_h200_run2.json, see gpu_check_h200.md)
+            del loaded, backbone
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         except Exception as exc:  # noqa: BLE001
             row["ok"] = False
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]

@@ -1,0 +1,118 @@
+"""Where the GPU memory of a LoRA / QLoRA contrastive step goes: weights, forward-saved activations, backward peak.
+
+    python bench/gpu_memory_probe.py --out DIR --shape SHAPE_DIR [--one-b] [--batch 32] [--seq 64]
+
+One hand-written step per variant through embedforge's own pieces (``load_start_model``, ``prepare_for_training``,
+``contrastive_loss``) under bf16 autocast, with ``torch.cuda.max_memory_allocated`` read after moving the model to
+the GPU, after the forward pass (loss computed, graph alive) and after the backward pass. It complements
+``bench/gpu_check.py``, whose trainer-level figure is one number per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+
+
+def _mb(x: int) -> float:
+    return round(x / 2**20, 1)
+
+
+def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda") -> dict[str, Any]:
+    import torch
+
+    cuda = device.startswith("cuda")
+
+    def alloc() -> int:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return 0
+
+    def peak() -> int:
+        return torch.cuda.max_memory_allocated() if cuda else 0
+
+    from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.train_model import load_start_model, prepare_for_training
+    from embedforge.convert.training import contrastive_loss
+    from embedforge.data import builtin
+
+    quant, ckpt = {"lora": ("none", False), "lora-ckpt": ("none", True), "qlora-ckpt": ("4bit", True)}[variant]
+    cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
+                            gradient_checkpointing=ckpt, max_seq_length=seq, batch_size=batch, lora_r=16,
+                            lora_alpha=32)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    base = alloc()
+    model, _ = load_start_model(cfg)
+    prepare_for_training(model, cfg)
+    model.to(device)
+    loss_fn = contrastive_loss(model, cfg)
+    rows = builtin("snli-triplets").select(range(batch))
+    feats = [model.tokenize(list(rows[col])) for col in ("anchor", "positive", "negative")]
+    feats = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in f.items()} for f in feats]
+    out: dict[str, Any] = {"variant": variant, "weights_mb": _mb(alloc() - base),
+                           "tokens": int(sum(f["attention_mask"].sum().item() for f in feats))}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        loss = loss_fn(feats, None)
+    out["after_forward_mb"] = _mb(alloc() - base)
+    out["forward_peak_mb"] = _mb(peak() - base)
+    loss.backward()
+    out["step_peak_mb"] = _mb(peak() - base)
+    out["saved_by_forward_mb"] = round(out["after_forward_mb"] - out["weights_mb"], 1)
+    out["checkpointing_on"] = bool(getattr(model[0].auto_model, "is_gradient_checkpointing", False))
+    out["loss"] = float(loss.item())
+    del model, loss_fn, loss, feats
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpu_check import ONE_B, make_shape_model  # bench/ sibling
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shape", required=True)
+    parser.add_argument("--one-b", action="store_true", help="Llama-1B layer shape instead of the shape's own")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--variants", default="lora,lora-ckpt,qlora-ckpt")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "shape-model"
+    if not src.exists():
+        make_shape_model(Path(args.shape), src, **(ONE_B if args.one_b else {}))
+    start = out / "start"
+    if not start.exists():
+        from embedforge.convert.embedder import build_embedder
+
+        build_embedder(src, pooling="mean", bidirectional=True, max_seq_length=args.seq).save(os.fspath(start))
+    result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_memory_probe.py", *(argv or sys.argv[1:])]),
+                              "batch_triplets": args.batch, "seq": args.seq, "rows": []}
+    for variant in args.variants.split(","):
+        try:
+            row = probe(start, variant, args.batch, args.seq, args.device)
+        except Exception as exc:  # noqa: BLE001 - the other variants still run
+            row = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
