@@ -44,7 +44,9 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     from embedforge.convert.training import contrastive_loss
     from embedforge.data import builtin
 
-    quant, ckpt = {"lora": ("none", False), "lora-ckpt": ("none", True), "qlora-ckpt": ("4bit", True)}[variant]
+    from gpu_check import VARIANTS  # bench/ sibling: the same three variants
+
+    quant, ckpt = VARIANTS[variant]
     cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
                             gradient_checkpointing=ckpt, max_seq_length=seq, batch_size=batch, lora_r=16,
                             lora_alpha=32)
