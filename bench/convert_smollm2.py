@@ -7,6 +7,10 @@ trained with the embedforge stages (``convert`` -> ``mntp`` -> ``contrastive``) 
 ``DIR/models/<variant>/``. ``DIR/results.json`` is rewritten after every variant (scores, training wall time, peak
 memory, the settings) and names the best tuned variant under ``best``; ``DIR/results.md`` holds the table.
 
+``causal-distill-mean`` (SmolLM2 cut to ``--keep-layers`` layers, distilled from MiniLM's cached vectors) followed by
+a short supervised LoRA stage on SciFact train pairs is ``causal-distill-mean-sup``; it reuses the distilled model of
+the same ``--out`` when that is complete, and its ``train_wall_s`` adds both stages.
+
 Evaluation sets (dev only): STS-B dev and SICK trial (Spearman x100) on every variant; SciFact dev queries
 (nDCG@10) and Banking77 (accuracy, train split into train/dev) on the variants listed by ``--full-eval``. To fit
 two shared CPU cores, SciFact documents are cut to ``--doc-len`` tokens, and ``--scifact-docs`` / ``--banking-rows``
@@ -276,6 +280,22 @@ def _distilled_domain(args: argparse.Namespace, work: Path, name: str) -> tuple[
     return out, info
 
 
+def _distilled_sup(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+    """``causal-distill-mean``, then a short supervised LoRA contrastive stage on ``--sup-data`` (default: the
+    SciFact train claims -> cited abstracts, in-batch negatives; ``--sup-epochs`` passes, no dev data).
+
+    The distilled model of the same ``--out`` is reused when it is already complete (its recorded training time
+    counts); the reported ``train_wall_s`` is distill + contrastive."""
+    start, info = _distilled(args, work, "causal-distill-mean")
+    out = Path(args.out) / "models" / name
+    stats = _contrastive(args, start, out, args.steps, data=args.sup_data, max_seq_length=args.sup_len,
+                         learning_rate=args.sup_lr, epochs=args.sup_epochs, hard_negatives=False)
+    info.update(contrastive=stats, sup_data=args.sup_data, sup_epochs=args.sup_epochs, sup_lr=args.sup_lr,
+                sup_len=args.sup_len, distill_wall_s=info["train_wall_s"],
+                train_wall_s=round(info["train_wall_s"] + stats.get("wall_s", 0.0), 1))
+    return out, info
+
+
 def _head_only(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
     """Ablation: the zero-shot backbone with only the least-squares head to the teacher space (no training)."""
     from embedforge.distill.pipeline import build_student, gather_texts, teacher_vectors
@@ -307,6 +327,7 @@ TUNED = {
     "causal-sup-echo": _tuned("echo", False, False),
     "causal-distill-mean": _distilled,
     "causal-distill-mean-scifact-corpus": _distilled_domain,
+    "causal-distill-mean-sup": _distilled_sup,
     # ablations
     "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
     "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),
@@ -381,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kd-len", type=int, default=128, help="causal-distill-mean: tokens per training text")
     parser.add_argument("--kd-lr", type=float, default=1e-4)
     parser.add_argument("--kd-long", type=int, default=2000, help="20 Newsgroups bodies among the distill texts")
+    parser.add_argument("--sup-data", nargs="+", default=["scifact-train-pairs"],
+                        help="causal-distill-mean-sup: data of the contrastive stage after distillation")
+    parser.add_argument("--sup-epochs", type=float, default=1.0, help="causal-distill-mean-sup: passes (cap: --steps)")
+    parser.add_argument("--sup-lr", type=float, default=1e-4)
+    parser.add_argument("--sup-len", type=int, default=128, help="causal-distill-mean-sup: tokens per text")
     parser.add_argument("--kd-corpus", type=int, default=0,
                         help="add the SciFact corpus abstracts and this many sentences cut from them to the distill "
                         "texts (domain adaptation; default 5000 for the causal-distill-mean-scifact-corpus variant)")
