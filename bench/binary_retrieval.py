@@ -36,6 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from _results import write_results  # bench/ is on sys.path when a script here runs
+
 logger = logging.getLogger("bench.binary_retrieval")
 
 RESCORE_K = 100  # binary candidates kept for the hamming-only ranking (recall@100 needs 100)
@@ -92,13 +94,6 @@ def _rank_ids(scores: np.ndarray, k: int) -> np.ndarray:
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
-
-
-def _write(out_dir: Path, result: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out_dir / "results.json")
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -408,7 +403,7 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
             entry.update(retention=1.0, memory_ratio=1.0, speedup_batch=1.0, speedup_single=1.0)
         result["methods"][method] = entry
         logger.info("%s: nDCG@10 %.2f", method, entry["ndcg@10"])
-        _write(out, result)
+        write_results(out, result)
         (out / "results.md").write_text(_markdown(result))
 
     # 2. exact float search
@@ -538,7 +533,7 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
         })
     result["notes"]["timing"] = ("single-threaded FAISS, median of repeats, top-10; 'batch' = all queries in one "
                                  "search call, '1 query' = per-query latency averaged over the queries")
-    _write(out, result)
+    write_results(out, result)
     (out / "results.md").write_text(_markdown(result))
     return result
 

@@ -36,15 +36,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from _results import write_results  # bench/ is on sys.path when a script here runs
+
 logger = logging.getLogger("bench.export")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _write(out: Path, result: dict[str, Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
 
 
 def _sts_sentences(limit: int) -> list[str]:
@@ -478,7 +474,7 @@ def bench_model(name: str, model_dir: str, out: Path, result: dict[str, Any], ar
     entry["export"] = {"dir": str(dest), "parity": {k: v["parity"] for k, v in manifest["graphs"].items()},
                        "fusion": manifest["fusion"], "sizes_mb": _sizes(dest, manifest),
                        "max_seq_length": manifest["tokenizer"]["max_length"]}
-    _write(out, result)
+    write_results(out, result)
     llm = name != "minilm-l6"
     limits = {"sentences": args.llm_sentences if llm else args.sentences,
               "sts_pairs": args.llm_sts_pairs if llm else 0,
@@ -489,17 +485,17 @@ def bench_model(name: str, model_dir: str, out: Path, result: dict[str, Any], ar
         entry["throughput"] = _throughput(model_dir, dest, manifest, texts, args, ablate=not llm)
         entry["throughput"]["texts"] = {"n": len(texts), "source": "STS-B dev sentences", "batch_size": 32,
                                         "threads": args.threads, "rounds": args.rounds}
-        _write(out, result)
+        write_results(out, result)
     if "memory" not in entry and not args.skip_throughput:
         entry["memory"] = _memory(model_dir, dest, manifest, texts[:128], out, args.threads)
-        _write(out, result)
+        write_results(out, result)
     if args.int8_sensitivity and not llm and "int8_sensitivity" not in entry:
         entry["int8_sensitivity"] = _int8_sensitivity(model_dir, dest, manifest, args.int8_sensitivity,
                                                       args.threads)
-        _write(out, result)
+        write_results(out, result)
     if not args.skip_quality:
         entry["quality"] = _quality(model_dir, dest, manifest, args, limits, previous=entry.get("quality"))
-        _write(out, result)
+        write_results(out, result)
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -595,9 +591,9 @@ def main(argv: list[str] | None = None) -> int:
 
             enc = _encoder_for(out / "exports" / name, "onnx/model.onnx", args.threads)
             result["models"][name]["binary"] = binary_retrieval.run(enc, out / "binary" / name)
-            _write(out, result)
+            write_results(out, result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write(out, result)
+    write_results(out, result)
     (out / "results.md").write_text(_markdown(result))
     return 0
 

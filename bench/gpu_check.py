@@ -37,17 +37,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from _results import write_results  # bench/ is on sys.path when a script here runs
+
 logger = logging.getLogger("bench.gpu_check")
 
 # Llama-3.2-1B's layer shape, with the shape directory's vocabulary (its tokenizer is what travels).
 ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, head_dim=64)
-
-
-def _write(out: Path, result: dict[str, Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out / "results.json")
 
 
 def _sync(device: str) -> None:
@@ -57,22 +53,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 # ------------------------------------------------------------------------------------------ bidirectional
-
-
-def _mean_pool(hidden: Any, mask: Any) -> Any:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1)
 
 
 def _padding_gap(model: Any, ids: list[list[int]], pad: int, device: str) -> float:
     """Largest cosine distance between a text's mean-pooled state alone and inside a right/left-padded batch."""
     import torch
+
+    from embedforge.modules.common import masked_mean
 
     longest = max(len(x) for x in ids)
     worst = 0.0
@@ -80,7 +68,7 @@ def _padding_gap(model: Any, ids: list[list[int]], pad: int, device: str) -> flo
         alone = []
         for seq in ids:
             t = torch.tensor([seq], device=device)
-            alone.append(_mean_pool(model(input_ids=t).last_hidden_state, torch.ones_like(t)).float())
+            alone.append(masked_mean(model(input_ids=t).last_hidden_state, torch.ones_like(t)).float())
         for side in ("right", "left"):
             rows, masks = [], []
             for seq in ids:
@@ -90,7 +78,7 @@ def _padding_gap(model: Any, ids: list[list[int]], pad: int, device: str) -> flo
                 zeros = [0] * len(fill)
                 masks.append(ones + zeros if side == "right" else zeros + ones)
             t, m = torch.tensor(rows, device=device), torch.tensor(masks, device=device)
-            batch = _mean_pool(model(input_ids=t, attention_mask=m).last_hidden_state, m).float()
+            batch = masked_mean(model(input_ids=t, attention_mask=m).last_hidden_state, m).float()
             for i, vec in enumerate(alone):
                 cos = torch.nn.functional.cosine_similarity(vec[0], batch[i], dim=0).item()
                 worst = max(worst, 1.0 - cos)
@@ -193,6 +181,9 @@ def encode_section(out: Path, src: Path, device: str, workloads: list[tuple[str,
     """Each workload is (name, texts, max_seq_length, batch_size); dtypes are compared within a workload."""
     import torch
 
+    from embedforge.convert.train_model import peak_gpu_mb
+    from embedforge.export.parity import compare
+
     res: dict[str, Any] = {"rounds": rounds}
     for name, texts, max_len, batch in workloads:
         model = _embedder(src, device)
@@ -211,21 +202,22 @@ def encode_section(out: Path, src: Path, device: str, workloads: list[tuple[str,
         if name == "short":
             eager = _embedder(src, device, attn="eager")
             ev = eager.encode(texts[:512], batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
-            row["fp32_sdpa_vs_eager_min_cos"] = round(float(_cos_rows(ref[:512], ev).min()), 6)
+            row["fp32_sdpa_vs_eager_min_cos"] = round(compare(ref[:512], ev).min_cosine, 6)
             del eager
         for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             model.to(dtype)
             vecs, t = _timed(enc, device, rounds)
-            cos = _cos_rows(ref, vecs)
+            parity = compare(ref, vecs)
             row[label] = {"texts_per_s": round(len(texts) / t, 1), "tokens_per_s": round(sum(lengths) / t),
-                          "speedup_vs_fp32": round(t32 / t, 2), "cos_to_fp32_min": round(float(cos.min()), 5),
-                          "cos_to_fp32_mean": round(float(cos.mean()), 5), "finite": bool(np.isfinite(vecs).all())}
+                          "speedup_vs_fp32": round(t32 / t, 2), "cos_to_fp32_min": round(parity.min_cosine, 5),
+                          "cos_to_fp32_mean": round(parity.mean_cosine, 5), "finite": bool(np.isfinite(vecs).all())}
             model.to(torch.float32)
         res[name] = row
         logger.info("encode %s: %s", name, row)
         del model
-    if device.startswith("cuda"):
-        res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    gpu_mb = peak_gpu_mb()
+    if gpu_mb is not None:
+        res["peak_gpu_mb"] = gpu_mb
     return res
 
 
@@ -242,6 +234,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
     from embedforge.convert.bidirectional import is_bidirectional, probe_bidirectional
     from embedforge.convert.train_config import ContrastiveConfig
     from embedforge.convert.training import run_contrastive
+    from embedforge.export.parity import compare
     from embedforge.model import read_lineage
     from embedforge.testing import sample_texts
 
@@ -255,9 +248,6 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
         quant, ckpt = VARIANTS[variant]
         dest = out / f"{label}-{variant}"
         shutil.rmtree(dest, ignore_errors=True)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
                                 precision="bf16" if device.startswith("cuda") else "fp32",
                                 gradient_checkpointing=ckpt, max_steps=steps, batch_size=batch,
@@ -278,7 +268,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
             row["bidirectional_flag"] = is_bidirectional(backbone)
             row["bidirectional_probe"] = probe_bidirectional(backbone)
             after = loaded.encode(texts, convert_to_numpy=True)
-            row["moved_1_minus_cos_mean"] = round(float(1 - _cos_rows(before, after).mean()), 5)
+            row["moved_1_minus_cos_mean"] = round(1 - compare(before, after).mean_cosine, 5)
             row["ok"] = bool(row["bidirectional_flag"] and row["bidirectional_probe"] and np.isfinite(after).all()
                              and row["moved_1_minus_cos_mean"] > 1e-6)
             # drop every reference (the backbone too): a model left on the GPU would count in the next
@@ -340,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_check.py", *(argv or sys.argv[1:])]),
                               "device": args.device, "versions": _versions(), "shape": json.loads(
                                   (shape / "config.json").read_text()).get("_name_or_path", shape.name)}
-    _write(out, result)
+    write_results(out, result)
 
     def run(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         if name not in sections:
@@ -352,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[:600], "trace": traceback.format_exc()[-2000:]}
             logger.exception("section %s failed", name)
         result[name]["section_s"] = round(time.perf_counter() - t0, 1)
-        _write(out, result)
+        write_results(out, result)
 
     from embedforge.data import builtin, builtin_beir
 

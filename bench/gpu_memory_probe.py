@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from _results import write_results  # bench/ is on sys.path when a script here runs
 
 
 def _mb(x: int) -> float:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:500]}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_results(out, result)
     return 0
 
 
