@@ -183,7 +183,8 @@ def _split_at_normalize(model: Any) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 def add_projection(model: Any, out_dim: int, *, identity: bool = False) -> Any:
-    """A new SentenceTransformer with a linear ``Dense`` head to ``out_dim`` put before its ``Normalize``."""
+    """A new SentenceTransformer with a linear ``Dense`` head to ``out_dim`` put before its ``Normalize``; the
+    model's prompts, default prompt and similarity function are kept."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize
 
@@ -196,7 +197,12 @@ def add_projection(model: Any, out_dim: int, *, identity: bool = False) -> Any:
         with torch.no_grad():
             dense.linear.weight.copy_(torch.eye(out_dim))
             dense.linear.bias.zero_()
-    return SentenceTransformer(modules=[*body, dense, Normalize()], device=str(model.device))
+    # the prompts travel with the model: a decoder student built with query/document instructions must be
+    # served with them, and a later contrastive stage trains with them
+    prompts = {k: v for k, v in (getattr(model, "prompts", None) or {}).items() if v}
+    return SentenceTransformer(modules=[*body, dense, Normalize()], device=str(model.device), prompts=prompts or None,
+                               default_prompt_name=getattr(model, "default_prompt_name", None),
+                               similarity_fn_name=getattr(model, "similarity_fn_name", None))
 
 
 def _dense_head(model: Any, action: str) -> tuple[list[nn.Module], Any]:

@@ -132,6 +132,36 @@ def test_two_teachers_any_model_student_gets_a_fitted_projection(bert_teacher, b
     assert fitted_loss < 0.5 * random_loss, (fitted_loss, random_loss)
 
 
+def test_embedder_student_keeps_its_prompts_through_the_head(bert_teacher, bert_teacher_b, texts, tmp_path):
+    """An embedforge decoder embedder built with a query instruction stays an embedder with that instruction
+    after the distill stage puts a head on it (it was lost once, so a later stage trained with a prompt that
+    evaluation then left out)."""
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.distill import pipeline
+    from embedforge.model import load_model
+    from embedforge.testing import tiny_decoder
+
+    decoder = tiny_decoder("qwen2", tmp_path / "qwen2")
+    embedder = build_embedder(str(decoder), pooling="mean", bidirectional=False, max_seq_length=32,
+                              prompts={"query": "Find the passage: "})
+    embedder.similarity_fn_name = "dot"
+    embedder.save(str(tmp_path / "embedder"))
+    cfg = DistillConfig(model=str(bert_teacher), extra_teachers=[str(bert_teacher_b)], student="model",
+                        student_model=str(tmp_path / "embedder"), texts=["unused"])
+    targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
+    student = pipeline.build_student(cfg, 64, texts, targets)
+    assert student.get_embedding_dimension() == 64  # the 32-dim decoder under a fitted 64-dim head
+    assert student.prompts.get("query") == "Find the passage: "
+    assert student.similarity_fn_name == "dot"
+    student.save(str(tmp_path / "student"))
+    again = load_model(tmp_path / "student")
+    assert again.prompts.get("query") == "Find the passage: "
+    # the instruction is used at encode time and excluded from pooling: with it the query vector changes
+    plain = again.encode(["a claim about cells"])
+    prompted = again.encode(["a claim about cells"], prompt_name="query")
+    assert not np.allclose(plain, prompted, atol=1e-4)
+
+
 def test_training_lowers_the_loss(bert_teacher, texts, tmp_path):
     """A random decoder student trained on the teacher vectors gets closer to them."""
     from embedforge.distill import pipeline
