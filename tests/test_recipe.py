@@ -159,3 +159,39 @@ def test_under_torchrun_other_ranks_wait_for_rank_zero(tmp_path: Path, monkeypat
     shutil.rmtree(recipe.stages[0].out)
     with pytest.raises(RecipeError, match="did not complete on rank 0"):
         run_recipe(recipe)
+
+
+class _Model:
+    """Stands for a loaded model: it refers to itself, as a SentenceTransformer does, so only the cycle
+    collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+LEFT: list = []
+SEEN_ALIVE: list[bool] = []
+
+
+def leaky_runner(config: ToyConfig, out_dir: Path, ctx) -> None:
+    import weakref
+
+    SEEN_ALIVE.append(any(ref() is not None for ref in LEFT))  # is an earlier stage's model still in memory?
+    LEFT.append(weakref.ref(_Model()))
+    toy_runner(config, out_dir, ctx)
+
+
+def test_a_stage_model_is_freed_before_the_next_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    monkeypatch.setitem(stages.STAGES, "toy", (f"{__name__}:ToyConfig", f"{__name__}:leaky_runner"))
+    LEFT.clear()
+    SEEN_ALIVE.clear()
+    recipe = load_recipe(_write(tmp_path, RECIPE.format(base=tmp_path / "runs")))
+    gc.disable()  # the collector must not run by chance: run_recipe has to run it
+    try:
+        assert [s for _, s in run_recipe(recipe)] == ["ran", "ran"]
+    finally:
+        gc.enable()
+    assert SEEN_ALIVE == [False, False]
+    assert all(ref() is None for ref in LEFT)
