@@ -46,6 +46,17 @@ ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num
              num_key_value_heads=8, head_dim=64)
 
 
+def _release(device: str) -> None:
+    """Free models nobody refers to any more (SentenceTransformers hold cycles, so ``del`` alone does not)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -227,7 +238,6 @@ VARIANTS = {"lora": ("none", False), "lora-ckpt": ("none", True), "qlora-ckpt": 
 
 def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq: int, label: str,
                   variants: list[str]) -> dict[str, Any]:
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from embedforge.configs import StageContext
@@ -242,7 +252,10 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
     if not start.exists():
         _embedder(src, "cpu").save(os.fspath(start))
     texts = sample_texts()
-    before = SentenceTransformer(os.fspath(start), device=device).encode(texts, convert_to_numpy=True)
+    reference = SentenceTransformer(os.fspath(start), device=device)
+    before = reference.encode(texts, convert_to_numpy=True)
+    del reference
+    _release(device)  # else the start model (4 GiB at the 1B shape) sits in the first variant's peak
     res: dict[str, Any] = {"steps": steps, "batch_size": batch, "max_seq_length": seq, "data": "snli-triplets"}
     for variant in variants:
         quant, ckpt = VARIANTS[variant]
@@ -271,11 +284,11 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
             row["moved_1_minus_cos_mean"] = round(1 - compare(before, after).mean_cosine, 5)
             row["ok"] = bool(row["bidirectional_flag"] and row["bidirectional_probe"] and np.isfinite(after).all()
                              and row["moved_1_minus_cos_mean"] > 1e-6)
-            # drop every reference (the backbone too): a model left on the GPU would count in the next
-            # variant's peak (it did in gpu_check_h200_run2.json, see gpu_check_h200.md)
+            # drop every reference (the backbone too) and collect: a SentenceTransformer is freed only by the
+            # cycle collector, and a model left on the GPU counts in the next variant's peak (it did in
+            # gpu_check_h200_run2.json, see gpu_check_h200.md)
             del loaded, backbone
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            _release(device)
         except Exception as exc:  # noqa: BLE001
             row["ok"] = False
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]

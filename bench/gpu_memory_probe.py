@@ -81,28 +81,42 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gpu_check import ONE_B, make_shape_model  # bench/ sibling
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the model and batch (shared with ``bench/gpu_trainer_memory.py``)."""
     parser.add_argument("--out", required=True)
     parser.add_argument("--shape", required=True)
     parser.add_argument("--one-b", action="store_true", help="Llama-1B layer shape instead of the shape's own")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (a CPU dry run)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--variants", default="lora,lora-ckpt,qlora-ckpt")
-    parser.add_argument("--device", default="cuda")
-    args = parser.parse_args(argv)
+
+
+def prepare_start(args: argparse.Namespace) -> Path:
+    """The random-weight model of ``--shape`` (``--one-b``: Llama-1B layers) as a bidirectional mean embedder
+    under ``--out``, made once."""
+    from gpu_check import ONE_B, make_shape_model  # bench/ sibling
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = out / "shape-model"
     if not src.exists():
-        make_shape_model(Path(args.shape), src, **(ONE_B if args.one_b else {}))
+        make_shape_model(Path(args.shape), src, layers=args.layers, **(ONE_B if args.one_b else {}))
     start = out / "start"
     if not start.exists():
         from embedforge.convert.embedder import build_embedder
 
         build_embedder(src, pooling="mean", bidirectional=True, max_seq_length=args.seq).save(os.fspath(start))
+    return start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(parser)
+    parser.add_argument("--variants", default="lora,lora-ckpt,qlora-ckpt")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    start = prepare_start(args)
     result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_memory_probe.py", *(argv or sys.argv[1:])]),
                               "batch_triplets": args.batch, "seq": args.seq, "rows": []}
     for variant in args.variants.split(","):
