@@ -52,12 +52,38 @@ def load_embedder(
     classes = module_classes_for(path)
     kwargs = {"device": device or "cpu", "trust_remote_code": trust_remote_code, **kwargs}
     if not classes:
-        return SentenceTransformer(path, **kwargs)
+        return fix_weighted_mean_padding(SentenceTransformer(path, **kwargs))
     loader = getattr(SentenceTransformer, "_load_with_module_classes", None)
     if loader is not None:
-        return loader(path, classes, **kwargs)
+        return fix_weighted_mean_padding(loader(path, classes, **kwargs))
     config = Path(path) / "config.json"
     if not trust_remote_code and config.is_file() and "auto_map" in json.loads(config.read_text()):
         raise ValueError(f"{path} ships its own model code (auto_map); pass trust_remote_code=True to load it")
     kwargs["trust_remote_code"] = True
-    return SentenceTransformer(path, **kwargs)
+    return fix_weighted_mean_padding(SentenceTransformer(path, **kwargs))
+
+
+def _pools_weighted_mean(module: Any) -> bool:
+    mode = getattr(module, "pooling_mode", None)  # a string, or a list when several modes are combined
+    modes = [mode] if isinstance(mode, str) else list(mode or [])
+    return "weightedmean" in modes or bool(getattr(module, "pooling_mode_weightedmean_tokens", False))
+
+
+def fix_weighted_mean_padding(model: SentenceTransformer) -> SentenceTransformer:
+    """Pad on the right when a weighted-mean model that pads on the left is loaded on sentence-transformers < 6.1.
+
+    Before 6.1 the weighted mean weighs each token by its absolute position, so left padding gives padded rows
+    wrong vectors. Such a model can only have been built on 6.1 or later (``build_embedder`` refuses it before).
+    Pooling by weighted mean never needs left padding, and right padding gives the same vectors on every version,
+    so the tokenizer is switched and a warning says so.
+    """
+    from embedforge.convert.embedder import weighted_mean_handles_left_padding
+
+    tokenizer = getattr(model[0], "tokenizer", None) if len(model) else None
+    weighted = any(_pools_weighted_mean(m) for m in model)
+    if (weighted and getattr(tokenizer, "padding_side", None) == "left"
+            and not weighted_mean_handles_left_padding()):
+        tokenizer.padding_side = "right"
+        logger.warning("this sentence-transformers (< 6.1) pools weightedmean wrongly with left padding; the model "
+                       "now pads on the right, which gives the vectors it was built for")
+    return model

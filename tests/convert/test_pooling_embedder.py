@@ -208,6 +208,32 @@ def test_weighted_mean_with_left_padding_needs_a_fixed_sentence_transformers(
     build_embedder(decoder_dir, pooling="mean", padding_side="left")
 
 
+def test_left_padded_weighted_mean_loads_right_padded_on_an_old_sentence_transformers(
+    decoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weightedmean model saved with left padding (possible on sentence-transformers >= 6.1) and loaded where the
+    weighted mean ignores padding (< 6.1) pads on the right instead, and its padded rows keep their vectors."""
+    import json
+
+    from embedforge.model import load_model
+
+    right = build_embedder(decoder_dir, pooling="weightedmean", padding_side="right")
+    right.save(str(tmp_path))
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "left"}))
+    alone = np.stack([_encode(right, [t])[0] for t in TEXTS])
+
+    if weighted_mean_handles_left_padding():  # the installed version pools left padding right: kept
+        assert load_model(tmp_path)[0].tokenizer.padding_side == "left"
+    monkeypatch.setattr(embedder_module, "weighted_mean_handles_left_padding", lambda: False)
+    old = load_model(tmp_path)
+    assert old[0].tokenizer.padding_side == "right"
+    np.testing.assert_allclose(_encode(old, TEXTS), alone, atol=2e-5)
+    mean = build_embedder(decoder_dir, pooling="mean", padding_side="left")
+    mean.save(str(tmp_path / "mean"))
+    assert load_model(tmp_path / "mean")[0].tokenizer.padding_side == "left"  # other poolings: untouched
+
+
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_save_load_same_vectors(decoder_dir: Path, tmp_path: Path, pooling: str) -> None:
     from sentence_transformers import SentenceTransformer
