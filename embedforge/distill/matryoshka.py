@@ -141,12 +141,15 @@ class DistillObjective(nn.Module):
         ]
         for layer, dim in self.layer_dims:
             views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim), 1.0))
-        total = student.new_zeros(())
+        total = student.new_zeros((), dtype=torch.float32)
         logged: dict[str, float] = {}
-        for name, view, weight in views:
-            value = self.loss(view, teacher)
-            logged[name] = float(value.detach())
-            total = total + weight * value
+        # under bf16 autocast the student's vectors come out in bf16; the losses (similarity matrices, hinge
+        # margins of 0.015) are computed in fp32, outside autocast
+        with torch.autocast(student.device.type, enabled=False):
+            for name, view, weight in views:
+                value = self.loss(view.float(), teacher.float())
+                logged[name] = float(value.detach())
+                total = total + weight * value
         self.last_views = logged
         return total / sum(weight for _, _, weight in views)
 

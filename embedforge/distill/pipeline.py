@@ -145,6 +145,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
+    from embedforge.convert.train_model import use_bf16
     from embedforge.distill.losses import JasperStellaLoss, LossWeights
     from embedforge.distill.matryoshka import DistillObjective
 
@@ -175,6 +176,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
         seed=config.seed,
         dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(),
+        bf16=use_bf16(config.precision),
     )
     if config.batching == Batching.LENGTH:
         from functools import partial

@@ -35,6 +35,7 @@ def test_config_imports_without_torch():
         ({"student": "static", "layer_dims": [[1, 8]]}, "layer_dims"),
         ({"first_layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
         ({"first_layers": 1, "full_dim_weight": 0.0}, "full_dim_weight"),
+        ({"first_layers": 1, "precision": "fp16"}, "precision"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
@@ -162,25 +163,33 @@ def test_embedder_student_keeps_its_prompts_through_the_head(bert_teacher, bert_
     assert not np.allclose(plain, prompted, atol=1e-4)
 
 
-def test_training_lowers_the_loss(bert_teacher, texts, tmp_path):
-    """A random decoder student trained on the teacher vectors gets closer to them."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_lowers_the_loss(bert_teacher, texts, tmp_path, precision):
+    """A random decoder student trained on the teacher vectors gets closer to them, in fp32 and under bf16
+    autocast (which must really run in bf16, with fp32 weights kept)."""
     from embedforge.distill import pipeline
     from embedforge.distill.losses import JasperStellaLoss
     from embedforge.testing import tiny_decoder
 
     decoder = tiny_decoder("qwen2", tmp_path / "qwen2")
     cfg = DistillConfig(model=str(bert_teacher), student="model", student_model=str(decoder), batch_size=16,
-                        max_steps=12, learning_rate=2e-4, warmup_ratio=0.0, save_steps=100, texts=["unused"])
+                        max_steps=12, learning_rate=2e-4, warmup_ratio=0.0, save_steps=100, texts=["unused"],
+                        precision=precision)
     targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
     student = pipeline.build_student(cfg, 32, texts, targets)
     loss = JasperStellaLoss(max_pairs=10_000)
+    seen: set[torch.dtype] = set()
+    student[0].auto_model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
 
     def full_loss() -> float:
         emb = torch.tensor(student.encode(texts, batch_size=32))
         return loss(emb, torch.tensor(targets)).item()
 
     before = full_loss()
+    seen.clear()
     pipeline.train_student(student, cfg, texts, targets, tmp_path / "ckpt")
+    assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
     after = full_loss()
     assert np.isfinite(after) and after < 0.9 * before, (before, after)
 
