@@ -9,7 +9,10 @@ memory, the settings) and names the best tuned variant under ``best``; ``DIR/res
 
 ``causal-distill-mean`` (SmolLM2 cut to ``--keep-layers`` layers, distilled from MiniLM's cached vectors) followed by
 a short supervised LoRA stage on SciFact train pairs is ``causal-distill-mean-sup``; it reuses the distilled model of
-the same ``--out`` when that is complete, and its ``train_wall_s`` adds both stages.
+the same ``--out`` when that is complete, and its ``train_wall_s`` adds both stages. The distill variants carry no
+query instruction (neither the teacher nor the distill texts have one), and their supervised stage trains without
+it too. ``causal-distill-mean-scifact-corpus-sup`` is the same two stages with the SciFact corpus (unlabeled) among
+the distill texts. The teacher's encoding time is recorded under ``teacher_vectors`` (measured once per text set).
 
 Evaluation sets (dev only): STS-B dev and SICK trial (Spearman x100) on every variant; SciFact dev queries
 (nDCG@10) and Banking77 (accuracy, train split into train/dev) on the variants listed by ``--full-eval``. To fit
@@ -106,20 +109,23 @@ def _zero_shot(pooling: str, bidirectional: bool, truncate: bool = False
     return make
 
 
-def _convert(args: argparse.Namespace, work: Path, pooling: str, bidirectional: bool) -> Path:
-    """The zero-shot starting point of a tuned variant, truncated to ``--keep-layers``, saved once."""
+def _convert(args: argparse.Namespace, work: Path, pooling: str, bidirectional: bool, instruction: bool = True
+             ) -> Path:
+    """The zero-shot starting point of a tuned variant, truncated to ``--keep-layers``, saved once; with
+    ``instruction`` SciFact queries carry ``SCIFACT_QUERY`` (excluded from pooling)."""
     from embedforge.convert.embedder import build_embedder
     from embedforge.convert.train_model import truncate_layers
     from embedforge.model import is_complete, save_model
 
-    out = work / f"start-{pooling}-{'bi' if bidirectional else 'causal'}-L{args.keep_layers}"
+    out = work / (f"start-{pooling}-{'bi' if bidirectional else 'causal'}-L{args.keep_layers}"
+                  f"{'' if instruction else '-noinstruction'}")
     if is_complete(out):
         return out
     options: dict[str, Any] = {}
     if pooling == "latent_attention":
         options = {"latent_count": args.latents}
     model = build_embedder("smollm2-135m", pooling=pooling, bidirectional=bidirectional, max_seq_length=args.max_len,
-                           prompts={"query": SCIFACT_QUERY}, **options)
+                           prompts={"query": SCIFACT_QUERY} if instruction else None, **options)
     if args.keep_layers and args.keep_layers < 30:
         truncate_layers(model, args.keep_layers)
     save_model(model, out, stage="convert", source="smollm2-135m",
@@ -247,7 +253,7 @@ def _distill_config(args: argparse.Namespace, work: Path, start: Path, steps: in
     return DistillConfig(
         model=args.teacher, student="model", student_model=str(start), texts=[str(_kd_texts(args, work))],
         max_seq_length=args.kd_len, batch_size=args.kd_batch, max_steps=steps, learning_rate=args.kd_lr,
-        batching="length", save_steps=25, matryoshka_dims=[],
+        batching="length", save_steps=25, matryoshka_dims=[], precision=args.kd_precision,
     )
 
 
@@ -258,17 +264,41 @@ def _distilled(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, d
     from embedforge.distill.pipeline import run as run_distill
     from embedforge.model import read_lineage
 
-    start = _convert(args, work, "mean", False)
+    # The teacher and the distill texts carry no instruction, so neither does the student: an instruction it never
+    # saw in training costs SciFact 1.9 points (37.1 -> 35.2 on the 900-step model).
+    start = _convert(args, work, "mean", False, instruction=False)
     out = Path(args.out) / "models" / name
     config = _distill_config(args, work, start, args.kd_steps)
+    teacher = _teacher_time(config, work)
     run_distill(config, out, StageContext(stage_name="distill", cache_dir=work / "cache"))
     lineage = read_lineage(out)
     stats = (lineage.get("metrics") or {}).get("distill", {})
     info = {"pooling": "mean", "bidirectional": False, "mntp_steps": 0, "keep_layers": args.keep_layers,
             "trained": True, "teacher": args.teacher, "steps": stats.get("steps"), "distill": stats,
             "n_texts": (lineage.get("extra") or {}).get("n_texts"), "kd_len": args.kd_len,
+            "kd_precision": args.kd_precision, "teacher_vectors": teacher,
             "train_wall_s": round(stats.get("seconds", 0.0), 1)}
     return out, info
+
+
+def _teacher_time(config: Any, work: Path) -> dict[str, Any]:
+    """Encode the distill texts with the teacher (into the stage's cache) and time it; the time is kept beside
+    the cache, so a rerun that finds the vectors cached still reports what computing them cost."""
+    import torch
+
+    from embedforge.distill.pipeline import gather_texts, teacher_vectors
+
+    record = work / f"teacher-time-{Path(config.texts[0]).stem}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    texts = gather_texts(config.texts)
+    t = time.perf_counter()
+    teacher_vectors(config, texts, work / "cache")
+    result = {"seconds": round(time.perf_counter() - t, 1), "texts": len(texts), "threads": torch.get_num_threads()}
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, record)
+    return result
 
 
 def _distilled_domain(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
@@ -280,19 +310,31 @@ def _distilled_domain(args: argparse.Namespace, work: Path, name: str) -> tuple[
     return out, info
 
 
-def _distilled_sup(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+def _distilled_sup(args: argparse.Namespace, work: Path, name: str, base: str = "causal-distill-mean"
+                   ) -> tuple[Path, dict]:
     """``causal-distill-mean``, then a short supervised LoRA contrastive stage on ``--sup-data`` (default: the
     SciFact train claims -> cited abstracts, in-batch negatives; ``--sup-epochs`` passes, no dev data).
 
     The distilled model of the same ``--out`` is reused when it is already complete (its recorded training time
     counts); the reported ``train_wall_s`` is distill + contrastive."""
-    start, info = _distilled(args, work, "causal-distill-mean")
+    start, info = _distilled(args, work, base)
     out = Path(args.out) / "models" / name
     stats = _contrastive(args, start, out, args.steps, data=args.sup_data, max_seq_length=args.sup_len,
-                         learning_rate=args.sup_lr, epochs=args.sup_epochs, hard_negatives=False)
+                         learning_rate=args.sup_lr, epochs=args.sup_epochs, hard_negatives=False, prompts={})
     info.update(contrastive=stats, sup_data=args.sup_data, sup_epochs=args.sup_epochs, sup_lr=args.sup_lr,
-                sup_len=args.sup_len, distill_wall_s=info["train_wall_s"],
+                sup_len=args.sup_len, sup_instruction=False, distill_wall_s=info["train_wall_s"],
                 train_wall_s=round(info["train_wall_s"] + stats.get("wall_s", 0.0), 1))
+    return out, info
+
+
+def _distilled_domain_sup(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+    """``causal-distill-mean-scifact-corpus`` (unlabeled SciFact corpus among the distill texts), then the
+    supervised stage of ``causal-distill-mean-sup``."""
+    if not args.kd_corpus:
+        args.kd_corpus = 5000
+    base = "causal-distill-mean-scifact-corpus"
+    out, info = _distilled_sup(args, work, name, base=base)
+    info["domain_adaptation"] = {"scifact_corpus_abstracts": True, "scifact_corpus_sentences": args.kd_corpus}
     return out, info
 
 
@@ -328,6 +370,7 @@ TUNED = {
     "causal-distill-mean": _distilled,
     "causal-distill-mean-scifact-corpus": _distilled_domain,
     "causal-distill-mean-sup": _distilled_sup,
+    "causal-distill-mean-scifact-corpus-sup": _distilled_domain_sup,
     # ablations
     "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
     "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),
@@ -401,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--kd-len", type=int, default=128, help="causal-distill-mean: tokens per training text")
     parser.add_argument("--kd-lr", type=float, default=1e-4)
+    parser.add_argument("--kd-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="distill: bf16 autocast (1.5x to 1.6x faster per step on CPUs with AVX512-BF16)")
     parser.add_argument("--kd-long", type=int, default=2000, help="20 Newsgroups bodies among the distill texts")
     parser.add_argument("--sup-data", nargs="+", default=["scifact-train-pairs"],
                         help="causal-distill-mean-sup: data of the contrastive stage after distillation")
