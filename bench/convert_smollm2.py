@@ -301,13 +301,16 @@ def _teacher_time(config: Any, work: Path) -> dict[str, Any]:
     return result
 
 
-def _distilled_domain(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
-    """``causal-distill-mean`` with the SciFact corpus among the unlabeled texts (``--kd-corpus`` sentences)."""
-    if not args.kd_corpus:
-        args.kd_corpus = 5000
-    out, info = _distilled(args, work, name)
-    info["domain_adaptation"] = {"scifact_corpus_abstracts": True, "scifact_corpus_sentences": args.kd_corpus}
-    return out, info
+def _with_corpus(variant: Callable[..., tuple[Path, dict]]) -> Callable[..., tuple[Path, dict]]:
+    """``variant`` with the SciFact corpus among the unlabeled distill texts (``--kd-corpus`` sentences, 5,000 when
+    not given); the result records the domain adaptation."""
+    def make(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
+        if not args.kd_corpus:
+            args.kd_corpus = 5000
+        out, info = variant(args, work, name)
+        info["domain_adaptation"] = {"scifact_corpus_abstracts": True, "scifact_corpus_sentences": args.kd_corpus}
+        return out, info
+    return make
 
 
 def _distilled_sup(args: argparse.Namespace, work: Path, name: str, base: str = "causal-distill-mean"
@@ -324,17 +327,6 @@ def _distilled_sup(args: argparse.Namespace, work: Path, name: str, base: str = 
     info.update(contrastive=stats, sup_data=args.sup_data, sup_epochs=args.sup_epochs, sup_lr=args.sup_lr,
                 sup_len=args.sup_len, sup_instruction=False, distill_wall_s=info["train_wall_s"],
                 train_wall_s=round(info["train_wall_s"] + stats.get("wall_s", 0.0), 1))
-    return out, info
-
-
-def _distilled_domain_sup(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:
-    """``causal-distill-mean-scifact-corpus`` (unlabeled SciFact corpus among the distill texts), then the
-    supervised stage of ``causal-distill-mean-sup``."""
-    if not args.kd_corpus:
-        args.kd_corpus = 5000
-    base = "causal-distill-mean-scifact-corpus"
-    out, info = _distilled_sup(args, work, name, base=base)
-    info["domain_adaptation"] = {"scifact_corpus_abstracts": True, "scifact_corpus_sentences": args.kd_corpus}
     return out, info
 
 
@@ -368,9 +360,11 @@ TUNED = {
     "bidir-mntp-sup-latent": _tuned("latent_attention", True, True),
     "causal-sup-echo": _tuned("echo", False, False),
     "causal-distill-mean": _distilled,
-    "causal-distill-mean-scifact-corpus": _distilled_domain,
+    "causal-distill-mean-scifact-corpus": _with_corpus(_distilled),
     "causal-distill-mean-sup": _distilled_sup,
-    "causal-distill-mean-scifact-corpus-sup": _distilled_domain_sup,
+    # the -sup stage on top of causal-distill-mean-scifact-corpus (that model is reused when complete)
+    "causal-distill-mean-scifact-corpus-sup": _with_corpus(
+        lambda args, work, name: _distilled_sup(args, work, name, base="causal-distill-mean-scifact-corpus")),
     # ablations
     "ablation-bidir-sup-mean-nomntp": _tuned("mean", True, False),
     "ablation-bidir-mntp-sup-mean-fnfilter": _tuned("mean", True, True, false_negative_margin=0.0),

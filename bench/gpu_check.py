@@ -46,17 +46,6 @@ ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num
              num_key_value_heads=8, head_dim=64)
 
 
-def _release(device: str) -> None:
-    """Free models nobody refers to any more (SentenceTransformers hold cycles, so ``del`` alone does not)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def _sync(device: str) -> None:
     import torch
 
@@ -243,6 +232,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
     from embedforge.configs import StageContext
     from embedforge.convert.bidirectional import is_bidirectional, probe_bidirectional
     from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.train_model import release_memory
     from embedforge.convert.training import run_contrastive
     from embedforge.export.parity import compare
     from embedforge.model import read_lineage
@@ -255,7 +245,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
     reference = SentenceTransformer(os.fspath(start), device=device)
     before = reference.encode(texts, convert_to_numpy=True)
     del reference
-    _release(device)  # else the start model (4 GiB at the 1B shape) sits in the first variant's peak
+    release_memory()  # else the start model (4 GiB at the 1B shape) sits in the first variant's peak
     res: dict[str, Any] = {"steps": steps, "batch_size": batch, "max_seq_length": seq, "data": "snli-triplets"}
     for variant in variants:
         quant, ckpt = VARIANTS[variant]
@@ -288,7 +278,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
             # cycle collector, and a model left on the GPU counts in the next variant's peak (it did in
             # gpu_check_h200_run2.json, see gpu_check_h200.md)
             del loaded, backbone
-            _release(device)
+            release_memory()
         except Exception as exc:  # noqa: BLE001
             row["ok"] = False
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]

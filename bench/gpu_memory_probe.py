@@ -11,7 +11,6 @@ the GPU, after the forward pass (loss computed, graph alive) and after the backw
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
         return torch.cuda.max_memory_allocated() if cuda else 0
 
     from embedforge.convert.train_config import ContrastiveConfig
-    from embedforge.convert.train_model import load_start_model, prepare_for_training
+    from embedforge.convert.train_model import load_start_model, prepare_for_training, release_memory
     from embedforge.convert.training import contrastive_loss
     from embedforge.data import builtin
 
@@ -50,9 +49,7 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
                             gradient_checkpointing=ckpt, max_seq_length=seq, batch_size=batch, lora_r=16,
                             lora_alpha=32)
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release_memory()
     base = alloc()
     model, _ = load_start_model(cfg)
     prepare_for_training(model, cfg)
@@ -75,9 +72,7 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     out["checkpointing_on"] = bool(getattr(model[0].auto_model, "is_gradient_checkpointing", False))
     out["loss"] = float(loss.item())
     del model, loss_fn, loss, feats
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release_memory()
     return out
 
 

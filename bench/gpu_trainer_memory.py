@@ -19,7 +19,6 @@ Everything is written to ``DIR/results.json``. On CPU (``--device cpu``) it is a
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -130,6 +129,7 @@ def trainer_run(start: Path, dest: Path, variant: str, steps: int, batch: int, s
 
     from embedforge.configs import StageContext
     from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.train_model import release_memory
     from embedforge.convert.training import run_contrastive
     from embedforge.model import read_lineage
 
@@ -142,9 +142,8 @@ def trainer_run(start: Path, dest: Path, variant: str, steps: int, batch: int, s
                             batch_size=batch, max_seq_length=seq, lora_r=16, lora_alpha=32, save_steps=10 * steps,
                             logging_steps=1, learning_rate=2e-4)
     records: list[dict[str, Any]] = []
-    gc.collect()
+    release_memory()
     if cuda:
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
@@ -195,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             row["trace"] = traceback.format_exc()[-1500:]
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("phases", "trace")})[:3000], flush=True)
-        write_results(out, result)
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        write_results(out, result)  # the next variant's hand step starts by releasing this one's models
     return 0
 
 

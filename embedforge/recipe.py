@@ -448,6 +448,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
     while the other ranks wait for its complete output.
     """
+    from embedforge.convert.train_model import release_memory
     from embedforge.model import is_complete
 
     if only:
@@ -475,24 +476,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name, force=force)
         logger.info("stage %s (%s) -> %s", st.name, st.stage, st.out)
         stage_registry.runner(st.stage)(st.config, st.out, ctx)
-        _release_memory()
+        release_memory()  # the stage's model must not sit beside the next stage's
         done.append((st, "ran"))
     return done
-
-
-def _release_memory() -> None:
-    """Free what the finished stage left behind before the next one loads its model.
-
-    A SentenceTransformer holds reference cycles, so a stage's model outlives the stage until the cycle collector
-    runs; on a GPU the next stage would then train beside it (a 1B fp32 model is about 4 GiB).
-    """
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")  # a stage that never imported torch has nothing on a GPU
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def shipped_recipes() -> list[Path]:

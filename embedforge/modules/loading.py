@@ -51,22 +51,22 @@ def load_embedder(
     path = os.fspath(path)
     classes = module_classes_for(path)
     kwargs = {"device": device or "cpu", "trust_remote_code": trust_remote_code, **kwargs}
-    if not classes:
-        return fix_weighted_mean_padding(SentenceTransformer(path, **kwargs))
     loader = getattr(SentenceTransformer, "_load_with_module_classes", None)
-    if loader is not None:
-        return fix_weighted_mean_padding(loader(path, classes, **kwargs))
-    config = Path(path) / "config.json"
-    if not trust_remote_code and config.is_file() and "auto_map" in json.loads(config.read_text()):
-        raise ValueError(f"{path} ships its own model code (auto_map); pass trust_remote_code=True to load it")
-    kwargs["trust_remote_code"] = True
-    return fix_weighted_mean_padding(SentenceTransformer(path, **kwargs))
+    if not classes:
+        model = SentenceTransformer(path, **kwargs)
+    elif loader is not None:
+        model = loader(path, classes, **kwargs)
+    else:
+        config = Path(path) / "config.json"
+        if not trust_remote_code and config.is_file() and "auto_map" in json.loads(config.read_text()):
+            raise ValueError(f"{path} ships its own model code (auto_map); pass trust_remote_code=True to load it")
+        model = SentenceTransformer(path, **{**kwargs, "trust_remote_code": True})
+    return fix_weighted_mean_padding(model)
 
 
 def _pools_weighted_mean(module: Any) -> bool:
-    mode = getattr(module, "pooling_mode", None)  # a string, or a list when several modes are combined
-    modes = [mode] if isinstance(mode, str) else list(mode or [])
-    return "weightedmean" in modes or bool(getattr(module, "pooling_mode_weightedmean_tokens", False))
+    mode = getattr(module, "pooling_mode", None)  # a string, or a tuple when several modes are combined
+    return mode == "weightedmean" or (isinstance(mode, tuple) and "weightedmean" in mode)
 
 
 def fix_weighted_mean_padding(model: SentenceTransformer) -> SentenceTransformer:
