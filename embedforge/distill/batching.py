@@ -60,3 +60,68 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
     def __len__(self) -> int:
         n = len(self.lengths)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+# ------------------------------------------------------------------------- length-sorted pieces of one batch
+
+
+def length_pieces(lengths: Sequence[int], max_pieces: int) -> list[list[int]]:
+    """Row indices of one batch cut into at most ``max_pieces`` groups of similar length, chosen so that padding
+    each group to its own longest row costs the fewest tokens (exact, by dynamic programming over the rows sorted
+    longest first). Groups come longest first; every row is in exactly one group."""
+    if max_pieces < 1:
+        raise ValueError("max_pieces must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    n = len(order)
+    k = min(max_pieces, n)
+    if k <= 1:
+        return [order] if order else []
+    size = [int(lengths[i]) for i in order]
+    inf = float("inf")
+    # best[p][j]: fewest padded tokens for the first j sorted rows in p groups; a group [i, j) costs (j - i) * size[i]
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for p in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(p - 1, j):
+                cost = best[p - 1][i] + (j - i) * size[i]
+                if cost < best[p][j]:
+                    best[p][j], cut[p][j] = cost, i
+    p = min(range(1, k + 1), key=lambda q: (best[q][n], q))  # fewest groups among the cheapest
+    groups: list[list[int]] = []
+    j = n
+    while p > 0:
+        i = cut[p][j]
+        groups.append(order[i:j])
+        j, p = i, p - 1
+    return groups[::-1]
+
+
+def split_features(features: dict[str, Any], max_pieces: int, padding_side: str = "right"
+                   ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """One tokenized batch as up to ``max_pieces`` smaller batches of similar length, each cut to its own longest
+    row: ``[(row indices, features), ...]``. Per-token tensors (the shape of ``attention_mask``) lose the columns
+    that are padding in every row of the piece (on ``padding_side``); other per-row tensors keep their rows; any
+    other value is passed on unchanged. Without a 2-D ``attention_mask`` (e.g. a static-embedding student) the
+    batch stays whole."""
+    mask = features.get("attention_mask")
+    if max_pieces <= 1 or not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] < 2:
+        rows = mask.shape[0] if isinstance(mask, torch.Tensor) else len(next(iter(features.values())))
+        return [(torch.arange(rows), features)]
+    lengths = mask.sum(dim=1).tolist()
+    pieces = []
+    for group in length_pieces(lengths, max_pieces):
+        rows = torch.tensor(group, dtype=torch.long, device=mask.device)
+        width = max(1, int(max(lengths[i] for i in group)))
+        cols = slice(mask.shape[1] - width, None) if padding_side == "left" else slice(0, width)
+        sub: dict[str, Any] = {}
+        for key, value in features.items():
+            if isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape:
+                sub[key] = value[rows][:, cols]
+            elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == mask.shape[0]:
+                sub[key] = value[rows]
+            else:
+                sub[key] = value
+        pieces.append((rows, sub))
+    return pieces

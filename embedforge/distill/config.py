@@ -113,6 +113,11 @@ class DistillConfig:
         help="random | length: length batches group texts of similar length (within windows of 64 batches, "
              "batch order shuffled), which saves most of the padding when short and long texts are mixed",
     )
+    batch_pieces: int = opt(
+        1, help="run the student on up to this many length-sorted pieces of each batch, each padded only to its "
+                "own longest text; the in-batch losses still compare the whole batch. With random batching this "
+                "keeps short and long texts in the same similarity matrix at little padding cost (try 4)",
+    )
     layer_dims: list[list[int]] = opt(
         factory=list, help="Starbucks 2D pairs [[layer, dim], ...]: the state after that layer, cut to dim"
     )
@@ -132,6 +137,7 @@ class DistillConfig:
         self.target_rotation = choice(TargetRotation, self.target_rotation, "target_rotation")
         self.batching = choice(Batching, self.batching, "batching")
         self.precision = choice(Precision, self.precision, "precision")
+        check(int(self.batch_pieces) >= 1, "batch_pieces", "must be >= 1")
         check(bool(self.model), "model", "name the teacher")
         n_teachers = 1 + len(self.extra_teachers)
         check(not self.teacher_weights or len(self.teacher_weights) == n_teachers, "teacher_weights",

@@ -87,11 +87,17 @@ class DistillObjective(nn.Module):
         layer_dims: Starbucks pairs ``(layer, dim)``; ``layer`` counts from 1 (the state after that layer).
         full_dim_weight: weight of the full-dimension view; every other view weighs 1 and the loss is the
             weighted mean.
+        pieces: run the student's forward pass on up to this many length-sorted pieces of each batch, each padded
+            only to its own longest text (:func:`~embedforge.distill.batching.split_features`); the losses still
+            compare the whole batch. With lengths mixed in a batch this saves most of the padding.
     """
 
     def __init__(self, model: Any, targets: Tensor, loss: JasperStellaLoss, dims: Sequence[int] = (),
-                 layer_dims: Iterable[Sequence[int]] = (), full_dim_weight: float = 1.0):
+                 layer_dims: Iterable[Sequence[int]] = (), full_dim_weight: float = 1.0, pieces: int = 1):
         super().__init__()
+        if pieces < 1:
+            raise ValueError(f"pieces must be >= 1, got {pieces}")
+        self.pieces = int(pieces)
         if full_dim_weight <= 0:
             raise ValueError(f"full_dim_weight must be positive, got {full_dim_weight}")
         self.full_dim_weight = float(full_dim_weight)
@@ -122,8 +128,8 @@ class DistillObjective(nn.Module):
             feats = module(feats)
         return feats["sentence_embedding"]
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
-        features = list(sentence_features)[0]
+    def _student_views(self, features: dict[str, Any]) -> list[Tensor]:
+        """The student's vector of each view (in ``self.dims`` order, then ``self.layer_dims``) for one batch."""
         config = getattr(getattr(self.model[0], "auto_model", None), "config", None)
         restore = None
         if self.layer_dims and config is not None:
@@ -135,23 +141,38 @@ class DistillObjective(nn.Module):
             if restore is not None:
                 config.output_hidden_states = restore
         student = out["sentence_embedding"]
-        teacher = self.teacher_rows(labels).to(student.device)
-        views: list[tuple[str, Tensor, float]] = [
-            (f"dim{d}", prefix(student, d), self.full_dim_weight if d == self.out_dim else 1.0) for d in self.dims
-        ]
-        for layer, dim in self.layer_dims:
-            views.append((f"layer{layer}_dim{dim}", prefix(self._layer_view(out, layer), dim), 1.0))
-        total = student.new_zeros((), dtype=torch.float32)
+        views = [prefix(student, d) for d in self.dims]
+        views += [prefix(self._layer_view(out, layer), dim) for layer, dim in self.layer_dims]
+        return views
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        from embedforge.distill.batching import split_features
+
+        features = list(sentence_features)[0]
+        side = getattr(getattr(self.model[0], "tokenizer", None), "padding_side", "right")
+        pieces = split_features(features, self.pieces, side)
+        per_piece = [self._student_views(sub) for _, sub in pieces]
+        if len(pieces) == 1:
+            vectors = per_piece[0]
+        else:  # back to the batch's row order, which the teacher rows (labels) follow
+            rows = torch.cat([idx for idx, _ in pieces]).to(per_piece[0][0].device)
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(len(rows), device=rows.device)
+            vectors = [torch.cat([views[v] for views in per_piece])[inverse] for v in range(len(per_piece[0]))]
+        teacher = self.teacher_rows(labels).to(vectors[0].device)
+        names = [(f"dim{d}", self.full_dim_weight if d == self.out_dim else 1.0) for d in self.dims]
+        names += [(f"layer{layer}_dim{dim}", 1.0) for layer, dim in self.layer_dims]
+        total = vectors[0].new_zeros((), dtype=torch.float32)
         logged: dict[str, float] = {}
         # under bf16 autocast the student's vectors come out in bf16; the losses (similarity matrices, hinge
         # margins of 0.015) are computed in fp32, outside autocast
-        with torch.autocast(student.device.type, enabled=False):
-            for name, view, weight in views:
+        with torch.autocast(vectors[0].device.type, enabled=False):
+            for (name, weight), view in zip(names, vectors):
                 value = self.loss(view.float(), teacher.float())
                 logged[name] = float(value.detach())
                 total = total + weight * value
         self.last_views = logged
-        return total / sum(weight for _, _, weight in views)
+        return total / sum(weight for _, weight in names)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into the model card about this loss."""

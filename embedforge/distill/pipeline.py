@@ -155,7 +155,8 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
         margin=config.relative_margin, max_pairs=config.relative_pairs, generator=generator,
     )
     objective = DistillObjective(student, torch.from_numpy(targets), loss, dims=config.matryoshka_dims,
-                                 layer_dims=config.layer_dims, full_dim_weight=config.full_dim_weight)
+                                 layer_dims=config.layer_dims, full_dim_weight=config.full_dim_weight,
+                                 pieces=config.batch_pieces)
     batch_size = min(config.batch_size, len(texts))
     steps_per_epoch = max(1, len(texts) // batch_size)
     total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))

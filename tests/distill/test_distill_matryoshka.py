@@ -120,3 +120,37 @@ def test_pca_rotation_keeps_cosines_and_puts_the_top_components_first():
     assert np.all(rotation[np.abs(rotation).argmax(axis=0), np.arange(d)] > 0)
     with pytest.raises(ValueError, match="N >= 2"):
         pca_rotation(x[:1])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batch_pieces_give_the_same_loss_on_less_padding(tmp_path, padding_side):
+    """The forward pass on length-sorted pieces scores the same batch as one padded pass (a RoPE decoder, so
+    cutting left padding is exact too), and the pieces it runs on are narrower than the batch."""
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.testing import tiny_decoder
+
+    decoder = tiny_decoder("llama", tmp_path / "llama")
+    model = build_embedder(str(decoder), pooling="mean", bidirectional=True, max_seq_length=64,
+                           padding_side=padding_side)
+    texts = ["a b", "one two three four five six seven eight nine ten eleven twelve thirteen", "c",
+             "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron", "d e f", "g h"]
+    targets = torch.randn(len(texts), model.get_embedding_dimension(), generator=torch.Generator().manual_seed(0))
+    loss = JasperStellaLoss(max_pairs=10_000)
+    whole = DistillObjective(model, targets, loss, dims=[8])
+    pieces = DistillObjective(model, targets, loss, dims=[8], pieces=3)
+    widths: list[int] = []
+    hook = model[0].register_forward_pre_hook(lambda module, args: widths.append(args[0]["input_ids"].shape[1]))
+    features = model.preprocess(texts)
+    labels = torch.arange(len(texts))
+    with torch.no_grad():
+        expected = whole([features], labels).item()
+        views = dict(whole.last_views)
+        widths.clear()
+        got = pieces([features], labels).item()
+    hook.remove()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert pieces.last_views == pytest.approx(views, rel=1e-4)
+    full_width = features["attention_mask"].shape[1]
+    assert len(widths) == 3 and max(widths) == full_width and min(widths) < full_width / 2
+    with pytest.raises(ValueError, match="pieces"):
+        DistillObjective(model, targets, loss, pieces=0)
