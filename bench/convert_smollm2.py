@@ -253,7 +253,8 @@ def _distill_config(args: argparse.Namespace, work: Path, start: Path, steps: in
     return DistillConfig(
         model=args.teacher, student="model", student_model=str(start), texts=[str(_kd_texts(args, work))],
         max_seq_length=args.kd_len, batch_size=args.kd_batch, max_steps=steps, learning_rate=args.kd_lr,
-        batching="length", save_steps=25, matryoshka_dims=[], precision=args.kd_precision,
+        batching=args.kd_batching, batch_pieces=args.kd_pieces, save_steps=25, matryoshka_dims=[],
+        precision=args.kd_precision,
     )
 
 
@@ -440,6 +441,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kd-lr", type=float, default=1e-4)
     parser.add_argument("--kd-precision", default="fp32", choices=["fp32", "bf16"],
                         help="distill: bf16 autocast (1.5x to 1.6x faster per step on CPUs with AVX512-BF16)")
+    parser.add_argument("--kd-batching", default="length", choices=["length", "random"],
+                        help="distill: batch composition (length: similar lengths together; random: mixed)")
+    parser.add_argument("--kd-pieces", type=int, default=1,
+                        help="distill: length-sorted pieces per batch for the student's forward pass")
     parser.add_argument("--kd-long", type=int, default=2000, help="20 Newsgroups bodies among the distill texts")
     parser.add_argument("--sup-data", nargs="+", default=["scifact-train-pairs"],
                         help="causal-distill-mean-sup: data of the contrastive stage after distillation")
