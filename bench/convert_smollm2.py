@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kd-steps", type=int, default=400, help="causal-distill-mean: training steps")
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--kd-len", type=int, default=128, help="causal-distill-mean: tokens per training text")
-    parser.add_argument("--kd-lr", type=float, default=1e-4)
+    parser.add_argument("--kd-lr", type=float, default=2e-4,
+                        help="distill: peak learning rate (2e-4 beat 1e-4 on every score at 1,000 steps)")
     parser.add_argument("--kd-precision", default="fp32", choices=["fp32", "bf16"],
                         help="distill: bf16 autocast (1.5x to 1.6x faster per step on CPUs with AVX512-BF16)")
     parser.add_argument("--kd-batching", default="length", choices=["length", "random"],
