@@ -99,16 +99,15 @@ def length_pieces(lengths: Sequence[int], max_pieces: int) -> list[list[int]]:
 
 
 def split_features(features: dict[str, Any], max_pieces: int, padding_side: str = "right"
-                   ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+                   ) -> list[tuple[torch.Tensor | None, dict[str, Any]]]:
     """One tokenized batch as up to ``max_pieces`` smaller batches of similar length, each cut to its own longest
-    row: ``[(row indices, features), ...]``. Per-token tensors (the shape of ``attention_mask``) lose the columns
-    that are padding in every row of the piece (on ``padding_side``); other per-row tensors keep their rows; any
-    other value is passed on unchanged. Without a 2-D ``attention_mask`` (e.g. a static-embedding student) the
-    batch stays whole."""
+    row: ``[(row indices, features), ...]``, or ``[(None, features)]`` when the batch stays whole. Per-token tensors
+    (the shape of ``attention_mask``) lose the columns that are padding in every row of the piece (on
+    ``padding_side``); other per-row tensors keep their rows; any other value is passed on unchanged. Without a 2-D
+    ``attention_mask`` (e.g. a static-embedding student) the batch stays whole."""
     mask = features.get("attention_mask")
     if max_pieces <= 1 or not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] < 2:
-        rows = mask.shape[0] if isinstance(mask, torch.Tensor) else len(next(iter(features.values())))
-        return [(torch.arange(rows), features)]
+        return [(None, features)]  # one piece: the batch itself, rows in their own order
     lengths = mask.sum(dim=1).tolist()
     pieces = []
     for group in length_pieces(lengths, max_pieces):

@@ -152,7 +152,7 @@ class DistillObjective(nn.Module):
         side = getattr(getattr(self.model[0], "tokenizer", None), "padding_side", "right")
         pieces = split_features(features, self.pieces, side)
         per_piece = [self._student_views(sub) for _, sub in pieces]
-        if len(pieces) == 1:
+        if pieces[0][0] is None:  # the batch stayed whole
             vectors = per_piece[0]
         else:  # back to the batch's row order, which the teacher rows (labels) follow
             rows = torch.cat([idx for idx, _ in pieces]).to(per_piece[0][0].device)
