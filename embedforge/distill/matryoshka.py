@@ -113,6 +113,9 @@ class DistillObjective(nn.Module):
                 if layer > n_layers or dim > self.out_dim:
                     raise ValueError(f"layer/dim pair ({layer}, {dim}) is outside the student "
                                      f"({n_layers} layers, {self.out_dim} dims)")
+        # (name, weight) of each view, in the order _student_views returns them
+        self.view_weights = [(f"dim{d}", self.full_dim_weight if d == self.out_dim else 1.0) for d in self.dims]
+        self.view_weights += [(f"layer{layer}_dim{dim}", 1.0) for layer, dim in self.layer_dims]
         self.last_views: dict[str, float] = {}
 
     def teacher_rows(self, labels: Tensor) -> Tensor:
@@ -155,24 +158,20 @@ class DistillObjective(nn.Module):
         if pieces[0][0] is None:  # the batch stayed whole
             vectors = per_piece[0]
         else:  # back to the batch's row order, which the teacher rows (labels) follow
-            rows = torch.cat([idx for idx, _ in pieces]).to(per_piece[0][0].device)
-            inverse = torch.empty_like(rows)
-            inverse[rows] = torch.arange(len(rows), device=rows.device)
+            inverse = torch.argsort(torch.cat([idx for idx, _ in pieces])).to(per_piece[0][0].device)
             vectors = [torch.cat([views[v] for views in per_piece])[inverse] for v in range(len(per_piece[0]))]
         teacher = self.teacher_rows(labels).to(vectors[0].device)
-        names = [(f"dim{d}", self.full_dim_weight if d == self.out_dim else 1.0) for d in self.dims]
-        names += [(f"layer{layer}_dim{dim}", 1.0) for layer, dim in self.layer_dims]
         total = vectors[0].new_zeros((), dtype=torch.float32)
         logged: dict[str, float] = {}
         # under bf16 autocast the student's vectors come out in bf16; the losses (similarity matrices, hinge
         # margins of 0.015) are computed in fp32, outside autocast
         with torch.autocast(vectors[0].device.type, enabled=False):
-            for (name, weight), view in zip(names, vectors):
+            for (name, weight), view in zip(self.view_weights, vectors):
                 value = self.loss(view.float(), teacher.float())
                 logged[name] = float(value.detach())
                 total = total + weight * value
         self.last_views = logged
-        return total / sum(weight for _, weight in names)
+        return total / sum(weight for _, weight in self.view_weights)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into the model card about this loss."""
