@@ -310,29 +310,93 @@ def _looks_like_local_path(value: str) -> bool:
     return value.lower().endswith(_FILE_SUFFIXES) and "\n" not in value and len(value) < 400
 
 
-def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
-    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
+_TASK = re.compile(r"(sts|classification|retrieval):(.+)", re.S)
+
+
+def _is_task_key(key: str) -> bool:
+    """Keys holding evaluation task specs: ``tasks`` of the eval stage, ``eval_tasks`` of training stages."""
+    return re.split(r"[.\[]", key, maxsplit=1)[0].endswith("tasks")
+
+
+def _task_file(value: str) -> str | None:
+    """The file or folder part of ``sts:FILE``, ``classification:FILE`` or ``retrieval:FOLDER[:split]``."""
+    m = _TASK.fullmatch(value)
+    if not m:
+        return None
+    kind, rest = m.groups()
+    if kind == "retrieval" and ":" in rest and not Path(rest).exists():
+        rest = rest.rsplit(":", 1)[0]
+    return rest
+
+
+def _walk_strings(value: Any, key: str) -> typing.Iterator[tuple[str, str]]:
+    """Every string inside a config value, with its key path (``tasks[1]``, ``data.path``)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_inputs(v, f"{key}.{k}", produced, where)
-        return
-    if isinstance(value, list):
+            yield from _walk_strings(v, f"{key}.{k}")
+    elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_inputs(v, f"{key}[{i}]", produced, where)
-        return
-    if not isinstance(value, str) or not _looks_like_local_path(value):
-        return
+            yield from _walk_strings(v, f"{key}[{i}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
+def _local_path(key: str, value: str) -> tuple[str, bool] | None:
+    """``(path, must_exist)`` when a config string names a local file or folder, else None."""
+    if _is_task_key(key):
+        part = _task_file(value)
+        return (part, True) if part is not None else None
+    if not value or "\n" in value or len(value) >= 400 or value in (".", ".."):
+        return None
     from embedforge.data import BUILTINS
     from embedforge.sources import ALIASES
 
     if value in BUILTINS or value in ALIASES:
-        return
-    path = Path(value).expanduser().resolve()
-    if path.exists():
-        return
-    if any(path == p or p in path.parents for p in produced):
-        return
-    raise RecipeError(f"{where}: {key}: file or directory not found: {value}")
+        return None
+    if _looks_like_local_path(value):
+        return value, True
+    if "/" in value or os.sep in value or key == "model":
+        return value, False  # a hub id or a local directory, whichever exists
+    return None
+
+
+def _absolute(value: str) -> Path:
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+
+
+def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
+    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
+    for sub, text in _walk_strings(value, key):
+        found = _local_path(sub, text)
+        if found is None or not found[1]:
+            continue
+        path = _absolute(found[0])
+        if path.exists() or any(path == p or p in path.parents for p in produced):
+            continue
+        raise RecipeError(f"{where}: {sub}: file or directory not found: {found[0]}")
+
+
+def stage_inputs(stage: Stage, produced: list[Path] | tuple[Path, ...] = ()) -> list[str]:
+    """The local files and folders ``stage`` reads (absolute paths): those that exist now and those that earlier
+    stages (``produced``: their outputs) will write. Their identities decide whether its output is current."""
+    found: set[str] = set()
+    for key, value in stage.raw.items():
+        if key in RESERVED:
+            continue
+        for sub, text in _walk_strings(value, key):
+            hit = _local_path(sub, text)
+            if hit is None:
+                continue
+            try:
+                path = _absolute(hit[0])
+                exists = path.exists()
+            except (OSError, RuntimeError, ValueError):  # not a usable path after all
+                continue
+            if exists or any(path == p or p in path.parents for p in produced):
+                found.add(os.fspath(path))
+    found.discard(os.fspath(stage.out))
+    return sorted(found)
 
 
 def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *,
@@ -428,15 +492,69 @@ def single_stage(kind: str, values: dict[str, Any], out: str | os.PathLike[str],
 DISTRIBUTED_STAGES = frozenset({"mntp", "simcse", "contrastive"})
 
 
-def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
+@dataclass
+class StagePlan:
+    """Whether a stage will run, and why."""
+
+    stage: Stage
+    run: bool
+    reason: str
+    inputs: list[str] = field(default_factory=list)
+
+
+def _decide(st: Stage, inputs: list[str], force: bool, remade: dict[Path, str]) -> tuple[bool, str]:
+    """``(run, reason)`` for one stage; ``remade`` maps outputs that earlier stages (re)make now to their names."""
+    from embedforge.model import CONFIG_CHANGED, NO_OUTPUT, stale_reason
+
+    if force:
+        return True, "forced (--force)"
+    reason = stale_reason(st.out, st.config, inputs)
+    if reason in (NO_OUTPUT, CONFIG_CHANGED):
+        return True, reason
+    for name in inputs:
+        path = Path(name)
+        for out, producer in remade.items():
+            if path == out or out in path.parents:
+                return True, f"input {name} is remade by stage {producer!r}"
+    if reason is None:
+        return False, "complete: same config and inputs"
+    return True, reason
+
+
+def plan_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[StagePlan]:
+    """What :func:`run_recipe` would do now, stage by stage, without running anything (``--dry-run``)."""
+    _check_only(recipe, only)
+    plans: list[StagePlan] = []
+    remade: dict[Path, str] = {}
+    for i, st in enumerate(recipe.stages):
+        inputs = stage_inputs(st, [s.out for s in recipe.stages[:i]])
+        if only and st.name not in only:
+            plans.append(StagePlan(st, False, "not selected by --only", inputs))
+            continue
+        run, reason = _decide(st, inputs, force, remade)
+        if run:
+            remade[st.out] = st.name
+        plans.append(StagePlan(st, run, reason, inputs))
+    return plans
+
+
+def _check_only(recipe: Recipe, only: list[str] | None) -> None:
+    if only:
+        names = {s.name for s in recipe.stages}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+
+
+def _wait_for(st: Stage, inputs: list[str], rank: int, poll_s: float = 2.0) -> None:
     import time
 
-    from embedforge.model import is_complete
+    from embedforge.model import stale_reason
 
     timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
     start = time.monotonic()
     logger.info("rank %d: waiting for rank 0 to finish stage %s", rank, st.name)
-    while not is_complete(st.out, st.config):
+    while stale_reason(st.out, st.config, inputs) is not None:
         if time.monotonic() - start > timeout:
             raise RecipeError(f"rank {rank}: stage {st.name!r} did not complete on rank 0 within {timeout:.0f} s")
         time.sleep(poll_s)
@@ -445,37 +563,44 @@ def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
 def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
+    A stage is skipped when its output is complete and current: made with the same config from inputs (model
+    directories, data files) whose identities are unchanged, none of them remade by an earlier stage of this run.
+    After a stage runs, the identities of its inputs, taken just before it started, are recorded in its lineage.
+
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
     while the other ranks wait for its complete output.
     """
     from embedforge.convert.train_model import release_memory
-    from embedforge.model import is_complete
+    from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
-    if only:
-        names = {s.name for s in recipe.stages}
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+    _check_only(recipe, only)
     done: list[tuple[Stage, str]] = []
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for st in recipe.stages:
+    remade: dict[Path, str] = {}
+    for i, st in enumerate(recipe.stages):
         if only and st.name not in only:
             continue
+        inputs = stage_inputs(st, [s.out for s in recipe.stages[:i]])
         if world > 1 and rank != 0 and st.stage not in DISTRIBUTED_STAGES:
             # Under torchrun only rank 0 runs single-process stages; the others wait for its finished output.
-            _wait_for(st, rank)
+            _wait_for(st, inputs, rank)
             done.append((st, "waited"))
             continue
-        if not force and is_complete(st.out, st.config):
-            logger.info("stage %s: %s is complete, skipping (use --force to redo)", st.name, st.out)
+        run, reason = _decide(st, inputs, force, remade)
+        if not run:
+            logger.info("stage %s: %s is %s; skipping (use --force to redo)", st.name, st.out, reason)
             done.append((st, "skipped"))
             continue
-        if not force and is_complete(st.out):
-            logger.warning("stage %s: %s was made with a different config; running it again", st.name, st.out)
-        ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name, force=force)
-        logger.info("stage %s (%s) -> %s", st.name, st.stage, st.out)
+        logger.info("stage %s (%s) -> %s: running (%s)", st.name, st.stage, st.out, reason)
+        identities = {name: input_identity(name) for name in inputs}
+        # The runner has decided: a stage must not skip itself because its config alone matches an old output.
+        ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name,
+                           force=force or reason != NO_OUTPUT)
         stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        if rank == 0:
+            record_inputs(st.out, identities)
+        remade[st.out] = st.name
         release_memory()  # the stage's model must not sit beside the next stage's
         done.append((st, "ran"))
     return done
