@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 RESERVED = ("name", "stage", "out")
 TOP_LEVEL = ("name", "description", "vars", "stages")
 _REF = re.compile(r"\$\{([^}]+)\}")
+# Every decimal spelling of a number: 2e-4, 1E-3, .5, 5., 1e+12, -3, 1_000.5 (not nan, inf or words).
+_FLOAT = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gguf", ".txt", ".yaml", ".yml", ".npy", ".npz")
 
 
@@ -59,20 +61,96 @@ class RecipeError(ValueError):
 # ------------------------------------------------------------------------------------- YAML with lines
 
 
-def _construct(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
-    """Build plain Python values from a composed YAML node, remembering the line of every key path."""
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = str(yaml.safe_load(yaml.serialize(key_node)))
-            sub = f"{path}.{key}" if path else key
-            lines[sub] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, sub, lines)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, f"{path}[{i}]", lines) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+#: The most values (after expanding aliases) one YAML document may hold; recipes have a few hundred.
+MAX_YAML_NODES = 100_000
+_STD = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_STD + t for t in ("null", "bool", "int", "float", "str", "timestamp")}
+
+
+class _Builder:
+    """Builds plain Python values from a composed YAML node, recording the line of every key path.
+
+    Only plain YAML is accepted: explicit tags (``!custom``, ``!!python/name:...``, a tag on a list) are refused,
+    a key given twice in one mapping is refused, and aliases may expand to at most :data:`MAX_YAML_NODES` values
+    (the expanded size is counted once per node, so an alias bomb is refused at once instead of expanded).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.scalars = yaml.SafeLoader("")
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}"
+
+    def size(self, node: yaml.Node, active: frozenset[int] = frozenset()) -> int:
+        """How many values ``node`` expands to (memoized by node, so shared aliases cost nothing to count)."""
+        key = id(node)
+        if key in self.sizes:
+            return self.sizes[key]
+        if key in active:
+            raise RecipeError(f"{self.where(node)}: an alias refers to the node that contains it; remove the cycle")
+        inner = active | {key}
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(self.size(k, inner) + self.size(v, inner) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(self.size(v, inner) for v in node.value)
+        else:
+            total = 1
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{self.where(node)}: aliases expand this document to more than {MAX_YAML_NODES} "
+                              "values; write the values out or use fewer nested aliases")
+        self.sizes[key] = total
+        return total
+
+    def check_tag(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            ok = node.tag == _STD + "map"
+        elif isinstance(node, yaml.SequenceNode):
+            ok = node.tag == _STD + "seq"
+        else:
+            ok = node.tag in _SCALAR_TAGS
+        if not ok:
+            tag = node.tag.replace(_STD, "!!")
+            raise RecipeError(f"{self.where(node)}: YAML tag {tag} is not supported in recipes; remove it "
+                              "(values are plain text, numbers, true/false, null, lists and mappings)")
+
+    def key(self, node: yaml.Node) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise RecipeError(f"{self.where(node)}: a mapping key must be plain text, not a list or mapping")
+        self.check_tag(node)
+        return str(self.scalars.construct_object(node))
+
+    def build(self, node: yaml.Node, path: str = "") -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode) and node.tag == _STD + "map":
+            out: dict[str, Any] = {}
+            merged: dict[str, Any] = {}
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _STD + "merge":  # <<: *base (or a list of them): keys written here win
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for src in sources:
+                        if not isinstance(src, yaml.MappingNode):
+                            raise RecipeError(f"{self.where(src)}: '<<' merges mappings only")
+                        for k, v in self.build(src, path).items():
+                            merged.setdefault(k, v)
+                    continue
+                key = self.key(key_node)
+                line = key_node.start_mark.line + 1
+                sub = f"{path}.{key}" if path else key
+                if key in first:
+                    raise RecipeError(f"{self.source}:{line}: {sub}: duplicate key (first given at line "
+                                      f"{first[key]}); keep one")
+                first[key] = line
+                self.lines[sub] = line
+                out[key] = self.build(value_node, sub)
+            return {**{k: v for k, v in merged.items() if k not in out}, **out}
+        self.check_tag(node)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+        return self.scalars.construct_object(node)
 
 
 def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]:
@@ -82,11 +160,19 @@ def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
     if node is None:
         raise RecipeError(f"{source}: the recipe is empty")
-    lines: dict[str, int] = {}
-    return _construct(node, "", lines), lines
+    builder = _Builder(source)
+    builder.size(node)
+    try:
+        return builder.build(node), builder.lines
+    except yaml.YAMLError as exc:  # a scalar the safe constructor rejects (e.g. a malformed timestamp)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+        raise RecipeError(f"{where}: invalid YAML value: {problem}") from None
 
 
 # ------------------------------------------------------------------------------------- typed configs
@@ -146,6 +232,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value.strip().replace("_", ""))  # YAML 1.1 reads 2e-4 (no dot) as text
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}", key=key)
     if tp is str:
         if isinstance(value, str):
@@ -249,7 +337,17 @@ def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head == "vars" and rest:
-            doc.setdefault("vars", {})[rest] = value
+            variables = doc.get("vars")
+            known = list(variables) if isinstance(variables, dict) else []
+            var = rest.split(".")[0]
+            if var not in known:
+                close = difflib.get_close_matches(var, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RecipeError(f"{source}: override {key!r}: the recipe has no var {var!r}{hint}; "
+                                  f"vars: {', '.join(known) or 'none'}")
+            if "." in rest and not isinstance(variables[var], dict):
+                raise RecipeError(f"{source}: override {key!r}: var {var!r} is not a mapping; use vars.{var}=...")
+            _set_dotted(variables, rest, value)
         elif head == "stages" and rest:
             name, _, sub = rest.partition(".")
             if name not in by_name or not sub:
@@ -444,6 +542,9 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
         values = {}
         for key, value in raw.items():
             values[key] = _substitute(value, scope, f"{at(f'{p}.{key}')}: stage {name!r}: {key}")
+        if not isinstance(values["out"], (str, os.PathLike)) or not str(values["out"]).strip():
+            raise RecipeError(f"{at(p + '.out')}: stage {name!r}: out: expected the directory the stage writes, "
+                              f"got {'null' if values['out'] is None else repr(values['out'])}; set out: to a path")
         out = Path(str(values["out"])).expanduser()
         if not out.is_absolute():
             out = (Path.cwd() / out)
