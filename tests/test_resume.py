@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,18 @@ from click.testing import CliRunner
 
 from embedforge import stages
 from embedforge.cli import main
+from embedforge.configs import opt
 from embedforge.model import LINEAGE_FILE, input_identity, make_lineage, read_lineage
 from embedforge.recipe import load_recipe, parse_overrides, plan_recipe, run_recipe
-from tests.test_recipe import ToyConfig
+
+
+@dataclass
+class ToyConfig:
+    """A stage used only by these tests: it reads ``model`` (a file, a toy output or a name)."""
+
+    model: str = opt(help="input")
+    size: int = opt(3, help="a number")
+
 
 RUNS: list[str] = []
 
