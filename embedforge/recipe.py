@@ -399,7 +399,16 @@ def _substitute(value: Any, scope: dict[str, Any], where: str) -> Any:
     whole = _REF.fullmatch(value)
     if whole:
         return lookup(whole.group(1))
-    return _REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+    def text(match: re.Match[str]) -> str:
+        found = lookup(match.group(1))
+        if found is None or isinstance(found, (dict, list)):
+            shown = "null" if found is None else f"a {type(found).__name__}"
+            raise RecipeError(f"{where}: ${{{match.group(1).strip()}}} is {shown} and cannot be part of the text "
+                              f"{value!r}; give it a text value")
+        return str(found)
+
+    return _REF.sub(text, value)
 
 
 def _looks_like_local_path(value: str) -> bool:

@@ -331,3 +331,13 @@ def test_task_files_are_checked_by_their_path_part(tmp_path: Path) -> None:
     convert = (f"# embedforge run r.yaml\nstages:\n  - stage: convert\n    model: some/llm\n    out: {tmp_path}/c\n"
                f"    eval_tasks: ['sts:{sts}']\n")
     assert load_recipe(_write(tmp_path, convert)).stages[0].config.eval_tasks == [f"sts:{sts}"]
+
+
+def test_null_var_inside_an_out_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    res = _cli("run", str(path), "vars.base=null")
+    assert res.exit_code == 2
+    assert _error_line(res.output) == (f"{path}:8: stage 'first': out: ${{vars.base}} is null and cannot be part of "
+                                       "the text '${vars.base}/first'; give it a text value")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None/first
