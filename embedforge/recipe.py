@@ -120,7 +120,7 @@ class _Builder:
         if not isinstance(node, yaml.ScalarNode):
             raise RecipeError(f"{self.where(node)}: a mapping key must be plain text, not a list or mapping")
         self.check_tag(node)
-        return str(self.scalars.construct_object(node))
+        return str(self.scalar(node))
 
     def build(self, node: yaml.Node, path: str = "") -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
@@ -150,7 +150,15 @@ class _Builder:
         self.check_tag(node)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
-        return self.scalars.construct_object(node)
+        return self.scalar(node)
+
+    def scalar(self, node: yaml.Node) -> Any:
+        try:
+            return self.scalars.construct_object(node)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. the date 2024-13-45
+            message = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+            raise RecipeError(f"{self.where(node)}: invalid value {node.value!r}: {message}; quote it to keep "
+                              "it as text") from None
 
 
 def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]:
@@ -166,13 +174,7 @@ def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]
         raise RecipeError(f"{source}: the recipe is empty")
     builder = _Builder(source)
     builder.size(node)
-    try:
-        return builder.build(node), builder.lines
-    except yaml.YAMLError as exc:  # a scalar the safe constructor rejects (e.g. a malformed timestamp)
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
-        raise RecipeError(f"{where}: invalid YAML value: {problem}") from None
+    return builder.build(node), builder.lines
 
 
 # ------------------------------------------------------------------------------------- typed configs

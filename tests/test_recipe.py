@@ -341,3 +341,11 @@ def test_null_var_inside_an_out_path_is_refused(tmp_path: Path, monkeypatch: pyt
     assert _error_line(res.output) == (f"{path}:8: stage 'first': out: ${{vars.base}} is null and cannot be part of "
                                        "the text '${vars.base}/first'; give it a text value")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None/first
+
+
+def test_a_value_yaml_cannot_build_is_one_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs").replace("    tags: [a, b]", "    tags: [2024-13-45]"))
+    res = _cli("recipes", "validate", str(path))
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output) == (f"{path}:16: invalid value '2024-13-45': month must be in 1..12; quote it to "
+                                       "keep it as text")
