@@ -177,17 +177,20 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
 @click.option("--dry-run", is_flag=True, help="validate and print the plan, run nothing")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, ...], dry_run: bool) -> None:
     """Run a YAML RECIPE; KEY=VALUE overrides (vars.out=..., STAGE.KEY=...) apply first."""
-    from embedforge.model import is_complete
-    from embedforge.recipe import RecipeError, load_recipe, parse_overrides, run_recipe
+    from embedforge.recipe import RecipeError, load_recipe, parse_overrides, plan_recipe, run_recipe
 
     try:
         parsed = load_recipe(recipe, parse_overrides(list(overrides)))
     except RecipeError as exc:
         raise _usage_error(exc) from None
     if dry_run:
-        for st in parsed.stages:
-            state = "complete" if is_complete(st.out, st.config) else "to run"
-            click.echo(f"{st.name} ({st.stage}) -> {st.out} [{state}]")
+        try:
+            plans = plan_recipe(parsed, force=force, only=list(only) or None)
+        except RecipeError as exc:
+            raise _usage_error(exc) from None
+        for plan in plans:
+            verdict = "will run" if plan.run else "skip"
+            click.echo(f"{plan.stage.name} ({plan.stage.stage}) -> {plan.stage.out}: {verdict}: {plan.reason}")
         return
     try:
         result = run_recipe(parsed, force=force, only=list(only) or None)

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -113,6 +114,7 @@ def make_lineage(
         "config_hash": config_hash(config) if config is not None else None,
         "metrics": _json_safe(metrics or {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "output_id": uuid.uuid4().hex,  # tells apart two outputs made with one config within one second
         "extra": _json_safe(extra or {}),
     }
 
@@ -186,11 +188,121 @@ def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> Non
     os.replace(tmp, d / LINEAGE_FILE)
 
 
-def is_complete(path: str | os.PathLike[str], config: Any = None) -> bool:
-    """True when ``path`` holds a finished embedforge output (and, if given, one made with ``config``)."""
+def is_complete(path: str | os.PathLike[str], config: Any = None,
+                inputs: list[str | os.PathLike[str]] | None = None) -> bool:
+    """True when ``path`` holds a finished embedforge output (and, if given, one made with ``config`` from
+    ``inputs`` as they are now: see :func:`stale_reason`)."""
+    if inputs is None:
+        lineage = read_lineage(path)
+        if not lineage:
+            return False
+        return config is None or lineage.get("config_hash") in (None, config_hash(config))
+    return stale_reason(path, config, inputs) is None
+
+
+# ------------------------------------------------------------------------------------------ input identity
+#
+# An output records, in its lineage's ``inputs``, the identity of every local path the stage consumed: a model
+# directory with lineage by the fields that change whenever it is made again (stage, config hash, creation time,
+# output id and its own inputs; metrics merged in later by an eval stage do not count), any other directory by
+# the names, sizes and modification times of its files, and a file by size, modification time and sha256.
+
+_MAX_DIR_FILES = 10_000
+NO_OUTPUT = "no output"
+CONFIG_CHANGED = "config changed"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _lineage_identity(lineage: dict[str, Any]) -> str:
+    keys = ("stage", "source", "config_hash", "created", "output_id", "inputs")
+    blob = json.dumps({k: lineage.get(k) for k in keys}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    seen = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            f = Path(root) / name
+            st = f.stat()
+            digest.update(f"{f.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            seen += 1
+            if seen >= _MAX_DIR_FILES:  # a huge folder: its first files in a fixed order stand for it
+                return digest.hexdigest()
+    return digest.hexdigest()
+
+
+def input_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies the current content of an input path (recorded in an output's lineage ``inputs``)."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+    if p.is_dir():
+        lineage = read_lineage(p)
+        if lineage:
+            return {"kind": "model", "id": _lineage_identity(lineage)}
+        return {"kind": "dir", "files": _dir_fingerprint(p)}
+    return {"kind": "missing"}
+
+
+def same_input(recorded: Any, path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` still has the identity ``recorded`` (a file whose time changed but not its bytes is the
+    same; its sha256 is computed only when size or time differ)."""
+    if not isinstance(recorded, dict):
+        return False
+    p = Path(path)
+    kind = recorded.get("kind")
+    if kind == "file" and p.is_file():
+        st = p.stat()
+        if st.st_size != recorded.get("size"):
+            return False
+        return st.st_mtime_ns == recorded.get("mtime_ns") or _sha256(p) == recorded.get("sha256")
+    return kind != "file" and input_identity(p) == recorded
+
+
+def record_inputs(path: str | os.PathLike[str], inputs: dict[str, dict[str, Any]]) -> None:
+    """Write the identities of the inputs an output was made from into its lineage (temp file, then replace)."""
+    d = Path(path)
+    lineage = read_lineage(d)
+    if not lineage:
+        raise FileNotFoundError(f"{d / LINEAGE_FILE}: no lineage to record the stage's inputs in")
+    lineage["inputs"] = inputs
+    tmp = d / (LINEAGE_FILE + ".tmp")
+    tmp.write_text(json.dumps(lineage, indent=2) + "\n")
+    os.replace(tmp, d / LINEAGE_FILE)
+
+
+def stale_reason(path: str | os.PathLike[str], config: Any,
+                 inputs: list[str | os.PathLike[str]]) -> str | None:
+    """Why the output at ``path`` must be made again, or None when it is complete and current.
+
+    Complete and current means: it has lineage, its config hash matches ``config`` (when given), and it records
+    the identity of exactly ``inputs``, each unchanged since.
+    """
     lineage = read_lineage(path)
     if not lineage:
-        return False
+        return NO_OUTPUT
     if config is not None and lineage.get("config_hash") not in (None, config_hash(config)):
-        return False
-    return True
+        return CONFIG_CHANGED
+    recorded = lineage.get("inputs")
+    if not isinstance(recorded, dict):
+        return "its inputs were not recorded"
+    wanted = {os.fspath(Path(p)) for p in inputs}
+    for name in sorted(wanted - set(recorded)):
+        return f"new input {name}"
+    for name in sorted(set(recorded) - wanted):
+        return f"input {name} is no longer used"
+    for name in sorted(wanted):
+        if not same_input(recorded[name], name):
+            return f"input {name} changed"
+    return None

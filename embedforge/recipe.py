@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 RESERVED = ("name", "stage", "out")
 TOP_LEVEL = ("name", "description", "vars", "stages")
 _REF = re.compile(r"\$\{([^}]+)\}")
+# Every decimal spelling of a number: 2e-4, 1E-3, .5, 5., 1e+12, -3, 1_000.5 (not nan, inf or words).
+_FLOAT = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gguf", ".txt", ".yaml", ".yml", ".npy", ".npz")
 
 
@@ -59,20 +61,104 @@ class RecipeError(ValueError):
 # ------------------------------------------------------------------------------------- YAML with lines
 
 
-def _construct(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
-    """Build plain Python values from a composed YAML node, remembering the line of every key path."""
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = str(yaml.safe_load(yaml.serialize(key_node)))
-            sub = f"{path}.{key}" if path else key
-            lines[sub] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, sub, lines)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, f"{path}[{i}]", lines) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+#: The most values (after expanding aliases) one YAML document may hold; recipes have a few hundred.
+MAX_YAML_NODES = 100_000
+_STD = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_STD + t for t in ("null", "bool", "int", "float", "str", "timestamp")}
+
+
+class _Builder:
+    """Builds plain Python values from a composed YAML node, recording the line of every key path.
+
+    Only plain YAML is accepted: explicit tags (``!custom``, ``!!python/name:...``, a tag on a list) are refused,
+    a key given twice in one mapping is refused, and aliases may expand to at most :data:`MAX_YAML_NODES` values
+    (the expanded size is counted once per node, so an alias bomb is refused at once instead of expanded).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.scalars = yaml.SafeLoader("")
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}"
+
+    def size(self, node: yaml.Node, active: frozenset[int] = frozenset()) -> int:
+        """How many values ``node`` expands to (memoized by node, so shared aliases cost nothing to count)."""
+        key = id(node)
+        if key in self.sizes:
+            return self.sizes[key]
+        if key in active:
+            raise RecipeError(f"{self.where(node)}: an alias refers to the node that contains it; remove the cycle")
+        inner = active | {key}
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(self.size(k, inner) + self.size(v, inner) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(self.size(v, inner) for v in node.value)
+        else:
+            total = 1
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{self.where(node)}: aliases expand this document to more than {MAX_YAML_NODES} "
+                              "values; write the values out or use fewer nested aliases")
+        self.sizes[key] = total
+        return total
+
+    def check_tag(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            ok = node.tag == _STD + "map"
+        elif isinstance(node, yaml.SequenceNode):
+            ok = node.tag == _STD + "seq"
+        else:
+            ok = node.tag in _SCALAR_TAGS
+        if not ok:
+            tag = node.tag.replace(_STD, "!!")
+            raise RecipeError(f"{self.where(node)}: YAML tag {tag} is not supported in recipes; remove it "
+                              "(values are plain text, numbers, true/false, null, lists and mappings)")
+
+    def key(self, node: yaml.Node) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise RecipeError(f"{self.where(node)}: a mapping key must be plain text, not a list or mapping")
+        self.check_tag(node)
+        return str(self.scalar(node))
+
+    def build(self, node: yaml.Node, path: str = "") -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode) and node.tag == _STD + "map":
+            out: dict[str, Any] = {}
+            merged: dict[str, Any] = {}
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _STD + "merge":  # <<: *base (or a list of them): keys written here win
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for src in sources:
+                        if not isinstance(src, yaml.MappingNode):
+                            raise RecipeError(f"{self.where(src)}: '<<' merges mappings only")
+                        for k, v in self.build(src, path).items():
+                            merged.setdefault(k, v)
+                    continue
+                key = self.key(key_node)
+                line = key_node.start_mark.line + 1
+                sub = f"{path}.{key}" if path else key
+                if key in first:
+                    raise RecipeError(f"{self.source}:{line}: {sub}: duplicate key (first given at line "
+                                      f"{first[key]}); keep one")
+                first[key] = line
+                self.lines[sub] = line
+                out[key] = self.build(value_node, sub)
+            return {**{k: v for k, v in merged.items() if k not in out}, **out}
+        self.check_tag(node)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+        return self.scalar(node)
+
+    def scalar(self, node: yaml.Node) -> Any:
+        try:
+            return self.scalars.construct_object(node)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. the date 2024-13-45
+            message = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+            raise RecipeError(f"{self.where(node)}: invalid value {node.value!r}: {message}; quote it to keep "
+                              "it as text") from None
 
 
 def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]:
@@ -82,11 +168,13 @@ def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
     if node is None:
         raise RecipeError(f"{source}: the recipe is empty")
-    lines: dict[str, int] = {}
-    return _construct(node, "", lines), lines
+    builder = _Builder(source)
+    builder.size(node)
+    return builder.build(node), builder.lines
 
 
 # ------------------------------------------------------------------------------------- typed configs
@@ -146,6 +234,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value.strip().replace("_", ""))  # YAML 1.1 reads 2e-4 (no dot) as text
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}", key=key)
     if tp is str:
         if isinstance(value, str):
@@ -249,7 +339,17 @@ def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head == "vars" and rest:
-            doc.setdefault("vars", {})[rest] = value
+            variables = doc.get("vars")
+            known = list(variables) if isinstance(variables, dict) else []
+            var = rest.split(".")[0]
+            if var not in known:
+                close = difflib.get_close_matches(var, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RecipeError(f"{source}: override {key!r}: the recipe has no var {var!r}{hint}; "
+                                  f"vars: {', '.join(known) or 'none'}")
+            if "." in rest and not isinstance(variables[var], dict):
+                raise RecipeError(f"{source}: override {key!r}: var {var!r} is not a mapping; use vars.{var}=...")
+            _set_dotted(variables, rest, value)
         elif head == "stages" and rest:
             name, _, sub = rest.partition(".")
             if name not in by_name or not sub:
@@ -301,7 +401,16 @@ def _substitute(value: Any, scope: dict[str, Any], where: str) -> Any:
     whole = _REF.fullmatch(value)
     if whole:
         return lookup(whole.group(1))
-    return _REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+    def text(match: re.Match[str]) -> str:
+        found = lookup(match.group(1))
+        if found is None or isinstance(found, (dict, list)):
+            shown = "null" if found is None else f"a {type(found).__name__}"
+            raise RecipeError(f"{where}: ${{{match.group(1).strip()}}} is {shown} and cannot be part of the text "
+                              f"{value!r}; give it a text value")
+        return str(found)
+
+    return _REF.sub(text, value)
 
 
 def _looks_like_local_path(value: str) -> bool:
@@ -310,29 +419,93 @@ def _looks_like_local_path(value: str) -> bool:
     return value.lower().endswith(_FILE_SUFFIXES) and "\n" not in value and len(value) < 400
 
 
-def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
-    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
+_TASK = re.compile(r"(sts|classification|retrieval):(.+)", re.S)
+
+
+def _is_task_key(key: str) -> bool:
+    """Keys holding evaluation task specs: ``tasks`` of the eval stage, ``eval_tasks`` of training stages."""
+    return re.split(r"[.\[]", key, maxsplit=1)[0].endswith("tasks")
+
+
+def _task_file(value: str) -> str | None:
+    """The file or folder part of ``sts:FILE``, ``classification:FILE`` or ``retrieval:FOLDER[:split]``."""
+    m = _TASK.fullmatch(value)
+    if not m:
+        return None
+    kind, rest = m.groups()
+    if kind == "retrieval" and ":" in rest and not Path(rest).exists():
+        rest = rest.rsplit(":", 1)[0]
+    return rest
+
+
+def _walk_strings(value: Any, key: str) -> typing.Iterator[tuple[str, str]]:
+    """Every string inside a config value, with its key path (``tasks[1]``, ``data.path``)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_inputs(v, f"{key}.{k}", produced, where)
-        return
-    if isinstance(value, list):
+            yield from _walk_strings(v, f"{key}.{k}")
+    elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_inputs(v, f"{key}[{i}]", produced, where)
-        return
-    if not isinstance(value, str) or not _looks_like_local_path(value):
-        return
+            yield from _walk_strings(v, f"{key}[{i}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
+def _local_path(key: str, value: str) -> tuple[str, bool] | None:
+    """``(path, must_exist)`` when a config string names a local file or folder, else None."""
+    if _is_task_key(key):
+        part = _task_file(value)
+        return (part, True) if part is not None else None
+    if not value or "\n" in value or len(value) >= 400 or value in (".", ".."):
+        return None
     from embedforge.data import BUILTINS
     from embedforge.sources import ALIASES
 
     if value in BUILTINS or value in ALIASES:
-        return
-    path = Path(value).expanduser().resolve()
-    if path.exists():
-        return
-    if any(path == p or p in path.parents for p in produced):
-        return
-    raise RecipeError(f"{where}: {key}: file or directory not found: {value}")
+        return None
+    if _looks_like_local_path(value):
+        return value, True
+    if "/" in value or os.sep in value or key == "model":
+        return value, False  # a hub id or a local directory, whichever exists
+    return None
+
+
+def _absolute(value: str) -> Path:
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+
+
+def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
+    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
+    for sub, text in _walk_strings(value, key):
+        found = _local_path(sub, text)
+        if found is None or not found[1]:
+            continue
+        path = _absolute(found[0])
+        if path.exists() or any(path == p or p in path.parents for p in produced):
+            continue
+        raise RecipeError(f"{where}: {sub}: file or directory not found: {found[0]}")
+
+
+def stage_inputs(stage: Stage, produced: list[Path] | tuple[Path, ...] = ()) -> list[str]:
+    """The local files and folders ``stage`` reads (absolute paths): those that exist now and those that earlier
+    stages (``produced``: their outputs) will write. Their identities decide whether its output is current."""
+    found: set[str] = set()
+    for key, value in stage.raw.items():
+        if key in RESERVED:
+            continue
+        for sub, text in _walk_strings(value, key):
+            hit = _local_path(sub, text)
+            if hit is None:
+                continue
+            try:
+                path = _absolute(hit[0])
+                exists = path.exists()
+            except (OSError, RuntimeError, ValueError):  # not a usable path after all
+                continue
+            if exists or any(path == p or p in path.parents for p in produced):
+                found.add(os.fspath(path))
+    found.discard(os.fspath(stage.out))
+    return sorted(found)
 
 
 def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *,
@@ -380,6 +553,9 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
         values = {}
         for key, value in raw.items():
             values[key] = _substitute(value, scope, f"{at(f'{p}.{key}')}: stage {name!r}: {key}")
+        if not isinstance(values["out"], (str, os.PathLike)) or not str(values["out"]).strip():
+            raise RecipeError(f"{at(p + '.out')}: stage {name!r}: out: expected the directory the stage writes, "
+                              f"got {'null' if values['out'] is None else repr(values['out'])}; set out: to a path")
         out = Path(str(values["out"])).expanduser()
         if not out.is_absolute():
             out = (Path.cwd() / out)
@@ -428,15 +604,69 @@ def single_stage(kind: str, values: dict[str, Any], out: str | os.PathLike[str],
 DISTRIBUTED_STAGES = frozenset({"mntp", "simcse", "contrastive"})
 
 
-def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
+@dataclass
+class StagePlan:
+    """Whether a stage will run, and why."""
+
+    stage: Stage
+    run: bool
+    reason: str
+    inputs: list[str] = field(default_factory=list)
+
+
+def _decide(st: Stage, inputs: list[str], force: bool, remade: dict[Path, str]) -> tuple[bool, str]:
+    """``(run, reason)`` for one stage; ``remade`` maps outputs that earlier stages (re)make now to their names."""
+    from embedforge.model import CONFIG_CHANGED, NO_OUTPUT, stale_reason
+
+    if force:
+        return True, "forced (--force)"
+    reason = stale_reason(st.out, st.config, inputs)
+    if reason in (NO_OUTPUT, CONFIG_CHANGED):
+        return True, reason
+    for name in inputs:
+        path = Path(name)
+        for out, producer in remade.items():
+            if path == out or out in path.parents:
+                return True, f"input {name} is remade by stage {producer!r}"
+    if reason is None:
+        return False, "complete: same config and inputs"
+    return True, reason
+
+
+def plan_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[StagePlan]:
+    """What :func:`run_recipe` would do now, stage by stage, without running anything (``--dry-run``)."""
+    _check_only(recipe, only)
+    plans: list[StagePlan] = []
+    remade: dict[Path, str] = {}
+    for i, st in enumerate(recipe.stages):
+        inputs = stage_inputs(st, [s.out for s in recipe.stages[:i]])
+        if only and st.name not in only:
+            plans.append(StagePlan(st, False, "not selected by --only", inputs))
+            continue
+        run, reason = _decide(st, inputs, force, remade)
+        if run:
+            remade[st.out] = st.name
+        plans.append(StagePlan(st, run, reason, inputs))
+    return plans
+
+
+def _check_only(recipe: Recipe, only: list[str] | None) -> None:
+    if only:
+        names = {s.name for s in recipe.stages}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+
+
+def _wait_for(st: Stage, inputs: list[str], rank: int, poll_s: float = 2.0) -> None:
     import time
 
-    from embedforge.model import is_complete
+    from embedforge.model import stale_reason
 
     timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
     start = time.monotonic()
     logger.info("rank %d: waiting for rank 0 to finish stage %s", rank, st.name)
-    while not is_complete(st.out, st.config):
+    while stale_reason(st.out, st.config, inputs) is not None:
         if time.monotonic() - start > timeout:
             raise RecipeError(f"rank {rank}: stage {st.name!r} did not complete on rank 0 within {timeout:.0f} s")
         time.sleep(poll_s)
@@ -445,37 +675,44 @@ def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
 def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
+    A stage is skipped when its output is complete and current: made with the same config from inputs (model
+    directories, data files) whose identities are unchanged, none of them remade by an earlier stage of this run.
+    After a stage runs, the identities of its inputs, taken just before it started, are recorded in its lineage.
+
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
     while the other ranks wait for its complete output.
     """
     from embedforge.convert.train_model import release_memory
-    from embedforge.model import is_complete
+    from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
-    if only:
-        names = {s.name for s in recipe.stages}
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+    _check_only(recipe, only)
     done: list[tuple[Stage, str]] = []
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for st in recipe.stages:
+    remade: dict[Path, str] = {}
+    for i, st in enumerate(recipe.stages):
         if only and st.name not in only:
             continue
+        inputs = stage_inputs(st, [s.out for s in recipe.stages[:i]])
         if world > 1 and rank != 0 and st.stage not in DISTRIBUTED_STAGES:
             # Under torchrun only rank 0 runs single-process stages; the others wait for its finished output.
-            _wait_for(st, rank)
+            _wait_for(st, inputs, rank)
             done.append((st, "waited"))
             continue
-        if not force and is_complete(st.out, st.config):
-            logger.info("stage %s: %s is complete, skipping (use --force to redo)", st.name, st.out)
+        run, reason = _decide(st, inputs, force, remade)
+        if not run:
+            logger.info("stage %s: %s is %s; skipping (use --force to redo)", st.name, st.out, reason)
             done.append((st, "skipped"))
             continue
-        if not force and is_complete(st.out):
-            logger.warning("stage %s: %s was made with a different config; running it again", st.name, st.out)
-        ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name, force=force)
-        logger.info("stage %s (%s) -> %s", st.name, st.stage, st.out)
+        logger.info("stage %s (%s) -> %s: running (%s)", st.name, st.stage, st.out, reason)
+        identities = {name: input_identity(name) for name in inputs}
+        # The runner has decided: a stage must not skip itself because its config alone matches an old output.
+        ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name,
+                           force=force or reason != NO_OUTPUT)
         stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        if rank == 0:
+            record_inputs(st.out, identities)
+        remade[st.out] = st.name
         release_memory()  # the stage's model must not sit beside the next stage's
         done.append((st, "ran"))
     return done

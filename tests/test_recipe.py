@@ -105,7 +105,8 @@ def test_references_overrides_and_run_then_resume(tmp_path: Path) -> None:
     assert [s for _, s in run_recipe(recipe)] == ["skipped", "skipped"]  # resume: complete outputs are kept
     assert [s for _, s in run_recipe(recipe, force=True)] == ["ran", "ran"]
     changed = load_recipe(path, parse_overrides(["first.size=8", "vars.base=" + str(tmp_path / "other")]))
-    assert [s for _, s in run_recipe(changed)] == ["ran", "skipped"]  # a changed config reruns that stage
+    # a changed config reruns that stage, and the stage reading its output too
+    assert [s for _, s in run_recipe(changed)] == ["ran", "ran"]
 
 
 def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
@@ -195,3 +196,156 @@ def test_a_stage_model_is_freed_before_the_next_stage(tmp_path: Path, monkeypatc
         gc.enable()
     assert SEEN_ALIVE == [False, False]
     assert all(ref() is None for ref in LEFT)
+
+
+# ------------------------------------------------------------------------------ values, overrides, YAML safety
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _error_line(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert len(lines) == 1, output
+    return lines[0][len("Error: "):]
+
+
+@pytest.mark.parametrize("spelling,value", [("2e-4", 2e-4), ("1E-3", 1e-3), (".5", 0.5), ("1e+12", 1e12),
+                                            ("-3", -3.0), ("5.", 5.0)])
+def test_every_float_spelling_is_a_float(tmp_path: Path, spelling: str, value: float) -> None:
+    assert build_config(ToyConfig, {"model": "m", "rate": spelling}).rate == value
+    text = RECIPE.format(base=tmp_path / "runs").replace("    size: 4\n", f"    size: 4\n    rate: {spelling}\n")
+    path = _write(tmp_path, text)
+    assert load_recipe(path).stages[0].config.rate == value  # in the YAML file
+    assert load_recipe(path, parse_overrides([f"second.rate={spelling}"])).stages[1].config.rate == value
+    res = _cli("run", str(path), f"second.rate={spelling}")  # through the CLI, to the stage
+    assert res.exit_code == 0, res.output
+    assert [r[0] for r in RUNS] == ["first", "second"]
+    assert json.loads((tmp_path / "runs" / "second" / LINEAGE_FILE).read_text())["config"]["rate"] == value
+
+
+def test_text_is_not_a_float(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"rate: expected float or NoneType, got 'abc'"):
+        build_config(ToyConfig, {"model": "m", "rate": "abc"})
+    res = _cli("run", str(_write(tmp_path, RECIPE.format(base=tmp_path / "runs"))), "second.rate=abc")
+    assert res.exit_code == 2
+    assert _error_line(res.output).endswith("stage 'second': rate: expected float or NoneType, got 'abc'")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["null", "''", "' '", "[a]"])
+def test_null_or_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    res = _cli("run", str(path), f"second.out={value}")
+    assert res.exit_code == 2
+    assert "stage 'second': out: expected the directory the stage writes, got " in _error_line(res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None, nothing run
+    text = RECIPE.format(base=tmp_path / "runs").replace("out: ${vars.base}/second", f"out: {value}")
+    with pytest.raises(RecipeError, match=r"r\.yaml:14: stage 'second': out: expected the directory"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_override_of_an_unknown_var_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    res = _cli("run", str(path), "vars.bsae=/elsewhere")
+    assert res.exit_code == 2
+    assert _error_line(res.output) == (f"{path}: override 'vars.bsae': the recipe has no var 'bsae' "
+                                       "(did you mean 'base'?); vars: base")
+    res = _cli("recipes", "validate", str(path), "--set", "vars.nosuch=1")
+    assert res.exit_code == 2 and "the recipe has no var 'nosuch'; vars: base" in _error_line(res.output)
+    assert not (tmp_path / "runs").exists()
+    assert load_recipe(path, parse_overrides(["vars.base=/x"])).stages[0].out == Path("/x/first")
+
+
+def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = RECIPE.format(base=tmp_path / "runs").replace("    size: 4\n", "    size: 4\n    color: red\n    size: 5\n")
+    path = _write(tmp_path, text)
+    res = _cli("recipes", "validate", str(path))
+    assert res.exit_code == 2
+    assert _error_line(res.output) == f"{path}:12: stages[0].size: duplicate key (first given at line 10); keep one"
+    with pytest.raises(RecipeError, match=r"r\.yaml:4: vars: duplicate key \(first given at line 1\)"):
+        load_recipe(_write(tmp_path, "vars: {}\nname: x\nstages: []\nvars: {}\n"))
+
+
+def test_merge_keys_still_work(tmp_path: Path) -> None:
+    text = (f"# embedforge run r.yaml\nvars:\n  base: {tmp_path}\n  common: &c {{model: m, size: 2}}\nstages:\n"
+            "  - stage: toy\n    out: ${vars.base}/o\n    <<: *c\n    size: 6\n")
+    cfg = load_recipe(_write(tmp_path, text)).stages[0].config
+    assert (cfg.model, cfg.size) == ("m", 6)
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"{n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = _write(tmp_path, "\n".join(rows) + "\n")
+    assert len(bomb.read_bytes()) < 400
+    proc = subprocess.run([sys.executable, "-m", "embedforge.cli", "recipes", "validate", str(bomb)],
+                          capture_output=True, text=True, timeout=60)  # the unbounded loader ran for minutes
+    assert proc.returncode == 2
+    assert f"Error: {bomb}:6: aliases expand this document to more than 100000 values" in proc.stderr
+    cyclic = _write(tmp_path, "vars: &v\n  self: *v\nstages: []\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:1: an alias refers to the node that contains it"):
+        load_recipe(cyclic)
+
+
+@pytest.mark.parametrize("tagged,tag", [("!!python/name:os.system x", "!!python/name:os.system"),
+                                        ("!custom 3", "!custom"), ("!custom [a, b]", "!custom"),
+                                        ("!!set {a, b}", "!!set"), ("!!str [a]", "!!str")])
+def test_yaml_tags_are_refused_in_one_line(tmp_path: Path, tagged: str, tag: str) -> None:
+    text = RECIPE.format(base=tmp_path / "runs").replace("    tags: [a, b]", f"    tags: {tagged}")
+    path = _write(tmp_path, text)
+    res = _cli("recipes", "validate", str(path))
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output) == (f"{path}:16: YAML tag {tag} is not supported in recipes; remove it (values "
+                                       "are plain text, numbers, true/false, null, lists and mappings)")
+    assert "Traceback" not in res.output
+
+
+def test_task_files_are_checked_by_their_path_part(tmp_path: Path) -> None:
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\na\tb\t1\n")
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    labeled = tmp_path / "labels.jsonl"
+    labeled.write_text('{"text": "a", "label": "x"}\n')
+    tasks = f"['sts:{sts}', 'classification:{labeled}', 'retrieval:{beir}', 'retrieval:{beir}:dev', stsb-dev]"
+    text = (f"# embedforge run r.yaml\nstages:\n  - stage: eval\n    model: some/model\n    out: {tmp_path}/e\n"
+            f"    tasks: {tasks}\n")
+    recipe = load_recipe(_write(tmp_path, text))
+    assert len(recipe.stages[0].config.tasks) == 5
+    res = _cli("recipes", "validate", str(_write(tmp_path, text.replace(str(sts), str(tmp_path / "nope.tsv")))))
+    assert res.exit_code == 2
+    assert _error_line(res.output).endswith(f"stage 'eval': tasks[0]: file or directory not found: {tmp_path}/nope.tsv")
+    missing = text.replace(f"retrieval:{beir}:dev", f"retrieval:{tmp_path}/gone:dev")
+    with pytest.raises(RecipeError, match=r"tasks\[3\]: file or directory not found: .*/gone$"):
+        load_recipe(_write(tmp_path, missing))
+    convert = (f"# embedforge run r.yaml\nstages:\n  - stage: convert\n    model: some/llm\n    out: {tmp_path}/c\n"
+               f"    eval_tasks: ['sts:{sts}']\n")
+    assert load_recipe(_write(tmp_path, convert)).stages[0].config.eval_tasks == [f"sts:{sts}"]
+
+
+def test_null_var_inside_an_out_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    res = _cli("run", str(path), "vars.base=null")
+    assert res.exit_code == 2
+    assert _error_line(res.output) == (f"{path}:8: stage 'first': out: ${{vars.base}} is null and cannot be part of "
+                                       "the text '${vars.base}/first'; give it a text value")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None/first
+
+
+def test_a_value_yaml_cannot_build_is_one_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs").replace("    tags: [a, b]", "    tags: [2024-13-45]"))
+    res = _cli("recipes", "validate", str(path))
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output) == (f"{path}:16: invalid value '2024-13-45': month must be in 1..12; quote it to "
+                                       "keep it as text")
