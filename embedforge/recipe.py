@@ -43,6 +43,7 @@ import yaml
 
 from embedforge.configs import ConfigError, StageContext, choice
 from embedforge import stages as stage_registry
+from embedforge.errors import UsageError, from_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _REF = re.compile(r"\$\{([^}]+)\}")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gguf", ".txt", ".yaml", ".yml", ".npy", ".npz")
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError, ValueError):
     """A recipe problem, located as ``file:line: key: message``."""
 
 
@@ -320,7 +321,13 @@ def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> Non
         for i, v in enumerate(value):
             _check_inputs(v, f"{key}[{i}]", produced, where)
         return
-    if not isinstance(value, str) or not _looks_like_local_path(value):
+    if not isinstance(value, str):
+        return
+    kind, sep, rest = value.partition(":")
+    if sep and kind in ("sts", "classification", "retrieval", "beir") and rest:  # a task / text spec naming a file
+        whole = kind in ("sts", "classification") or Path(rest).expanduser().exists()
+        value = rest if whole else rest.rsplit(":", 1)[0]  # retrieval:FOLDER:split
+    if not _looks_like_local_path(value):
         return
     from embedforge.data import BUILTINS
     from embedforge.sources import ALIASES
@@ -446,7 +453,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
-    while the other ranks wait for its complete output.
+    while the other ranks wait for its complete output. Before the first stage runs, :mod:`embedforge.preflight`
+    checks the data, models and outputs of every stage that will run. An ``OSError`` of a stage (disk full,
+    permission denied) is raised as a one-line :class:`~embedforge.errors.RunError` naming the stage and path.
     """
     from embedforge.convert.train_model import release_memory
     from embedforge.model import is_complete
@@ -456,6 +465,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         unknown = [n for n in only if n not in names]
         if unknown:
             raise RecipeError(f"--only: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(names))})")
+    from embedforge.preflight import check_recipe
+
+    check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before the first one runs
     done: list[tuple[Stage, str]] = []
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -475,7 +487,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
             logger.warning("stage %s: %s was made with a different config; running it again", st.name, st.out)
         ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name, force=force)
         logger.info("stage %s (%s) -> %s", st.name, st.stage, st.out)
-        stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        try:
+            stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        except OSError as exc:  # a full disk, a denied write: one line naming the stage and the path
+            raise from_os_error(exc, f"stage {st.name!r}", st.out) from exc
         release_memory()  # the stage's model must not sit beside the next stage's
         done.append((st, "ran"))
     return done
