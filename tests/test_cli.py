@@ -181,3 +181,23 @@ def test_interruptions_exit_130(toy_recipe) -> None:
     res = CliRunner().invoke(main, ["run", str(toy_recipe(fail="ctrl-c"))])
     assert res.exit_code == 130
     assert res.output == "Error: interrupted (Ctrl-C); a rerun skips the stages that completed\n"
+
+
+@pytest.mark.slow
+def test_minilm_onnx_recipe_scores_its_export(tiny_st_dir: Path, tmp_path: Path) -> None:
+    """The shipped recipe's eval stage scores the export directory (its fp32 ONNX graph), as its comment says."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "export" / "minilm_onnx.yaml"
+    data = tmp_path / "sts.tsv"
+    rows = ["sentence1\tsentence2\tscore", "a man plays guitar\ta man is playing a guitar\t4.8",
+            "a dog runs\tthe stock market fell\t0.2", "a woman cuts an onion\tsomeone slices an onion\t4.0"]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["run", str(recipe), f"vars.out={out}", f"onnx.model={tiny_st_dir}",
+                                    "onnx.int8=[avx2]", "onnx.fp16=false",
+                                    "onnx.last_hidden_state=false", f"eval.tasks=['sts:{data}']"])
+    assert res.exit_code == 0, res.output
+    assert f"eval: ran -> {out / 'eval'}" in res.output.splitlines()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics[f"sts:{data}"]["n"] == 3
+    lineage = json.loads((out / "onnx" / "embedforge.json").read_text())
+    assert lineage["metrics"]["eval"][f"sts:{data}"]["n"] == 3  # recorded in the export's own lineage
