@@ -183,6 +183,10 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
         raise _usage_error(exc) from None
     from embedforge.data import DataError
 
+    if out:
+        from embedforge.preflight import check_writable
+
+        check_writable(Path(out), "--out")  # before the model is loaded and the tasks are encoded
     try:
         if out:
             from embedforge.configs import StageContext

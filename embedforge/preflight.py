@@ -320,20 +320,29 @@ def _probe_write(folder: Path) -> None:
     os.unlink(name)
 
 
-def _check_output(st: Stage, where: str, plan: _Plan) -> float:
-    """Check that ``st.out`` can be written; return the estimated bytes of the model the stage writes there."""
+def check_writable(out: Path, where: str) -> Path:
+    """Check that output directory ``out`` can be created (or replaced); return the existing folder it goes in.
+
+    ``where`` starts the error message (e.g. ``"stage 'onnx': out"``).
+    """
     from embedforge.errors import os_reason
 
-    out = st.out
+    out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{where}: out: {out} is a file; the output of a stage is a directory, choose another out")
+        raise OutputError(f"{where}: {out} is a file; an output is a directory, choose another path")
     folder = _existing_ancestor(out.parent)
     if not folder.is_dir():
-        raise OutputError(f"{where}: out: {folder} is a file, so {out} cannot be created there; choose another out")
+        raise OutputError(f"{where}: {folder} is a file, so {out} cannot be created there; choose another path")
     try:
         _probe_write(folder)
     except OSError as exc:
-        raise OutputError(f"{where}: out: cannot create {out} in {folder}: {os_reason(exc)}") from None
+        raise OutputError(f"{where}: cannot create {out} in {folder}: {os_reason(exc)}") from None
+    return folder
+
+
+def _check_output(st: Stage, where: str, plan: _Plan) -> float:
+    """Check that ``st.out`` can be written; return the estimated bytes of the model the stage writes there."""
+    folder = check_writable(st.out, f"{where}: out")
     model = getattr(st.config, "model", None)
     size = model_bytes(model, plan) if isinstance(model, str) and model else 0.0
     need = size * SIZE_FACTOR.get(st.stage, 1.5)

@@ -46,6 +46,17 @@ def test_bad_data_column_is_a_usage_error_before_work(tmp_path: Path) -> None:
     assert len(res.output.splitlines()) == 1
 
 
+def test_eval_out_that_cannot_be_created_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    data = tmp_path / "sts.tsv"
+    data.write_text("sentence1\tsentence2\tscore\na\tb\t1\n")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    res = CliRunner().invoke(main, ["eval", "some/model", "--task", f"sts:{data}", "--out", str(blocker / "eval")])
+    assert res.exit_code == 2  # the hub id is never resolved: the output is checked first
+    assert res.output == (f"Error: --out: {blocker} is a file, so {blocker / 'eval'} cannot be created there; "
+                          "choose another path\n")
+
+
 def test_eval_command_writes_metrics(tiny_st_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "sts.tsv"
     rows = ["sentence1\tsentence2\tscore", "a man plays guitar\ta man is playing a guitar\t4.8",
