@@ -22,7 +22,9 @@ from typing import Any
 import click
 
 from embedforge import __version__
-from embedforge.errors import EmbedforgeError, Interrupted, UsageError, describe_os_error, one_line
+from embedforge.errors import (
+    EmbedforgeError, Interrupted, UsageError, describe_os_error, from_os_error, one_line,
+)
 
 logger = logging.getLogger("embedforge")
 
@@ -192,7 +194,10 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
             from embedforge.configs import StageContext
             from embedforge.evaluation import run_stage
 
-            run_stage(config, Path(out), StageContext(stage_name="eval"))
+            try:
+                run_stage(config, Path(out), StageContext(stage_name="eval"))
+            except OSError as exc:  # a full disk or a denied write names no file: name --out
+                raise from_os_error(exc, "--out", out) from exc
             results = json.loads((Path(out) / "metrics.json").read_text())
         else:
             from embedforge.evaluation import evaluate

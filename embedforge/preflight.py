@@ -6,8 +6,8 @@ the data of stage 2 would otherwise surface after stage 1 and a model load. :fun
 
 1. data: every file a stage names (training data, texts, calibration sets, evaluation tasks) is opened and read
    through :mod:`embedforge.data`'s loaders with the columns the stage will ask for, so a bad JSON line, a missing
-   column or an empty file is reported now. Files over :data:`FULL_CHECK_BYTES` are checked on their first
-   :data:`PREFIX_ROWS` rows only; built-in data sets and hub data set names are not read.
+   column or an empty file is reported now. Files over :data:`FULL_CHECK_BYTES` and ``save_to_disk`` folders are
+   checked on their first :data:`PREFIX_ROWS` rows only; built-in data sets and hub data set names are not read.
 2. models: a local model directory must hold a model (``config.json`` or ``modules.json``), a ``.gguf`` file must
    exist, an alias must have its wheel installed. Hub ids are left to the stage (nothing is downloaded here).
 3. outputs: the folder an ``out`` is created in must be writable (a file is created there and removed again),
@@ -215,7 +215,9 @@ def _check_data(spec: Any, mode: str, where: str, plan: _Plan) -> None:
         fields: dict[str, Any] = {"path": spec}
     elif isinstance(spec, dict):
         fields = {k: v for k, v in spec.items() if k != "name"}
-        if fields.get("path") in BUILTINS:
+        if not isinstance(fields.get("path"), str) or not fields["path"]:
+            raise DataError(f"{where}: a data mapping needs a path (a file, a folder or a built-in name)")
+        if fields["path"] in BUILTINS:
             return
     else:
         return
@@ -231,8 +233,8 @@ def _check_data(spec: Any, mode: str, where: str, plan: _Plan) -> None:
         _check_text_lines(path, where)
         return
     limit = fields.get("limit")
-    if path.is_file() and path.stat().st_size > FULL_CHECK_BYTES:
-        logger.info("%s: %s is large; checking its first %d rows", where, path, PREFIX_ROWS)
+    if path.is_dir() or path.stat().st_size > FULL_CHECK_BYTES:  # a saved datasets folder can be any size
+        logger.info("%s: %s may be large; checking its first %d rows", where, path, PREFIX_ROWS)
         limit = PREFIX_ROWS if limit is None else min(int(limit), PREFIX_ROWS)
     fields["limit"] = limit
     try:

@@ -70,6 +70,25 @@ def test_eval_command_writes_metrics(tiny_st_dir: Path, tmp_path: Path) -> None:
     assert "spearman" in (out / "report.md").read_text()
 
 
+def test_eval_disk_full_names_the_output(tiny_st_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "sts.tsv"
+    data.write_text("sentence1\tsentence2\tscore\na b\tc d\t1\ne f\tg h\t3\n")
+    real = Path.write_text
+
+    def write_text(self: Path, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(main, ["eval", str(tiny_st_dir), "--task", f"sts:{data}", "--out", str(out)])
+    assert res.exit_code == 1
+    assert res.output.splitlines()[-1] == (f"Error: --out: {out}: no space left on the device; free some space or "
+                                           "write the output to a bigger disk")
+    assert "Traceback" not in res.output and not out.exists()
+
+
 def test_workflow_command_validates_keys(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "o"), "no_such_key=1"])
     assert res.exit_code == 2 and "no_such_key: unknown key" in res.output

@@ -96,6 +96,13 @@ def test_missing_columns_are_found_with_the_columns_the_stage_reads(tmp_path: Pa
     preflight.check_recipe(recipe)
 
 
+def test_a_data_mapping_without_a_path_is_refused(tmp_path: Path) -> None:
+    second = ("  - name: tune\n    stage: contrastive\n    model: ${stages.first.out}\n"
+              f"    out: {tmp_path / 'runs' / 'tuned'}\n    data: [{{columns: {{anchor: q}}}}]\n")
+    with pytest.raises(DataError, match=r"^stage 'tune': data\[0\]: a data mapping needs a path"):
+        preflight.check_recipe(load_recipe(_recipe(tmp_path, second)))
+
+
 def test_eval_task_files_are_read_before_work(tmp_path: Path) -> None:
     model = _model_dir(tmp_path / "model")
     sts = tmp_path / "sts.tsv"
