@@ -1,8 +1,13 @@
 """The ``embedforge`` command line: thin click commands over the library.
 
 Each workflow command builds a one-stage recipe from its arguments and runs it through the same validation as
-``embedforge run``, so a CLI call and a recipe stage with the same keys do the same thing. Usage errors (bad keys,
-wrong types, missing files) exit with status 2 before any work starts. torch is imported only when a stage runs.
+``embedforge run``, so a CLI call and a recipe stage with the same keys do the same thing. torch is imported only
+when a stage runs.
+
+Errors are reported as one line, ``Error: what, where, what to do``, with the exit status of their class (see
+:mod:`embedforge.errors`): 2 for usage errors found before any work starts (bad keys, wrong types, bad data, missing
+models, unwritable outputs), 1 for failures while a stage runs (including a full disk or a denied write), 130 for
+an interrupted run. ``embedforge --debug ...`` (or ``EMBEDFORGE_DEBUG=1``) prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -10,12 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from embedforge import __version__
+from embedforge.errors import (
+    EmbedforgeError, Interrupted, UsageError, describe_os_error, from_os_error, one_line,
+)
 
 logger = logging.getLogger("embedforge")
 
@@ -25,8 +34,34 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _usage_error(exc: Exception) -> click.UsageError:
-    return click.UsageError(str(exc))
+def _usage_error(exc: Exception) -> EmbedforgeError:
+    """``exc`` as an error the CLI reports on one line (exit status 2 unless it carries its own)."""
+    return exc if isinstance(exc, EmbedforgeError) else UsageError(str(exc))
+
+
+class _ReportingGroup(click.Group):
+    """The top-level group: turns embedforge errors, OS errors and Ctrl-C into one ``Error:`` line and an exit code.
+
+    With ``--debug`` the traceback is printed first. Click's own usage errors keep click's format.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmbedforgeError as exc:
+            _report(ctx, exc, one_line(str(exc)) or type(exc).__name__, exc.exit_code)
+        except OSError as exc:
+            _report(ctx, exc, describe_os_error(exc), 1)
+        except KeyboardInterrupt as exc:
+            _report(ctx, exc, "interrupted (Ctrl-C); a rerun skips the stages that completed",
+                    Interrupted.exit_code)
+
+
+def _report(ctx: click.Context, exc: BaseException, message: str, code: int) -> None:
+    if ctx.params.get("debug"):
+        click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(), err=True)
+    click.echo(f"Error: {message}", err=True)
+    ctx.exit(code)
 
 
 def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: str | None) -> dict[str, Any]:
@@ -75,11 +110,13 @@ def _with_common(func: Any) -> Any:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedforge")
 @click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only")
-def main(verbose: int, quiet: bool) -> None:
+@click.option("--debug", is_flag=True, envvar="EMBEDFORGE_DEBUG",
+              help="print the traceback of an error, not only its one-line message")
+def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Turn decoder LLMs into embedders; distill, compress and export them.
 
     Workflow commands take KEY=VALUE overrides for any key of their stage config
@@ -148,12 +185,19 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
         raise _usage_error(exc) from None
     from embedforge.data import DataError
 
+    if out:
+        from embedforge.preflight import check_writable
+
+        check_writable(Path(out), "--out")  # before the model is loaded and the tasks are encoded
     try:
         if out:
             from embedforge.configs import StageContext
             from embedforge.evaluation import run_stage
 
-            run_stage(config, Path(out), StageContext(stage_name="eval"))
+            try:
+                run_stage(config, Path(out), StageContext(stage_name="eval"))
+            except OSError as exc:  # a full disk or a denied write names no file: name --out
+                raise from_os_error(exc, "--out", out) from exc
             results = json.loads((Path(out) / "metrics.json").read_text())
         else:
             from embedforge.evaluation import evaluate

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from embedforge.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A configuration value is wrong. ``key`` names the field; the recipe loader adds file and line."""
 
     def __init__(self, message: str, key: str | None = None):

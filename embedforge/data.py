@@ -34,13 +34,15 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from embedforge.errors import UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """Bad input data; the message names file, line/row and column."""
 
 

@@ -43,6 +43,7 @@ import yaml
 
 from embedforge.configs import ConfigError, StageContext, choice
 from embedforge import stages as stage_registry
+from embedforge.errors import UsageError, from_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _FLOAT = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gguf", ".txt", ".yaml", ".yml", ".npy", ".npz")
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError, ValueError):
     """A recipe problem, located as ``file:line: key: message``."""
 
 
@@ -680,12 +681,17 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     After a stage runs, the identities of its inputs, taken just before it started, are recorded in its lineage.
 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
-    while the other ranks wait for its complete output.
+    while the other ranks wait for its complete output. Before the first stage runs, :mod:`embedforge.preflight`
+    checks the data, models and outputs of every stage that will run. An ``OSError`` of a stage (disk full,
+    permission denied) is raised as a one-line :class:`~embedforge.errors.RunError` naming the stage and path.
     """
     from embedforge.convert.train_model import release_memory
     from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
     _check_only(recipe, only)
+    from embedforge.preflight import check_recipe
+
+    check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before the first one runs
     done: list[tuple[Stage, str]] = []
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -709,7 +715,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         # The runner has decided: a stage must not skip itself because its config alone matches an old output.
         ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name,
                            force=force or reason != NO_OUTPUT)
-        stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        try:
+            stage_registry.runner(st.stage)(st.config, st.out, ctx)
+        except OSError as exc:  # a full disk, a denied write: one line naming the stage and the path
+            raise from_os_error(exc, f"stage {st.name!r}", st.out) from exc
         if rank == 0:
             record_inputs(st.out, identities)
         remade[st.out] = st.name

@@ -1,4 +1,10 @@
-"""Markdown tables (and optional plots) for metrics and benchmark results."""
+"""Markdown tables of metrics, and a bar chart helper.
+
+:func:`metrics_table` is what ``embedforge eval`` prints and what the ``eval`` stage writes to ``report.md``;
+:func:`table` also makes the markdown tables of ``bench/eval_check.py`` and ``bench/convert_zeroshot.py``.
+:func:`bar_plot` saves a PNG bar chart of a mapping of scores; nothing in embedforge or ``bench/`` calls it, it is
+there for your own reports (it needs matplotlib, imported when called).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def bar_plot(values: dict[str, float], path: str | Path, title: str = "", ylabel: str = "") -> Path:
-    """Save a simple bar chart (PNG) of ``values``; used by benchmarks' reports."""
+    """Save a simple bar chart (PNG) of ``values`` to ``path`` and return the path."""
     import matplotlib
 
     matplotlib.use("Agg")

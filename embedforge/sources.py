@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedforge.configs import default_cache_dir
+from embedforge.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 
-class SourceError(ValueError):
+class SourceError(UsageError, ValueError):
     """A model source could not be resolved."""
 
 

@@ -20,12 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from embedforge.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_QUANT_FILE = "weight_quantization.json"
 
 
-class WeightQuantError(RuntimeError):
+class WeightQuantError(UsageError, RuntimeError):
     """Weight quantization cannot run here; the message says what to install or which hardware is needed."""
 
 

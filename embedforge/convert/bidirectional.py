@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from embedforge.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 #: ``config.model_type`` values tested to honour ``is_causal=False`` (eager and sdpa).
@@ -32,7 +34,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UsageError, ValueError):
     """The model's attention ignores ``is_causal`` and cannot be made bidirectional this way."""
 
 

@@ -20,16 +20,18 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from embedforge.errors import Interrupted, RunError
+
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-class NanLossError(RuntimeError):
+class NanLossError(RunError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted, RuntimeError):
     """Training stopped on a signal after writing a checkpoint; rerun the stage to resume."""
 
 

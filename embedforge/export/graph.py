@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from embedforge.errors import RunError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from sentence_transformers import SentenceTransformer
@@ -31,7 +33,7 @@ BINARY_OUTPUT = "binary_embedding"
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError, RuntimeError):
     """A model cannot be exported (unsupported module, unsupported option, exporter failure)."""
 
 

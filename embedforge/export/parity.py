@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from embedforge.evaluation import l2_normalize
+from embedforge.errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -39,7 +40,7 @@ _PROBES = [
 ]
 
 
-class ParityError(RuntimeError):
+class ParityError(RunError, RuntimeError):
     """An exported graph's outputs differ from the PyTorch model's beyond the configured tolerance."""
 
 
