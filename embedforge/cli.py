@@ -29,6 +29,13 @@ def _usage_error(exc: Exception) -> click.UsageError:
     return click.UsageError(str(exc))
 
 
+def _one_line_error(exc: Exception) -> click.ClickException:
+    """An :class:`embedforge.errors.EmbedforgeError` as a one-line CLI error with the error's exit code."""
+    err = click.ClickException(str(exc))
+    err.exit_code = getattr(exc, "exit_code", 1)
+    return err
+
+
 def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: str | None) -> dict[str, Any]:
     """Merge a stage YAML file, KEY=VALUE overrides and the positional MODEL into one mapping of config keys."""
     from embedforge.recipe import RecipeError, load_yaml, parse_overrides
@@ -55,7 +62,12 @@ def _run_single(kind: str, model: str | None, out: str, config_file: str | None,
         recipe = single_stage(kind, values, out, source=f"embedforge {kind}")
     except (RecipeError, ValueError) as exc:
         raise _usage_error(exc) from None
-    result = run_recipe(recipe, force=force)
+    from embedforge.errors import EmbedforgeError
+
+    try:
+        result = run_recipe(recipe, force=force)
+    except EmbedforgeError as exc:
+        raise _one_line_error(exc) from None
     for stage, status in result:
         click.echo(f"{stage.name}: {status} -> {stage.out}")
 
@@ -147,6 +159,7 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
     except ConfigError as exc:
         raise _usage_error(exc) from None
     from embedforge.data import DataError
+    from embedforge.errors import EmbedforgeError
 
     try:
         if out:
@@ -162,6 +175,8 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
                                query_prompt=query_prompt, doc_prompt=doc_prompt)
     except DataError as exc:
         raise _usage_error(exc) from None
+    except EmbedforgeError as exc:
+        raise _one_line_error(exc) from None
     from embedforge.report import metrics_table
 
     click.echo(metrics_table(results))
@@ -189,10 +204,14 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, .
             state = "complete" if is_complete(st.out, st.config) else "to run"
             click.echo(f"{st.name} ({st.stage}) -> {st.out} [{state}]")
         return
+    from embedforge.errors import EmbedforgeError
+
     try:
         result = run_recipe(parsed, force=force, only=list(only) or None)
     except RecipeError as exc:
         raise _usage_error(exc) from None
+    except EmbedforgeError as exc:
+        raise _one_line_error(exc) from None
     for stage, status in result:
         click.echo(f"{stage.name}: {status} -> {stage.out}")
 
