@@ -42,10 +42,10 @@ def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
                existing: Existing = Existing.REPLACE) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
 
-    Before the block: the output is locked (:func:`embedforge.outputs.output_lock`), checked
-    (:func:`embedforge.outputs.check_output`: only an output embedforge wrote, an empty directory or a missing
-    path may be replaced; with ``stage="eval"`` only an earlier eval output), and leftovers of killed saves beside
-    it are cleaned. On an exception the temporary directory is removed and ``out_dir`` is left as it was; a full
+    Before the block: the output is locked (:func:`embedforge.outputs.output_lock`), leftovers of killed saves
+    beside it are cleaned, and it is checked (:func:`embedforge.outputs.check_output`: only an output embedforge
+    wrote, an empty directory or a missing path may be replaced; with ``stage="eval"`` only an earlier eval
+    output). On an exception the temporary directory is removed and ``out_dir`` is left as it was; a full
     disk becomes :class:`embedforge.outputs.DiskFullError`. On success the files get the umask's permissions, an
     existing ``out_dir`` is moved aside, the new one renamed into place, and the old one deleted.
     """
@@ -59,8 +59,8 @@ def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
             yield tmp
         return
     with output_lock(out):
-        check_output(out, stage=stage)
         clean_leftovers(out)
+        check_output(out, stage=stage)
         with _writing(out, keep=False) as tmp:
             yield tmp
 

@@ -484,17 +484,18 @@ def _wait_for(st: Stage, rank: int, poll_s: float = 2.0) -> None:
 def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
-    Every output the run may write is locked and checked first (rank 0 only: the other ranks of a torchrun job
-    write nothing), so a second run into one of them, or an output directory embedforge did not write, is
-    refused before any work rather than after hours of training.
+    Every output the run may write is locked, cleaned of what killed saves left, and checked first (rank 0
+    only: the other ranks of a torchrun job write nothing), so a second run into one of them, or an output
+    directory embedforge did not write, is refused before any work rather than after hours of training.
     """
-    from embedforge.outputs import check_output, output_lock
+    from embedforge.outputs import check_output, clean_leftovers, output_lock
 
     with contextlib.ExitStack() as held:
         if int(os.environ.get("RANK", "0")) == 0:
             for st in recipe.stages:
                 if not only or st.name in only:
                     held.enter_context(output_lock(st.out))
+                    clean_leftovers(st.out)
                     check_output(st.out, stage=st.stage)
         return _run_stages(recipe, force=force, only=only)
 

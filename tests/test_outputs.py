@@ -12,17 +12,19 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from embedforge import outputs
+from embedforge import outputs, stages
 from embedforge.cli import main
+from embedforge.configs import opt
 from embedforge.errors import OutputError, RunError
 from embedforge.model import LINEAGE_FILE, atomic_dir, load_model, make_lineage, save_model, update_metrics
 from embedforge.outputs import DiskFullError, check_output, clean_leftovers, is_disk_full, lock_path, output_lock
-from embedforge.recipe import RecipeError, load_recipe
+from embedforge.recipe import RecipeError, load_recipe, run_recipe
 
 STS_ROWS = ["sentence1\tsentence2\tscore", "a man plays guitar\ta man is playing a guitar\t4.8",
             "a dog runs\tthe stock market fell\t0.2", "a woman cuts an onion\tsomeone slices an onion\t4.0"]
@@ -369,3 +371,29 @@ def test_a_save_killed_between_renames_gets_the_previous_output_back(tmp_path: P
     removed = clean_leftovers(out)
     assert removed == [] and json.loads((out / LINEAGE_FILE).read_text())["source"] == "first"
     assert _siblings(out) == []
+
+
+@dataclass
+class ToyConfig:
+    """A stage used only by these tests: writes its lineage through atomic_dir."""
+
+    model: str = opt(help="input")
+
+
+def toy_runner(config: ToyConfig, out_dir: Path, ctx: object) -> None:
+    with atomic_dir(out_dir) as tmp:
+        (tmp / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage="toy", source=config.model, config=config)))
+
+
+def test_the_next_run_cleans_up_after_a_killed_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(stages.STAGES, "toy", (f"{__name__}:ToyConfig", f"{__name__}:toy_runner"))
+    out = tmp_path / "runs" / "a"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - stage: toy\n    model: some/hub-model\n    out: {out}\n")
+    assert [s for _, s in run_recipe(load_recipe(recipe))] == ["ran"]
+    dead = _dead_pid()
+    half = out.parent / (outputs.temp_prefix(out, "tmp", dead) + "x")
+    half.mkdir()  # the new output, half written when the save was killed ...
+    out.rename(out.parent / (outputs.temp_prefix(out, "old", dead) + "x"))  # ... after moving the old one aside
+    assert [s for _, s in run_recipe(load_recipe(recipe))] == ["skipped"]  # the previous output is back, complete
+    assert json.loads((out / LINEAGE_FILE).read_text())["source"] == "some/hub-model" and _siblings(out) == []
