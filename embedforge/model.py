@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 LINEAGE_FILE = "embedforge.json"
+#: The lineage stage :func:`update_metrics` records in a directory embedforge did not write (it stays foreign).
+EXTERNAL_STAGE = "external"
 
 
 class Existing(str, enum.Enum):
@@ -223,7 +225,7 @@ def read_lineage(path: str | os.PathLike[str]) -> dict[str, Any]:
 def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> None:
     """Merge ``metrics`` into a model directory's lineage record (write to temp file, then replace)."""
     d = Path(path)
-    lineage = read_lineage(d) or make_lineage(stage="external", source=os.fspath(d))
+    lineage = read_lineage(d) or make_lineage(stage=EXTERNAL_STAGE, source=os.fspath(d))
     lineage.setdefault("metrics", {}).update(_json_safe(metrics))
     tmp = d / (LINEAGE_FILE + ".tmp")
     try:
@@ -241,7 +243,7 @@ def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> Non
 def is_complete(path: str | os.PathLike[str], config: Any = None) -> bool:
     """True when ``path`` holds a finished embedforge output (and, if given, one made with ``config``)."""
     lineage = read_lineage(path)
-    if not lineage:
+    if not lineage or lineage.get("stage") == EXTERNAL_STAGE:  # metrics recorded in a foreign model
         return False
     if config is not None and lineage.get("config_hash") not in (None, config_hash(config)):
         return False

@@ -167,6 +167,8 @@ class LockHolder:
         return pid_alive(self.pid, self.started)
 
     def describe(self) -> str:
+        if self.pid < 0:
+            return "an unreadable lock record"
         where = f" on {self.host}" if self.host and self.host != socket.gethostname() else ""
         since = f", since {self.since}" if self.since else ""
         return f"pid {self.pid}{where}{since}"
@@ -244,14 +246,19 @@ def _acquire(lock: Path, out: Path) -> int:
             if holder is not None and holder.pid != os.getpid() and holder.alive():
                 raise OutputError(f"{out}: another embedforge run ({holder.describe()}) holds {lock}; wait for it "
                                   "to finish or choose another output directory (remove the lock file only if "
-                                  "that process is not embedforge)")
+                                  "that run is gone)")
             if holder is not None:
                 logger.warning("%s: taking over the stale lock %s left by %s, which is no longer running",
                                out, lock, holder.describe())
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()),
                       "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(out, exc) from exc
+                raise
             return fd
         except BaseException:
             with contextlib.suppress(OSError):
@@ -267,6 +274,8 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
     Re-entrant within one process, so a recipe can lock all its outputs up front and each save locks again.
     """
     path = Path(out).expanduser().resolve()
+    if not path.name:
+        raise OutputError(f"{path}: a file system root cannot be an output; choose a new or empty directory")
     lock = lock_path(path)
     with _held_guard:
         entry = _held.get(lock)

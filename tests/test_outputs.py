@@ -22,7 +22,9 @@ from embedforge import outputs, stages
 from embedforge.cli import main
 from embedforge.configs import opt
 from embedforge.errors import OutputError, RunError
-from embedforge.model import LINEAGE_FILE, atomic_dir, load_model, make_lineage, save_model, update_metrics
+from embedforge.model import (
+    LINEAGE_FILE, atomic_dir, is_complete, load_model, make_lineage, save_model, update_metrics,
+)
 from embedforge.outputs import DiskFullError, check_output, clean_leftovers, is_disk_full, lock_path, output_lock
 from embedforge.recipe import RecipeError, load_recipe, run_recipe
 
@@ -101,6 +103,7 @@ def test_a_foreign_model_with_recorded_metrics_is_still_not_embedforges(tiny_st_
     # eval --out records its scores in the evaluated model (stage "external"); that must not make it replaceable
     model = _model_copy(tiny_st_dir, tmp_path / "their-model")
     update_metrics(model, {"eval": {"stsb-dev": {"spearman": 1.0}}})
+    assert not is_complete(model)  # a recipe stage writing here would not be skipped as done either
     before = sorted(p.name for p in model.iterdir())
     with pytest.raises(OutputError, match="refusing to replace a non-empty directory embedforge did not write"):
         with atomic_dir(model) as tmp:
