@@ -2,13 +2,15 @@
 
 Every stage reads and writes this format. ``SentenceTransformer(dir)`` loads any of them (custom modules need
 embedforge importable). Writes are atomic: everything lands in a temporary sibling directory that is renamed
-into place only once it is complete, so an interrupted save never leaves a half-written model behind.
+into place only once it is complete, so an interrupted save never leaves a half-written model behind. Only a
+directory embedforge wrote (or an empty one) is ever replaced, one run at a time (see :mod:`embedforge.outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import enum
 import hashlib
 import json
 import logging
@@ -27,30 +29,74 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 LINEAGE_FILE = "embedforge.json"
+#: The lineage stage :func:`update_metrics` records in a directory embedforge did not write (it stays foreign).
+EXTERNAL_STAGE = "external"
+
+
+class Existing(str, enum.Enum):
+    """What :func:`atomic_dir` does with an output that is already there."""
+
+    REPLACE = "replace"  # replace it if embedforge wrote it (checked up front), under the output's lock
+    KEEP = "keep"  # a shared cache entry: another process that finished it first wins; no lock, no check
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
+               existing: Existing = Existing.REPLACE) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
 
-    On an exception the temporary directory is removed and ``out_dir`` is left as it was. An existing
-    ``out_dir`` is moved aside first and deleted only after the new one is in place.
+    Before the block: the output is locked (:func:`embedforge.outputs.output_lock`), leftovers of killed saves
+    beside it are cleaned, and it is checked (:func:`embedforge.outputs.check_output`: only an output embedforge
+    wrote, an empty directory or a missing path may be replaced; with ``stage="eval"`` only an earlier eval
+    output). On an exception the temporary directory is removed and ``out_dir`` is left as it was; a full
+    disk becomes :class:`embedforge.outputs.DiskFullError`. On success the files get the umask's permissions, an
+    existing ``out_dir`` is moved aside, the new one renamed into place, and the old one deleted.
     """
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from embedforge.outputs import check_output, clean_leftovers, output_lock
+
+    out = Path(out_dir).expanduser().resolve()
+    if existing == Existing.KEEP:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out, locked=False)
+        with _writing(out, keep=True) as tmp:
+            yield tmp
+        return
+    with output_lock(out):
+        clean_leftovers(out)
+        check_output(out, stage=stage)
+        with _writing(out, keep=False) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _writing(out: Path, *, keep: bool) -> Iterator[Path]:
+    """The temporary directory, its cleanup on failure, and the final swap into ``out``."""
+    from embedforge.outputs import disk_full, fix_modes, is_disk_full, make_temp_dir, temp_prefix
+
+    tmp = make_temp_dir(out)
     try:
         yield tmp
-    except BaseException:
+        fix_modes(tmp)
+        if keep and out.exists():
+            logger.info("%s was completed by another process meanwhile; keeping that one", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = None
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(out, exc) from exc
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -181,11 +227,19 @@ def read_lineage(path: str | os.PathLike[str]) -> dict[str, Any]:
 def update_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> None:
     """Merge ``metrics`` into a model directory's lineage record (write to temp file, then replace)."""
     d = Path(path)
-    lineage = read_lineage(d) or make_lineage(stage="external", source=os.fspath(d))
+    lineage = read_lineage(d) or make_lineage(stage=EXTERNAL_STAGE, source=os.fspath(d))
     lineage.setdefault("metrics", {}).update(_json_safe(metrics))
     tmp = d / (LINEAGE_FILE + ".tmp")
-    tmp.write_text(json.dumps(lineage, indent=2) + "\n")
-    os.replace(tmp, d / LINEAGE_FILE)
+    try:
+        tmp.write_text(json.dumps(lineage, indent=2) + "\n")
+        os.replace(tmp, d / LINEAGE_FILE)
+    except OSError as exc:
+        from embedforge.outputs import disk_full, is_disk_full
+
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(d / LINEAGE_FILE, exc) from exc
+        raise
 
 
 def is_complete(path: str | os.PathLike[str], config: Any = None,
@@ -290,7 +344,7 @@ def stale_reason(path: str | os.PathLike[str], config: Any,
     the identity of exactly ``inputs``, each unchanged since.
     """
     lineage = read_lineage(path)
-    if not lineage:
+    if not lineage or lineage.get("stage") == EXTERNAL_STAGE:  # none, or metrics recorded in a foreign model
         return NO_OUTPUT
     if config is not None and lineage.get("config_hash") not in (None, config_hash(config)):
         return CONFIG_CHANGED

@@ -25,6 +25,7 @@ config) unless ``force``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -509,6 +510,42 @@ def stage_inputs(stage: Stage, produced: list[Path] | tuple[Path, ...] = ()) -> 
     return sorted(found)
 
 
+def _local_inputs(value: Any) -> list[Path]:
+    """The local files and directories among a stage's config values (hub ids and plain words are left out)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _local_inputs(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _local_inputs(v)]
+    if not isinstance(value, str) or not value or "\n" in value or len(value) > 400:
+        return []
+    path = Path(value).expanduser()
+    if _looks_like_local_path(value) or path.exists():
+        return [path.resolve()]
+    return []
+
+
+def _check_out(out: Path, name: str, inputs: list[Path], earlier: list[Stage], reads: list[tuple[str, Path]],
+               where: str) -> None:
+    """A stage's ``out`` may not be, contain or sit inside another stage's ``out``, nor be or contain a path that
+    this or an earlier stage reads (replacing it would delete that input)."""
+
+    def inside(parent: Path, child: Path) -> bool:
+        return child == parent or parent in child.parents
+
+    for other in earlier:
+        if out == other.out:
+            raise RecipeError(f"{where}: {out} is also the out of stage {other.name!r}; give each stage its own out")
+        if inside(other.out, out) or inside(out, other.out):
+            inner, outer = (out, other.out) if inside(other.out, out) else (other.out, out)
+            raise RecipeError(f"{where}: {inner} is inside {outer}, the out of another stage "
+                              f"({other.name!r} and {name!r}); give each stage a separate directory")
+    reads.extend((name, p) for p in inputs)
+    for reader, path in reads:
+        if inside(out, path):
+            raise RecipeError(f"{where}: {out} is (or contains) {path}, which stage {reader!r} reads; "
+                              "writing there would delete it: choose another out")
+
+
 def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *,
                     recipe_dir: Path | None = None) -> Recipe:
     """Check a parsed recipe document completely and build every stage's typed config."""
@@ -538,6 +575,7 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
     scope["vars"] = _substitute(variables, scope, at("vars"))
     built: list[Stage] = []
     produced: list[Path] = []
+    reads: list[tuple[str, Path]] = []  # (stage name, local input path) of the stages so far
     for i, raw in enumerate(raw_stages):
         p = f"stages[{i}]"
         if not isinstance(raw, dict):
@@ -572,6 +610,7 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
             raise RecipeError(f"{at(p)}: stage {name!r}: {exc}") from None
         for key, value in cfg_values.items():
             _check_inputs(value, key, produced, f"{at(f'{p}.{key}')}: stage {name!r}")
+        _check_out(out, name, _local_inputs(cfg_values), built, reads, f"{at(f'{p}.out')}: stage {name!r}: out")
         built.append(Stage(name=name, stage=kind, out=out, config=config, raw=values))
         produced.append(out)
         scope["stages"][name] = {**values, "out": str(out)}
@@ -679,6 +718,25 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     A stage is skipped when its output is complete and current: made with the same config from inputs (model
     directories, data files) whose identities are unchanged, none of them remade by an earlier stage of this run.
     After a stage runs, the identities of its inputs, taken just before it started, are recorded in its lineage.
+
+    Every output the run may write is locked, cleaned of what killed saves left, and checked first (rank 0
+    only: the other ranks of a torchrun job write nothing), so a second run into one of them, or an output
+    directory embedforge did not write, is refused before any work rather than after hours of training.
+    """
+    from embedforge.outputs import check_output, clean_leftovers, output_lock
+
+    with contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for st in recipe.stages:
+                if not only or st.name in only:
+                    held.enter_context(output_lock(st.out))
+                    clean_leftovers(st.out)
+                    check_output(st.out, stage=st.stage)
+        return _run_stages(recipe, force=force, only=only)
+
+
+def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
+    """Run the stages in order, their outputs locked by :func:`run_recipe`; returns what happened to each.
 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
     while the other ranks wait for its complete output. Before the first stage runs, :mod:`embedforge.preflight`

@@ -70,7 +70,7 @@ def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
 
 def dequantize_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     """Dequantize a GGUF checkpoint to a safetensors directory once; later calls return the cached copy."""
-    from embedforge.model import atomic_dir
+    from embedforge.model import Existing, atomic_dir
 
     out = _gguf_cache_dir(gguf, Path(cache_dir or default_cache_dir()))
     if (out / "config.json").is_file():
@@ -87,7 +87,7 @@ def dequantize_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, existing=Existing.KEEP) as tmp:  # ranks may dequantize at once: first one wins
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from embedforge.model import (
-    LINEAGE_FILE, atomic_dir, config_hash, is_complete, load_model, read_lineage, save_model, update_metrics,
+    LINEAGE_FILE, atomic_dir, config_hash, is_complete, load_model, make_lineage, read_lineage, save_model,
+    update_metrics,
 )
 from embedforge.testing import sample_texts
 
@@ -38,25 +39,32 @@ def test_lineage_chains_parents(tiny_st_dir: Path, tmp_path: Path) -> None:
     assert parents[0]["stage"] == "convert" and parents[0]["source"] == "llm"
 
 
+def _mark(directory: Path, stage: str = "convert") -> None:
+    (directory / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage=stage, source="x")))
+
+
 def test_atomic_dir_leaves_old_output_on_failure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "ok.txt").write_text("first")
+        _mark(tmp)
     with pytest.raises(RuntimeError):
         with atomic_dir(out) as tmp:
             (tmp / "ok.txt").write_text("second, half written")
             raise RuntimeError("interrupted")
     assert (out / "ok.txt").read_text() == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs and no lock file left behind
 
 
-def test_atomic_dir_replaces_existing(tmp_path: Path) -> None:
+def test_atomic_dir_replaces_an_embedforge_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("x")
+    _mark(out)
     with atomic_dir(out) as tmp:
         (tmp / "new.txt").write_text("y")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_is_complete_and_update_metrics(tiny_st_dir: Path, tmp_path: Path) -> None:
