@@ -64,13 +64,6 @@ def _report(ctx: click.Context, exc: BaseException, message: str, code: int) -> 
     ctx.exit(code)
 
 
-def _one_line_error(exc: Exception) -> click.ClickException:
-    """An :class:`embedforge.errors.EmbedforgeError` as a one-line CLI error with the error's exit code."""
-    err = click.ClickException(str(exc))
-    err.exit_code = getattr(exc, "exit_code", 1)
-    return err
-
-
 def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: str | None) -> dict[str, Any]:
     """Merge a stage YAML file, KEY=VALUE overrides and the positional MODEL into one mapping of config keys."""
     from embedforge.recipe import RecipeError, load_yaml, parse_overrides
@@ -97,12 +90,7 @@ def _run_single(kind: str, model: str | None, out: str, config_file: str | None,
         recipe = single_stage(kind, values, out, source=f"embedforge {kind}")
     except (RecipeError, ValueError) as exc:
         raise _usage_error(exc) from None
-    from embedforge.errors import EmbedforgeError
-
-    try:
-        result = run_recipe(recipe, force=force)
-    except EmbedforgeError as exc:
-        raise _one_line_error(exc) from None
+    result = run_recipe(recipe, force=force)
     for stage, status in result:
         click.echo(f"{stage.name}: {status} -> {stage.out}")
 
@@ -196,7 +184,6 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
     except ConfigError as exc:
         raise _usage_error(exc) from None
     from embedforge.data import DataError
-    from embedforge.errors import EmbedforgeError
 
     if out:
         from embedforge.preflight import check_writable
@@ -219,8 +206,6 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
                                query_prompt=query_prompt, doc_prompt=doc_prompt)
     except DataError as exc:
         raise _usage_error(exc) from None
-    except EmbedforgeError as exc:
-        raise _one_line_error(exc) from None
     from embedforge.report import metrics_table
 
     click.echo(metrics_table(results))
@@ -251,14 +236,10 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, .
             verdict = "will run" if plan.run else "skip"
             click.echo(f"{plan.stage.name} ({plan.stage.stage}) -> {plan.stage.out}: {verdict}: {plan.reason}")
         return
-    from embedforge.errors import EmbedforgeError
-
     try:
         result = run_recipe(parsed, force=force, only=list(only) or None)
     except RecipeError as exc:
         raise _usage_error(exc) from None
-    except EmbedforgeError as exc:
-        raise _one_line_error(exc) from None
     for stage, status in result:
         click.echo(f"{stage.name}: {status} -> {stage.out}")
 

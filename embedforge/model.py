@@ -248,7 +248,7 @@ def is_complete(path: str | os.PathLike[str], config: Any = None,
     ``inputs`` as they are now: see :func:`stale_reason`)."""
     if inputs is None:
         lineage = read_lineage(path)
-        if not lineage:
+        if not lineage or lineage.get("stage") == EXTERNAL_STAGE:  # none, or metrics recorded in a foreign model
             return False
         return config is None or lineage.get("config_hash") in (None, config_hash(config))
     return stale_reason(path, config, inputs) is None

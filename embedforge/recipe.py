@@ -724,7 +724,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     directory embedforge did not write, is refused before any work rather than after hours of training.
     """
     from embedforge.outputs import check_output, clean_leftovers, output_lock
+    from embedforge.preflight import check_recipe
 
+    _check_only(recipe, only)
+    check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before anything is written
     with contextlib.ExitStack() as held:
         if int(os.environ.get("RANK", "0")) == 0:
             for st in recipe.stages:
@@ -739,17 +742,13 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
     """Run the stages in order, their outputs locked by :func:`run_recipe`; returns what happened to each.
 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
-    while the other ranks wait for its complete output. Before the first stage runs, :mod:`embedforge.preflight`
-    checks the data, models and outputs of every stage that will run. An ``OSError`` of a stage (disk full,
+    while the other ranks wait for its complete output (:func:`run_recipe` has already run
+    :mod:`embedforge.preflight` on the data, models and outputs of every stage that will run). An ``OSError`` of a stage (disk full,
     permission denied) is raised as a one-line :class:`~embedforge.errors.RunError` naming the stage and path.
     """
     from embedforge.convert.train_model import release_memory
     from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
-    _check_only(recipe, only)
-    from embedforge.preflight import check_recipe
-
-    check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before the first one runs
     done: list[tuple[Stage, str]] = []
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,8 @@ from embedforge.recipe import load_recipe, parse_overrides, plan_recipe, run_rec
 class ToyConfig:
     """A stage used only by these tests: it reads ``model`` (a file, a toy output or a name)."""
 
-    model: str = opt(help="input")
+    model: str = opt(help="input model (a toy output or a name)")
+    data: str = opt("", help="a data file read instead of the model")
     size: int = opt(3, help="a number")
 
 
@@ -30,10 +31,11 @@ RUNS: list[str] = []
 
 def copy_runner(config: ToyConfig, out_dir: Path, ctx) -> None:
     """Copies its input (a toy output's result.txt or a data file) so a test can see what it was made from."""
-    src = Path(config.model)
+    src = Path(config.data or config.model)
     text = (src / "result.txt").read_text() if src.is_dir() else src.read_text() if src.is_file() else config.model
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.txt").write_text(f"{text}+{config.size}")
+    (out_dir / "config.json").write_text("{}")  # looks like a model to the pre-flight checks of later stages
     (out_dir / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage="toy", source=config.model, config=config)))
     RUNS.append(ctx.stage_name)
 
@@ -66,7 +68,8 @@ stages:
   - name: first
     stage: toy
     out: {base}/first
-    model: {data}
+    model: toy-model
+    data: {data}
     size: 1
   - name: second
     stage: toy
