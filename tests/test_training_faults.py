@@ -369,3 +369,53 @@ def test_no_pickle_loading_in_the_package() -> None:
         if "torch.load(" in text and "weights_only=True" not in text:
             offenders.append(f"{path.relative_to(root)}: torch.load without weights_only=True")
     assert offenders == []
+
+
+def test_heal_checkpoints_on_sigterm_resumes_and_restarts_on_changed_settings(
+    bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.compress.pruning import heal, prune_layers
+
+    texts = sample_texts()
+    teacher = np.random.default_rng(0).standard_normal((len(texts), 32)).astype(np.float32)
+
+    def pruned() -> Any:
+        model = SentenceTransformer(str(bert_dir), device="cpu")
+        prune_layers(model, [0])
+        return model
+
+    settings = {"heal_lr": 1e-3}
+    common = dict(steps=8, lr=1e-3, batch_size=4, show_progress=False, checkpoint_every=100)
+    straight = pruned()
+    torch.manual_seed(0)  # BERT's dropout draws from the global generator; a checkpoint carries its state
+    heal(straight, texts, teacher, **common)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_then_signal(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_signal)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted, match=r"^compress \(heal\): .* at step 5; .*Rerun") as err:
+        heal(pruned(), texts, teacher, checkpoint_dir=tmp_path / "ck", signature=settings, **common)
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    with safe_open(str(tmp_path / "ck" / "heal.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["embedforge"])["step"] == 5
+    resumed = pruned()
+    heal(resumed, texts, teacher, checkpoint_dir=tmp_path / "ck", signature=settings, **common)
+    np.testing.assert_allclose(resumed.encode(texts), straight.encode(texts), atol=1e-5)
+    # Changed settings: the checkpoint is not used, and the log names the change.
+    with caplog.at_level(logging.WARNING, logger="embedforge.compress.pruning"):
+        heal(pruned(), texts, teacher, checkpoint_dir=tmp_path / "ck", signature={"heal_lr": 1e-4},
+             **{**common, "lr": 1e-4})
+    assert any("(heal_lr: 0.001 -> 0.0001); starting over" in r.getMessage() for r in caplog.records)

@@ -203,7 +203,8 @@ def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, ste
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from embedforge.convert.train_guard import check_loss, check_weights, describe_change
+    from embedforge.convert.train_guard import (SignalCheckpoint, TrainingInterrupted, check_loss, check_weights,
+                                                describe_change)
 
     if len(texts) != len(teacher_vectors):
         raise ValueError(f"{len(texts)} texts but {len(teacher_vectors)} teacher vectors")
@@ -231,24 +232,34 @@ def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, ste
         logger.info("healing resumes at step %d from %s", start, ckpt)
     losses: list[float] = []
     device = next(student.parameters()).device
-    for step in tqdm(range(start, steps), desc="heal", disable=not show_progress, initial=start, total=steps):
-        idx = torch.randperm(len(texts), generator=gen)[:batch_size]
-        batch_texts = [texts[i] for i in idx]
-        prep = getattr(student, "preprocess", None) or student.tokenize
-        features = prep(batch_texts)
-        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
-        out = student(features)["sentence_embedding"]
-        target = target_all[idx].to(device)
-        loss = (1 - F.cosine_similarity(out, target, dim=-1)).mean() + F.mse_loss(out, target)
-        value = float(loss.detach())
-        check_loss(value, step + 1, where, ckpt if ckpt is not None and ckpt.is_file() else None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(value)
-        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_heal_state(ckpt, student, opt, step + 1, gen, signature)
+    guard = SignalCheckpoint()
+    if ckpt is not None:
+        guard.install()  # SIGTERM / Ctrl-C: checkpoint after this step, then stop
+    try:
+        for step in tqdm(range(start, steps), desc="heal", disable=not show_progress, initial=start, total=steps):
+            idx = torch.randperm(len(texts), generator=gen)[:batch_size]
+            batch_texts = [texts[i] for i in idx]
+            prep = getattr(student, "preprocess", None) or student.tokenize
+            features = prep(batch_texts)
+            features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+            out = student(features)["sentence_embedding"]
+            target = target_all[idx].to(device)
+            loss = (1 - F.cosine_similarity(out, target, dim=-1)).mean() + F.mse_loss(out, target)
+            value = float(loss.detach())
+            check_loss(value, step + 1, where, ckpt if ckpt is not None and ckpt.is_file() else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(value)
+            stop = ckpt is not None and guard.received is not None and step + 1 < steps
+            if ckpt is not None and step + 1 < steps and ((step + 1) % checkpoint_every == 0 or stop):
+                _save_heal_state(ckpt, student, opt, step + 1, gen, signature)
+            if stop:
+                raise TrainingInterrupted(f"{where}: training stopped on signal {guard.received} at step {step + 1}; "
+                                          f"checkpoint in {ckpt}. Rerun the same command to resume.")
+    finally:
+        guard.restore()
     check_weights(student, where, ckpt if ckpt is not None and ckpt.is_file() else None)
     student.eval()
     student.max_seq_length = old_len
