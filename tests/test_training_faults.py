@@ -419,3 +419,31 @@ def test_heal_checkpoints_on_sigterm_resumes_and_restarts_on_changed_settings(
         heal(pruned(), texts, teacher, checkpoint_dir=tmp_path / "ck", signature={"heal_lr": 1e-4},
              **{**common, "lr": 1e-4})
     assert any("(heal_lr: 0.001 -> 0.0001); starting over" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_point_restarts_when_the_input_model_was_remade(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Same config, but the model directory it names was written again (an earlier stage rerun with --force)."""
+    from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.train_guard import resume_point, training_settings, write_record
+
+    model = tmp_path / "embedder"
+    model.mkdir()
+    (model / "embedforge.json").write_text(json.dumps({"stage": "convert", "created": "2026-01-01T00:00:00+00:00"}))
+    cfg = ContrastiveConfig(model=str(model), data=["pairs.jsonl"])
+    ckpt = tmp_path / "out.ckpt" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    write_record(ckpt, training_settings(cfg))
+    assert resume_point(ckpt.parent, training_settings(cfg)) == str(ckpt)
+    # Only keys that do not change the computation differ: still resumes.
+    assert resume_point(ckpt.parent, training_settings(ContrastiveConfig(**{**cfg.__dict__, "save_steps": 7,
+                                                                             "logging_steps": 3}))) == str(ckpt)
+    (model / "embedforge.json").write_text(json.dumps({"stage": "convert", "created": "2026-02-02T00:00:00+00:00"}))
+    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+        assert resume_point(ckpt.parent, training_settings(cfg)) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"training config changed since the checkpoint in {ckpt} (model_created: \"2026-01-01T00:00:00+00:00\" -> "
+        "\"2026-02-02T00:00:00+00:00\"); starting over"
+    ]
+    assert not ckpt.exists() and ckpt.parent.is_dir()  # the stale checkpoint is gone, the folder is kept

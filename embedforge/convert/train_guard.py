@@ -61,10 +61,18 @@ class TrainingInterrupted(RunError):
 
 def training_settings(config: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings a checkpoint depends on: the config's fields as plain JSON values, minus
-    :data:`RESUME_SAFE_KEYS`, plus ``extra``."""
+    :data:`RESUME_SAFE_KEYS`, plus when the input model was made (for an embedforge model directory) and
+    ``extra``."""
     raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     plain = json.loads(json.dumps(raw, sort_keys=True, default=str))
     settings = {k: v for k, v in plain.items() if k not in RESUME_SAFE_KEYS}
+    model = settings.get("model")
+    if isinstance(model, str) and (Path(model) / "embedforge.json").is_file():
+        # the same path remade by an earlier stage (--force) is another starting point
+        try:
+            settings["model_created"] = json.loads((Path(model) / "embedforge.json").read_text()).get("created")
+        except (OSError, ValueError):
+            settings["model_created"] = None
     settings.update(json.loads(json.dumps(extra or {}, sort_keys=True, default=str)))
     return settings
 
