@@ -348,6 +348,8 @@ def enable_dropout(backbone: Any, p: float) -> Any:
     """
     import torch
 
+    from embedforge.errors import UsageError
+
     saved: list[tuple[Any, str, float]] = []
     for name, module in backbone.named_modules():
         if "lora_" in name:
@@ -359,7 +361,7 @@ def enable_dropout(backbone: Any, p: float) -> Any:
             saved.append((module, "attention_dropout", module.attention_dropout))
             module.attention_dropout = p
     if not saved:
-        raise ValueError(f"simcse: {type(backbone).__name__} has no dropout layer or attention dropout to set, so "
+        raise UsageError(f"simcse: {type(backbone).__name__} has no dropout layer or attention dropout to set, so "
                          "the two views of a text would be identical; use the contrastive stage instead")
     logger.info("simcse: dropout %.2f on %d places of the backbone", p, len(saved))
 
@@ -374,8 +376,7 @@ def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``simcse``: unsupervised SimCSE (two dropout views of each text, in-batch negatives)."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from embedforge.convert.train_model import (backbone_of, load_start_model, prepare_for_training,
-                                                preflight)
+    from embedforge.convert.train_model import backbone_of, load_start_model, preflight, prepare_for_training
 
     preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
