@@ -72,14 +72,18 @@ def binarizer_loss(binarizer: Any, x: Any, hp: BinarizerTraining) -> tuple[Any, 
 
 
 def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *, show_progress: bool = True,
-                    init: Any = None) -> tuple[Any, dict[str, Any]]:
+                    init: Any = None, where: str = "binarizer") -> tuple[Any, dict[str, Any]]:
     """Train a :class:`LearnedBinarizer` on teacher vectors (rows are L2-normalized first).
 
     Returns the binarizer (eval mode, ``output="float"``) and a history dict with the first/last losses.
-    ``init`` continues from an existing binarizer (resume).
+    ``init`` continues from an existing binarizer (resume). A NaN or infinite loss stops training before the
+    optimizer applies it, and non-finite weights are refused at the end
+    (:class:`~embedforge.convert.train_guard.NanLossError`).
     """
     import torch
     from tqdm.auto import tqdm
+
+    from embedforge.convert.train_guard import check_loss, check_weights
 
     from embedforge.modules.binarizer import LearnedBinarizer
 
@@ -104,6 +108,7 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch]
         loss, parts = binarizer_loss(model, data[idx], hp)
+        check_loss(float(loss.detach()), step + 1, where)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,6 +118,7 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     history["last"] = {"loss": float(loss.detach()), **parts}
+    check_weights(model, where)
     model.eval()
     model.output = "float"
     logger.info("binarizer trained: loss %.4f -> %.4f", history["first"]["loss"], history["last"]["loss"])

@@ -78,11 +78,11 @@ def _vectors(model: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
 
 
 def _save(model: Any, out_dir: Path, *, source: str, config: Any, ctx: StageContext, metrics: dict[str, Any],
-          extra: dict[str, Any], files: dict[str, str]) -> None:
+          extra: dict[str, Any], files: dict[str, str], stage: str = "compress") -> None:
     """Model dir + lineage + side files, all in one atomic rename."""
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
 
-    lineage = make_lineage(stage="compress", source=source, config=config, metrics=metrics, parent=source
+    lineage = make_lineage(stage=stage, source=source, config=config, metrics=metrics, parent=source
                            if Path(source).is_dir() else None, recipe_hash=ctx.recipe_hash, extra=extra)
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp), safe_serialization=True)
@@ -107,7 +107,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
-    from embedforge.model import config_hash
+    from embedforge.convert.train_guard import training_settings
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -135,7 +135,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
             metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
                                 batch_size=config.heal_batch_size, max_seq_length=config.max_seq_length,
                                 seed=config.seed, checkpoint_dir=Path(f"{out_dir}.ckpt"),
-                                signature=config_hash(config)))
+                                signature=training_settings(config)))
     # 3. vocabulary pruning
     if corpus is not None:
         extra["vocab_pruning"] = prune_vocabulary(model, corpus)
@@ -238,7 +238,8 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     model.append(binarizer.to(model.device))
     extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
                            "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()}}
-    _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={})
+    _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={},
+          stage="binarizer")
     shutil.rmtree(cache, ignore_errors=True)  # finished: the cached vectors are not needed any more
 
 

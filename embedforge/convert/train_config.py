@@ -68,7 +68,10 @@ class TrainOptions:
     batch_size: int = opt(32, help="examples per device per step")
     max_steps: int = opt(100, help="optimizer steps (the run ends at whichever of max_steps / epochs comes first)")
     epochs: float = opt(1.0, help="passes over the data (upper bound next to max_steps)")
-    save_steps: int = opt(50, help="write a resumable checkpoint every N steps (and on SIGTERM / Ctrl-C)")
+    save_steps: int = opt(
+        50, help="write a resumable checkpoint every N steps (and on SIGTERM / Ctrl-C); a rerun resumes from it only "
+                 "with the same training settings, otherwise it starts over"
+    )
     save_total_limit: int = opt(2, help="checkpoints kept on disk")
     logging_steps: int = opt(10, help="log the loss every N steps")
     seed: int = opt(0, help="random seed")
@@ -135,7 +138,10 @@ class SimcseConfig(TrainOptions):
 
     data: list[str | dict[str, Any]] = opt(factory=lambda: ["texts"], help=_data_help("raw text (column text)"))
     temperature: float = opt(0.05, help="InfoNCE temperature (logits = cosine / temperature)")
-    dropout: float = opt(0.1, help="attention dropout set on the backbone while training (the two views differ)")
+    dropout: float = opt(
+        0.1, help="dropout set on the backbone's dropout layers and attention while training, so the two views of a "
+                  "text differ (the saved model keeps its own rates)"
+    )
     max_seq_length: int | None = opt(64, help="truncate texts to this many tokens")
     learning_rate: float = opt(3e-5, help="peak learning rate")
     gather_across_devices: bool = opt(True, help="multi-process runs: use every process's batch as negatives")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-GPU_EXTRA = "pip install embedforge[gpu]"
+GPU_EXTRA = "pip install 'embedforge[gpu]'"
 
 
 def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | None]:
@@ -112,16 +112,24 @@ def use_bf16(precision: Precision) -> bool:
 
 
 def require_qlora() -> None:
-    """Fail clearly when 4-bit QLoRA cannot run here."""
+    """Refuse 4-bit QLoRA, in one line, where it cannot run: no CUDA device, or no bitsandbytes."""
     import importlib.util
 
     import torch
 
+    from embedforge.errors import UsageError
+
     if not torch.cuda.is_available():
-        raise RuntimeError(f"quantization: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes: {GPU_EXTRA}, on a GPU "
-                           "machine; use quantization: none on CPU")
+        raise UsageError("quantization: 4bit (QLoRA) needs a CUDA GPU and this machine has none; set quantization: "
+                         f"none here, or run on a GPU machine with bitsandbytes ({GPU_EXTRA})")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"quantization: 4bit (QLoRA) needs bitsandbytes: {GPU_EXTRA}")
+        raise UsageError(f"quantization: 4bit (QLoRA) needs bitsandbytes, which is not installed: {GPU_EXTRA}")
+
+
+def preflight(config: TrainOptions) -> None:
+    """Checks that need this machine, run before anything is loaded (the config itself is checked at parse time)."""
+    if config.quantization == Quantization.NF4:
+        require_qlora()
 
 
 def quantize_backbone(model: Any, config: TrainOptions) -> None:

@@ -130,30 +130,16 @@ def _common_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate
     )
 
 
-def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any]) -> dict[str, Any]:
-    """Train (resuming from the newest checkpoint), honouring signals; returns wall time and final loss."""
-    from embedforge.convert.train_guard import SignalCheckpoint, TrainingInterrupted, last_checkpoint
+def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], config: TrainOptions, where: str,
+                 **phase: Any) -> dict[str, Any]:
+    """Train under the shared guards (:func:`~embedforge.convert.train_guard.guarded_train`): resume only from a
+    checkpoint made with the same settings, stop on NaN or a signal; returns wall time and final loss."""
+    from embedforge.convert.train_guard import guarded_train, training_settings
     from embedforge.convert.train_model import peak_gpu_mb, reset_peak_gpu
 
-    guard = SignalCheckpoint()
-    for cb in extra_callbacks:
-        trainer.add_callback(cb)
-    trainer.add_callback(guard)
-    resume = last_checkpoint(ckpt_dir)
-    if resume:
-        logger.info("resuming from %s", resume)
-    guard.install()
     reset_peak_gpu()
     start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        guard.restore()
-    if guard.received is not None:
-        raise TrainingInterrupted(
-            f"training stopped on signal {guard.received} at step {trainer.state.global_step}; checkpoint in "
-            f"{last_checkpoint(ckpt_dir)}. Rerun the same command to resume."
-        )
+    result, resume = guarded_train(trainer, ckpt_dir, training_settings(config, phase), extra_callbacks, where)
     stats = {
         "steps": trainer.state.global_step,
         "wall_s": round(time.perf_counter() - start, 1),
@@ -199,8 +185,10 @@ def _ckpt_dir(out_dir: Path) -> Path:
 
 def _finish(model: Any, out_dir: Path, config: TrainOptions, parent: str | None, ctx: StageContext, stage: str,
             stats: dict[str, Any]) -> None:
+    from embedforge.convert.train_guard import check_weights, last_checkpoint
     from embedforge.convert.train_model import finish_adapter, peak_rss_mb, save_trained
 
+    check_weights(model, stage, last_checkpoint(_ckpt_dir(out_dir)))  # never publish NaN weights
     backbone_dir = parent
     if backbone_dir is None:
         from embedforge.sources import resolve_source
@@ -334,7 +322,7 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
             return (loss, None) if return_outputs else loss
 
     trainer = MntpTrainer(model=peft_lm, args=args, train_dataset=tokenized, data_collator=collator)
-    stats = _run_trainer(trainer, ckpt, _callbacks(ctx))                                  # 5. train
+    stats = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "mntp")  # 5. train
     if config.lora_r > 0:
         peft_lm.merge_and_unload()                                                        # 6. merge (in place)
     _finish(model, out_dir, config, parent, ctx, ctx.stage_name or "mntp", stats)         # 7. save
@@ -350,29 +338,63 @@ def _copy_tokenizer(model: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- SimCSE
 
 
+def enable_dropout(backbone: Any, p: float) -> Any:
+    """Set every dropout of ``backbone`` to ``p``: its ``nn.Dropout`` modules and the ``attention_dropout`` rate
+    attention modules read in train mode (LoRA's own ``lora_dropout`` is left alone). Returns a function that puts
+    the previous values back.
+
+    Setting ``config.attention_dropout`` after the model is built changes nothing: the modules copied the rate
+    when they were constructed.
+    """
+    import torch
+
+    from embedforge.errors import UsageError
+
+    saved: list[tuple[Any, str, float]] = []
+    for name, module in backbone.named_modules():
+        if "lora_" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            saved.append((module, "p", module.p))
+            module.p = p
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            saved.append((module, "attention_dropout", module.attention_dropout))
+            module.attention_dropout = p
+    if not saved:
+        raise UsageError(f"simcse: {type(backbone).__name__} has no dropout layer or attention dropout to set, so "
+                         "the two views of a text would be identical; use the contrastive stage instead")
+    logger.info("simcse: dropout %.2f on %d places of the backbone", p, len(saved))
+
+    def restore() -> None:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+    return restore
+
+
 def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``simcse``: unsupervised SimCSE (two dropout views of each text, in-batch negatives)."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from embedforge.convert.train_model import backbone_of, load_start_model, prepare_for_training
+    from embedforge.convert.train_model import backbone_of, load_start_model, preflight, prepare_for_training
 
+    preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
     texts = load_texts(config.data, config.data_limit)                                    # 2. (text, text) pairs
     pairs = texts.map(lambda b: {"anchor": b["text"], "positive": b["text"]}, batched=True,
                       remove_columns=["text"])
-    backbone = backbone_of(model)
-    if hasattr(backbone.config, "attention_dropout"):
-        backbone.config.attention_dropout = config.dropout                                # 3. dropout views
-    prepare_for_training(model, config)                                                   # 4. LoRA
+    prepare_for_training(model, config)                                                   # 3. LoRA
+    restore_dropout = enable_dropout(backbone_of(model), config.dropout)                  # 4. dropout views
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / config.temperature,
                                         gather_across_devices=config.gather_across_devices)
     steps = steps_for(len(pairs), config)
     ckpt = _ckpt_dir(out_dir)
     trainer = _st_trainer(model, _st_args(config, ckpt, steps, config.learning_rate), pairs, loss)
-    stats = _run_trainer(trainer, ckpt, _callbacks(ctx))                                  # 5. train
-    if hasattr(backbone.config, "attention_dropout"):
-        backbone.config.attention_dropout = 0.0
+    try:
+        stats = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "simcse")  # 5. train
+    finally:
+        restore_dropout()
     _finish(model, out_dir, config, parent, ctx, ctx.stage_name or "simcse", stats)       # 6. save
 
 
@@ -425,8 +447,9 @@ def _contrastive_sets(specs: list[Any], config: ContrastiveConfig) -> Any:
 
 def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``contrastive``: supervised InfoNCE with LoRA; optional second stage on other data (NV-Embed)."""
-    from embedforge.convert.train_model import load_start_model, prepare_for_training
+    from embedforge.convert.train_model import load_start_model, preflight, prepare_for_training
 
+    preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
     schedule = [("stage1", config.data, config.max_steps, config.learning_rate)]          # 2. schedule
@@ -448,7 +471,8 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
         steps = steps_for(sum(len(d) for d in data.values()), config, max_steps)
         ckpt = _ckpt_dir(out_dir) / name if len(sets) > 1 else _ckpt_dir(out_dir)
         trainer = _st_trainer(model, _st_args(config, ckpt, steps, lr, prompts), train, loss)
-        all_stats[name] = _run_trainer(trainer, ckpt, _callbacks(ctx))
+        all_stats[name] = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "contrastive",
+                                       phase=name)
         logger.info("%s done: %s", name, all_stats[name])
     stats = {"stages": all_stats, "steps": sum(s["steps"] for s in all_stats.values()),
              "wall_s": round(sum(s["wall_s"] for s in all_stats.values()), 1)}

@@ -139,12 +139,15 @@ def _limit_length(model: Any, length: Any) -> Any:
 
 
 def train_student(student: Any, config: DistillConfig, texts: list[str], targets: np.ndarray,
-                  checkpoint_dir: Path) -> dict[str, Any]:
-    """Train ``student`` on the teacher targets with SentenceTransformerTrainer; resumes from checkpoints."""
+                  checkpoint_dir: Path, callbacks: Sequence[Any] = (), where: str = "distill") -> dict[str, Any]:
+    """Train ``student`` on the teacher targets with SentenceTransformerTrainer under the shared training guards
+    (:mod:`embedforge.convert.train_guard`): it stops on a NaN loss before applying it, checkpoints on SIGTERM /
+    Ctrl-C, and resumes only from a complete checkpoint made with the same training settings."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
+    from embedforge.convert.train_guard import NanGuardMixin, guarded_train, training_settings
     from embedforge.convert.train_model import use_bf16
     from embedforge.distill.losses import JasperStellaLoss, LossWeights
     from embedforge.distill.matryoshka import DistillObjective
@@ -186,23 +189,22 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
 
         args.batch_sampler = partial(LengthGroupedBatchSampler, lengths=[len(t) for t in texts])
     dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
-    trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
+
+    class DistillTrainer(NanGuardMixin, SentenceTransformerTrainer):
+        pass
+
+    trainer = DistillTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
     # Train on inputs cut to max_seq_length; the saved student keeps the length it had (the teacher's).
     saved_length = _limit_length(student, config.max_seq_length)
-    done_steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("checkpoint-*")
-                  if p.name.split("-")[1].isdigit()] if checkpoint_dir.is_dir() else []
-    resume = bool(done_steps)
-    if resume:
-        logger.info("distill: resuming from %s at step %d", checkpoint_dir, max(done_steps))
     start = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result, resume = guarded_train(trainer, checkpoint_dir, training_settings(config), callbacks, where)
     finally:
         _limit_length(student, saved_length)
     return {
         "train_seconds": round(time.perf_counter() - start, 2),
         "steps": int(result.global_step),
-        "resumed_from_step": max(done_steps) if resume else 0,
+        "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,
         "train_loss": float(result.training_loss),
         "last_views": objective.last_views,
         "last_terms": loss.last_terms,
@@ -215,6 +217,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
 
 def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
+    from embedforge.convert.train_guard import check_weights, last_checkpoint
     from embedforge.model import is_complete, save_model
 
     out_dir = Path(out_dir)
@@ -236,7 +239,10 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
 
     # 4. training
     checkpoint_dir = out_dir.parent / f"{out_dir.name}.ckpt"
-    stats = train_student(student, config, texts, targets, checkpoint_dir)
+    where = ctx.stage_name or "distill"
+    stats = train_student(student, config, texts, targets, checkpoint_dir,
+                          callbacks=ctx.extra.get("train_callbacks", ()), where=where)
+    check_weights(student, where, last_checkpoint(checkpoint_dir))  # never publish NaN weights
 
     # 5. save
     extra = {

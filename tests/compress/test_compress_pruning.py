@@ -165,7 +165,7 @@ def test_heal_resumes_from_checkpoint(tmp_path, monkeypatch):
         heal(crashing, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
              checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    assert (tmp_path / "ck" / "heal.pt").is_file()
+    assert (tmp_path / "ck" / "heal.safetensors").is_file()
     resumed = pruned("c")
     heal(resumed, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
          checkpoint_dir=tmp_path / "ck", checkpoint_every=10)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -201,14 +202,47 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert not (tmp_path / "out").exists()
 
 
-def test_qlora_without_cuda_names_the_extra(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the GPU test covers QLoRA")
+def test_qlora_without_cuda_is_refused_before_loading(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedforge.convert import train_model
     from embedforge.convert.training import run_contrastive
+    from embedforge.errors import UsageError
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_model, "load_start_model", lambda *a: pytest.fail("the model was loaded"))
     cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit", **FAST)
-    with pytest.raises(RuntimeError, match=r"pip install embedforge\[gpu\]"):
+    with pytest.raises(UsageError, match=r"needs a CUDA GPU.*quantization: none") as err:
         run_contrastive(cfg, tmp_path / "out", StageContext())
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.parametrize("stage", ["simcse", "contrastive"])
+def test_qlora_without_bitsandbytes_names_the_pip_line(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    import importlib.util
+
+    from embedforge.convert import train_model, training
+    from embedforge.errors import UsageError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(train_model, "load_start_model", lambda *a: pytest.fail("the model was loaded"))
+    if stage == "simcse":
+        cfg: Any = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], quantization="4bit", **FAST)
+        runner = training.run_simcse
+    else:
+        cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit", **FAST)
+        runner = training.run_contrastive
+    with pytest.raises(UsageError) as err:
+        runner(cfg, tmp_path / "out", StageContext())
+    assert str(err.value) == ("quantization: 4bit (QLoRA) needs bitsandbytes, which is not installed: "
+                              "pip install 'embedforge[gpu]'")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.gpu
@@ -221,3 +255,42 @@ def test_qlora_trains_and_merges_on_gpu(embedder_dir: Path, data_files: dict[str
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
     stats = json.loads((tmp_path / "out" / "embedforge.json").read_text())["extra"]["train"]
     assert stats["peak_gpu_mb"] > 0
+
+
+class _DropoutProbe(__import__("transformers").TrainerCallback):
+    """At the start of training: two forward passes of the same batch in train mode, then two in eval mode."""
+
+    def __init__(self) -> None:
+        self.train_equal: bool | None = None
+        self.eval_equal: bool | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        features = model.tokenize(sample_texts()[:4])
+        was_training = model.training
+        with torch.no_grad():
+            model.train()
+            a, b = (model(dict(features))["sentence_embedding"] for _ in range(2))
+            self.train_equal = torch.equal(a, b)
+            model.eval()
+            c, d = (model(dict(features))["sentence_embedding"] for _ in range(2))
+            self.eval_equal = torch.equal(c, d)
+        model.train(was_training)
+        return control
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_simcse_views_differ_by_dropout_in_training_only(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, lora_r: int
+) -> None:
+    from transformers import AutoConfig
+
+    from embedforge.convert.training import run_simcse
+
+    probe = _DropoutProbe()
+    cfg = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])],
+                       **{**FAST, "lora_r": lora_r, "max_steps": 1, "lora_dropout": 0.0})
+    run_simcse(cfg, tmp_path / "out", StageContext(extra={"train_callbacks": [probe]}))
+    assert probe.train_equal is False, "the two SimCSE views are identical: dropout is not active in training"
+    assert probe.eval_equal is True
+    # The saved model carries no training dropout.
+    assert AutoConfig.from_pretrained(tmp_path / "out").attention_dropout == 0.0

@@ -92,19 +92,29 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
 
 
 def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from embedforge.convert.train_guard import TrainingInterrupted
     from embedforge.distill import pipeline
 
+    class SigtermAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return control
+
     cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], first_layers=1, batch_size=16,
-                        max_steps=4, save_steps=2, shard_size=64)
+                        max_steps=4, save_steps=100, shard_size=64)
     out = tmp_path / "student"
     cache = tmp_path / "cache"
-    # A first run that stopped after 2 steps left its checkpoint behind.
-    texts = pipeline.gather_texts(cfg.texts)
-    targets, _ = pipeline.teacher_vectors(cfg, texts, cache)
-    partial = DistillConfig(**{**cfg.__dict__, "max_steps": 2})
-    student = pipeline.build_student(partial, 32, texts, targets)
-    pipeline.train_student(student, partial, texts, targets, tmp_path / "student.ckpt")
-    assert (tmp_path / "student.ckpt" / "checkpoint-2").is_dir()
+    # A first run is stopped by SIGTERM after step 2: it writes a checkpoint and publishes nothing.
+    with pytest.raises(TrainingInterrupted, match="Rerun"):
+        pipeline.run(cfg, out, StageContext(cache_dir=cache, extra={"train_callbacks": [SigtermAt()]}))
+    assert (tmp_path / "student.ckpt" / "checkpoint-2" / "embedforge-train.json").is_file()
+    assert not out.exists()
 
     pipeline.run(cfg, out, StageContext(cache_dir=cache))
     stats = json.loads((out / "embedforge.json").read_text())["metrics"]["distill"]
