@@ -245,3 +245,65 @@ def test_evaluate_sts_refuses_a_model_with_constant_similarities() -> None:
     with pytest.raises(RunError, match="identical cosine similarities for every pair"):
         evaluate_sts(Constant(), {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "score": [1.0, 2.0]},
                      show_progress=False)
+
+
+# --------------------------------------------------------------- every stage passes the model's bound
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stages_pass_the_text_bound_to_their_loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill, contrastive, simcse and mntp load their data with max_chars from the token limit."""
+    import embedforge.convert.train_model as TM
+    import embedforge.convert.training as T
+    import embedforge.distill.pipeline as DP
+    from embedforge.configs import StageContext
+    from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
+    from embedforge.distill.config import DistillConfig
+
+    seen: dict[str, int | None] = {}
+
+    def stop(name: str):  # type: ignore[no-untyped-def]
+        def record(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen[name] = kwargs.get("max_chars", args[-1])
+            raise _Stop
+        return record
+
+    class FakeModel:
+        max_seq_length = 40
+        tokenizer = None
+
+    monkeypatch.setattr(DP, "gather_texts", stop("distill"))
+    with pytest.raises(_Stop):
+        DP.run(DistillConfig(model="t", texts=["x.jsonl"], first_layers=1, max_seq_length=24), tmp_path / "d", StageContext())
+    monkeypatch.setattr(TM, "load_start_model", lambda config: (FakeModel(), None))
+    monkeypatch.setattr(T, "load_pairs", stop("contrastive"))
+    with pytest.raises(_Stop):
+        T.run_contrastive(ContrastiveConfig(model="m", data=["p.jsonl"], max_seq_length=None), tmp_path / "c",
+                          StageContext())
+    monkeypatch.setattr(T, "load_texts", stop("simcse"))
+    with pytest.raises(_Stop):
+        T.run_simcse(SimcseConfig(model="m", max_seq_length=8), tmp_path / "s", StageContext())
+    monkeypatch.setattr(T, "load_texts", stop("mntp"))
+    with pytest.raises(_Stop):
+        T.run_mntp(MntpConfig(model="m", max_seq_length=None), tmp_path / "n", StageContext())
+    assert seen == {"distill": 24 * 16, "contrastive": 40 * 16, "simcse": 8 * 16, "mntp": 40 * 16}
+
+
+def test_stage_loaders_cut_long_texts(tmp_path: Path) -> None:
+    from embedforge.compress.pipeline import load_texts as compress_texts
+    from embedforge.convert.training import load_pairs, load_texts
+    from embedforge.distill.pipeline import gather_texts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"anchor": "a" * 50, "positive": "b" * 50}) + "\n"
+                 + json.dumps({"anchor": "c" * 50, "positive": "d"}) + "\n")
+    assert gather_texts([str(f)], max_chars=5) == ["aaaaa", "ccccc", "bbbbb", "d"]
+    assert load_pairs(str(f), None, False, max_chars=5)["anchor"] == ["aaaaa", "ccccc"]
+    assert load_texts([{"path": str(f), "kind": "pairs"}], None, max_chars=5)["text"] == [
+        "aaaaa", "ccccc", "bbbbb", "d"]
+    t = tmp_path / "t.jsonl"
+    t.write_text(json.dumps({"text": "e" * 50}) + "\n")
+    assert compress_texts(str(t), max_chars=7) == ["eeeeeee"]

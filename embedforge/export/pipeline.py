@@ -85,12 +85,12 @@ def _size_mb(path: Path) -> float:
     return round(total / 2**20, 2)
 
 
-def _calibration_texts(config: ExportConfig, probes: list[str]) -> list[str]:
+def _calibration_texts(config: ExportConfig, probes: list[str], max_chars: int | None = None) -> list[str]:
     if config.calibration_data is None:
         return probes
     from embedforge.data import load_data
 
-    ds = load_data(config.calibration_data, "texts")
+    ds = load_data(config.calibration_data, "texts", max_chars=max_chars)
     texts = list(ds["text"])
     return texts[: config.calibration_size]
 
@@ -234,7 +234,9 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         if config.static_int8:
             from embedforge.export.encoder import Tokenize
 
-            texts = _calibration_texts(config, probes)
+            from embedforge.data import max_chars_for
+
+            texts = _calibration_texts(config, probes, max_chars_for(max_len))
             reader = precision.TextCalibrationReader(Tokenize(spec, tmp), texts, input_names)
             precision.quantize_int8_static(base, onnx_dir / "model_qdq_int8.onnx", reader)
             check("int8_static", "model_qdq_int8.onnx", fp32, config.int8_min_cosine, None, min_bits=0.85)
