@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from embedforge.data import BeirData
+from embedforge.configs import ConfigError
 from embedforge.errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,6 +121,9 @@ def encode(
     emb = np.empty_like(sorted_emb)
     emb[order] = sorted_emb
     if truncate_dim is not None:
+        if truncate_dim > emb.shape[1]:
+            raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the model's {emb.shape[1]} dimensions; "
+                              f"use at most {emb.shape[1]}", key="truncate_dim")
         emb = emb[:, :truncate_dim]
     if normalize:
         emb = l2_normalize(emb)
@@ -358,6 +362,11 @@ def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate
     parsed = [parse_task(t) for t in tasks]
     loaded = [load_task_data(t) for t in parsed]
     encoder = as_encoder(model, truncate_dim=None)
+    dim_of = getattr(getattr(encoder, "model", None), "get_embedding_dimension", None)
+    dim = dim_of() if callable(dim_of) else None
+    if truncate_dim is not None and dim is not None and truncate_dim > dim:  # refuse before encoding anything
+        raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the model's {dim} dimensions; use at most "
+                          f"{dim}", key="truncate_dim")
     results: dict[str, dict[str, float]] = {}
     for task, data in zip(parsed, loaded):
         start = time.perf_counter()

@@ -307,3 +307,18 @@ def test_stage_loaders_cut_long_texts(tmp_path: Path) -> None:
     t = tmp_path / "t.jsonl"
     t.write_text(json.dumps({"text": "e" * 50}) + "\n")
     assert compress_texts(str(t), max_chars=7) == ["eeeeeee"]
+
+
+def test_evaluate_refuses_truncate_dim_beyond_the_model(tiny_st_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedforge.evaluation as E
+    from embedforge.configs import ConfigError
+
+    data = tmp_path / "sts.tsv"
+    data.write_text("sentence1\tsentence2\tscore\na\tb\t1\nc\td\t2\n")
+    monkeypatch.setattr(E, "run_task", lambda *a, **k: pytest.fail("encoded before checking truncate_dim"))
+    with pytest.raises(ConfigError, match=r"^truncate_dim: 4096 is larger than the model's 32 dimensions; use at "
+                                          r"most 32$"):
+        E.evaluate(str(tiny_st_dir), [f"sts:{data}"], truncate_dim=4096, show_progress=False)
+    with pytest.raises(ConfigError, match="truncate_dim: 64 is larger than the model's 32 dimensions"):
+        E.encode(str(tiny_st_dir), ["a", "b"], truncate_dim=64, show_progress=False)

@@ -188,6 +188,10 @@ def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None
     """
     from embedforge.compress.pruning import backbone, layer_list, resolve_keep
 
+    if config.heal_steps:
+        from embedforge.modules.loading import check_max_seq_length
+
+        check_max_seq_length(model, config.max_seq_length, config.model)
     dim = model.get_embedding_dimension()
     if config.truncate_dim is not None and dim is not None and config.truncate_dim > dim:
         raise ConfigError(f"truncate_dim: {config.truncate_dim} is larger than the model's {dim} dimensions "

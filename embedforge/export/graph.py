@@ -225,8 +225,15 @@ def attention_kernel(model: SentenceTransformer, implementation: str) -> Iterato
             module.set_attn_implementation(before)
 
 
-def check_exportable(model: SentenceTransformer) -> None:
-    """Warn about module chains whose behaviour a fixed graph cannot fully reproduce."""
+def check_exportable(model: SentenceTransformer, *, truncate_dim: int | None = None, source: str = "the model") -> None:
+    """Refuse a ``truncate_dim`` wider than the model's vectors (the manifest would record dimensions the graph
+    does not have); warn about module chains whose behaviour a fixed graph cannot fully reproduce."""
+    dim = model.get_embedding_dimension()
+    if truncate_dim is not None and dim is not None and truncate_dim > dim:
+        from embedforge.configs import ConfigError
+
+        raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the {dim} dimensions of {source}; use at "
+                          f"most {dim} or leave it unset", key="truncate_dim")
     prompts = {k: v for k, v in (getattr(model, "prompts", None) or {}).items() if v}
     for module in model:
         if prompts and getattr(module, "include_prompt", True) is False:

@@ -126,7 +126,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     start = time.perf_counter()
     # 1. load and describe the model
     model, model_dir = _load(config)
-    G.check_exportable(model)
+    G.check_exportable(model, truncate_dim=config.truncate_dim, source=config.model)
     max_len = G.token_limit(model, config.max_seq_length, config.model)
     pooling = layouts.describe_pooling(model)
     extra_probes = _read_probe_file(config.probe_texts)

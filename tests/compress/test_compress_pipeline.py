@@ -134,6 +134,8 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
      "truncate_dim: 4096 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
     ({"embedding_precision": "int8", "truncate_dim": 33, "calibration_data": "unused.jsonl"},
      "truncate_dim: 33 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
+    ({"num_layers": 1, "heal_steps": 2, "heal_data": "unused.jsonl", "max_seq_length": 1024},
+     "max_seq_length: 1024 is more than {src} can read (its position embeddings cover 128 tokens); use at most 128"),
 ])
 def test_compress_refuses_what_the_model_does_not_have(tmp_path, texts_file, monkeypatch, settings, message):
     import embedforge.compress.pipeline as P

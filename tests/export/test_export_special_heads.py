@@ -134,3 +134,14 @@ def test_export_refuses_max_seq_length_beyond_position_embeddings(tiny_st_dir: P
     assert str(info.value) == (f"max_seq_length: {max_seq_length} is more than {tiny_st_dir} can read (its position "
                                "embeddings cover 128 tokens); use at most 128")
     assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_truncate_dim_beyond_the_model(tiny_st_dir: Path, tmp_path: Path) -> None:
+    from embedforge.configs import ConfigError
+    from embedforge.export.pipeline import export_model
+
+    with pytest.raises(ConfigError) as info:
+        export_model(ExportConfig(model=str(tiny_st_dir), truncate_dim=4096, binary=True), tmp_path / "export")
+    assert str(info.value) == (f"truncate_dim: 4096 is larger than the 32 dimensions of {tiny_st_dir}; use at most "
+                               "32 or leave it unset")
+    assert not (tmp_path / "export").exists()
