@@ -177,7 +177,11 @@ def _read_rows(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
     elif fmt == "hf-disk":
         from datasets import DatasetDict, load_from_disk
 
-        ds = load_from_disk(str(path))
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+            reason = " ".join(str(exc).split())[:200]
+            raise DataError(f"{path}: not a readable saved dataset ({type(exc).__name__}: {reason})") from None
         if isinstance(ds, DatasetDict):
             if spec.split not in ds:
                 raise DataError(f"{path}: no split {spec.split!r} (has {', '.join(ds)})")

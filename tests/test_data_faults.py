@@ -322,3 +322,12 @@ def test_evaluate_refuses_truncate_dim_beyond_the_model(tiny_st_dir: Path, tmp_p
         E.evaluate(str(tiny_st_dir), [f"sts:{data}"], truncate_dim=4096, show_progress=False)
     with pytest.raises(ConfigError, match="truncate_dim: 64 is larger than the model's 32 dimensions"):
         E.encode(str(tiny_st_dir), ["a", "b"], truncate_dim=64, show_progress=False)
+
+
+def test_damaged_saved_dataset_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{not json")
+    with pytest.raises(DataError) as info:
+        load_data(str(folder), "texts")
+    assert _one_line(info.value).startswith(f"{folder}: not a readable saved dataset (")
