@@ -262,8 +262,11 @@ CHARS_PER_TOKEN = 16  # no tokenizer turns more than this many characters into o
 
 
 def max_chars_for(max_seq_length: int | None) -> int | None:
-    """The longest text worth keeping for a model that reads ``max_seq_length`` tokens (None: no bound)."""
-    if max_seq_length is None or max_seq_length <= 0:
+    """The longest text worth keeping for a model that reads ``max_seq_length`` tokens.
+
+    None (no bound) when the length is unknown or unbounded: a static token table reports ``math.inf``.
+    """
+    if not isinstance(max_seq_length, (int, float)) or not math.isfinite(max_seq_length) or max_seq_length <= 0:
         return None
     return int(max_seq_length) * CHARS_PER_TOKEN
 

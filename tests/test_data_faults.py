@@ -162,6 +162,7 @@ def test_long_texts_are_cut_while_loading_with_one_warning(tmp_path: Path, caplo
                  + json.dumps({"anchor": "fine", "positive": huge}) + "\n")
     limit = max_chars_for(32)
     assert limit == 32 * 16
+    assert max_chars_for(float("inf")) is None and max_chars_for(None) is None  # static tables read any length
     with caplog.at_level(logging.WARNING, logger="embedforge.data"):
         ds = load_data(str(f), "pairs", max_chars=limit)
     assert ds["anchor"] == [huge[:limit], "fine"] and ds["positive"] == ["short", huge[:limit]]

@@ -145,3 +145,12 @@ def test_export_refuses_truncate_dim_beyond_the_model(tiny_st_dir: Path, tmp_pat
     assert str(info.value) == (f"truncate_dim: 4096 is larger than the 32 dimensions of {tiny_st_dir}; use at most "
                                "32 or leave it unset")
     assert not (tmp_path / "export").exists()
+
+
+def test_static_student_evaluates(tiny_st_dir: Path, tmp_path: Path) -> None:
+    """Evaluation cuts texts to the model's limit; a static table has none (max_seq_length is infinite)."""
+    from embedforge.evaluation import encode
+    from embedforge.model import load_model
+
+    model = load_model(_static_model(tiny_st_dir, tmp_path / "static"))
+    assert encode(model, TEXTS, show_progress=False).shape == (len(TEXTS), 16)
