@@ -114,7 +114,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                hint = "; the file looks like one JSON array: write one object per line (JSONL)" if (
+                    lineno == 1 and line.lstrip().startswith("[")) else ""
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}){hint}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row

@@ -47,6 +47,8 @@ GOOD_QRELS = "query-id\tcorpus-id\tscore\nq1\td1\t1\n"
 FAULTS = [
     ("jsonl-bad-line", _write("p.jsonl", '{"anchor": "a", "positive": "b"}\n{"anchor": \n'), "pairs",
      r"p\.jsonl:2: invalid JSON"),
+    ("json-array-file", _write("p.json", '[\n  {"anchor": "a", "positive": "b"}\n]\n'), "pairs",
+     r"p\.json:1: invalid JSON \(.*\); the file looks like one JSON array: write one object per line \(JSONL\)$"),
     ("jsonl-not-object", _write("p.jsonl", '["a", "b"]\n'), "pairs", r"p\.jsonl:1: expected a JSON object, got list"),
     ("jsonl-undecodable", _write("t.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n'), "texts",
      r"t\.jsonl:2: not valid UTF-8"),
