@@ -25,8 +25,10 @@ knows them by short names such as ``stsb-dev`` or ``snli-triplets``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -114,7 +116,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                hint = "; the file looks like one JSON array: write one object per line (JSONL)" if (
+                    lineno == 1 and line.lstrip().startswith("[")) else ""
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}){hint}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
@@ -127,15 +131,29 @@ def _read_delimited(path: Path, delimiter: str, header: bool) -> Iterator[tuple[
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    # Long texts are cut after reading (cut_texts); the csv module's 128 KiB field limit must not refuse them.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    # newline="" lets csv see the file's own line ends (str.splitlines would also split on U+2028 and friends).
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     names: list[str] | None = None
-    for lineno, fields in enumerate(reader, start=1):
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: unreadable {'TSV' if delimiter == chr(9) else 'CSV'} "
+                            f"row ({exc})") from None
+        lineno = reader.line_num
         if not fields:
             continue
         if header and names is None:
             names = [f.strip() for f in fields]
             continue
         if names is not None:
+            if len(fields) > len(names):
+                raise DataError(f"{path}:{lineno}: {len(fields)} fields but the header has {len(names)}; "
+                                f"quote values that contain the delimiter {delimiter!r}")
             yield lineno, {n: (fields[i] if i < len(fields) else None) for i, n in enumerate(names)}
         else:
             yield lineno, dict(enumerate(fields))
@@ -145,7 +163,7 @@ def _read_rows(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
     """Yield (line-or-row number, row) pairs from any supported source."""
     path = Path(spec.path).expanduser()
     if not path.exists():
-        if spec.format in ("auto", "hub") and "/" in spec.path and not spec.path.startswith((".", "/", "~")):
+        if spec.format == "hub" or (spec.format == "auto" and _may_be_hub_name(spec.path)):
             yield from _read_hub(spec)
             return
         raise DataError(f"{path}: file not found")
@@ -157,13 +175,17 @@ def _read_rows(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = _read_parquet(path, pq)
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
     elif fmt == "hf-disk":
         from datasets import DatasetDict, load_from_disk
 
-        ds = load_from_disk(str(path))
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+            reason = " ".join(str(exc).split())[:200]
+            raise DataError(f"{path}: not a readable saved dataset ({type(exc).__name__}: {reason})") from None
         if isinstance(ds, DatasetDict):
             if spec.split not in ds:
                 raise DataError(f"{path}: no split {spec.split!r} (has {', '.join(ds)})")
@@ -172,6 +194,32 @@ def _read_rows(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
             yield i, row
     else:
         raise DataError(f"{path}: unknown format {fmt!r}")
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz")
+
+
+def _may_be_hub_name(value: str) -> bool:
+    """Whether a path that does not exist could still be a dataset hub name (``org/name``).
+
+    A value with a data file suffix, a leading ``.``/``/``/``~``, more than one slash, a backslash, or whose
+    parent folder exists on this machine is a local file that is missing: no hub round trip is made for it.
+    """
+    if value.startswith((".", "/", "~")) or "\\" in value or value.count("/") != 1:
+        return False
+    if value.lower().endswith(LOCAL_SUFFIXES):
+        return False
+    return not Path(value).parent.is_dir()
+
+
+def _read_parquet(path: Path, pq: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a Parquet file ({reason})") from None
 
 
 def _read_hub(spec: DataSpec) -> Iterator[tuple[int, dict[Any, Any]]]:
@@ -195,9 +243,12 @@ def expected_columns(spec: DataSpec) -> tuple[str, ...]:
 def _convert(value: Any, column: str, where: str) -> Any:
     if column in NUMERIC:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise DataError(f"{where}: column {column!r}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise DataError(f"{where}: column {column!r}: expected a finite number, got {value!r}")
+        return number
     if column == "label":
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where}: column {column!r} is empty")
@@ -211,8 +262,46 @@ def _convert(value: Any, column: str, where: str) -> Any:
     return value
 
 
-def load_records(spec: DataSpec) -> dict[str, list[Any]]:
-    """Read and validate a data set into canonical columns (plain lists; no ``datasets`` import)."""
+CHARS_PER_TOKEN = 16  # no tokenizer turns more than this many characters into one token in practice
+
+
+def max_chars_for(max_seq_length: int | None) -> int | None:
+    """The longest text worth keeping for a model that reads ``max_seq_length`` tokens.
+
+    None (no bound) when the length is unknown or unbounded: a static token table reports ``math.inf``.
+    """
+    if not isinstance(max_seq_length, (int, float)) or not math.isfinite(max_seq_length) or max_seq_length <= 0:
+        return None
+    return int(max_seq_length) * CHARS_PER_TOKEN
+
+
+def cut_texts(records: dict[str, list[Any]], max_chars: int | None, source: str) -> dict[str, list[Any]]:
+    """Cut every text value (not labels) to ``max_chars`` characters, in place; one warning counts the cuts.
+
+    A model never reads past its token limit, so text beyond ``max_chars`` only costs memory and time (a single
+    50 MB line made tokenization take minutes and gigabytes).
+    """
+    if max_chars is None:
+        return records
+    cut = 0
+    for column, values in records.items():
+        if column in NUMERIC or column == "label":
+            continue
+        for i, value in enumerate(values):
+            if isinstance(value, str) and len(value) > max_chars:
+                values[i] = value[:max_chars]
+                cut += 1
+    if cut:
+        logger.warning("%s: %d text(s) longer than %d characters were cut to that length (the model reads no "
+                       "further)", source, cut, max_chars)
+    return records
+
+
+def load_records(spec: DataSpec, *, max_chars: int | None = None) -> dict[str, list[Any]]:
+    """Read and validate a data set into canonical columns (plain lists; no ``datasets`` import).
+
+    ``max_chars`` cuts longer texts to that many characters (see :func:`max_chars_for`).
+    """
     wanted = expected_columns(spec)
     mapping = {c: spec.columns.get(c, c) for c in wanted}
     if spec.min_score is not None and spec.kind == DataKind.PAIRS:
@@ -243,28 +332,32 @@ def load_records(spec: DataSpec) -> dict[str, list[Any]]:
             break
     if n == 0:
         raise DataError(f"{spec.path}: no rows" + (" after filtering" if spec.min_score is not None else ""))
-    return out
+    return cut_texts(out, max_chars, spec.path)
 
 
-def load_data(spec: DataSpec | dict[str, Any] | str, kind: DataKind | str | None = None) -> Dataset:
-    """Load a data set described by ``spec`` (a :class:`DataSpec`, a dict of its fields, or a path / builtin name)."""
+def load_data(spec: DataSpec | dict[str, Any] | str, kind: DataKind | str | None = None, *,
+              max_chars: int | None = None) -> Dataset:
+    """Load a data set described by ``spec`` (a :class:`DataSpec`, a dict of its fields, or a path / builtin name).
+
+    ``max_chars`` cuts longer texts (pass ``max_chars_for(model max_seq_length)``): no model reads them whole.
+    """
     from datasets import Dataset
 
     if isinstance(spec, str):
         if spec in BUILTINS:
-            return builtin(spec)
+            return builtin(spec, max_chars=max_chars)
         spec = DataSpec(path=spec, kind=kind or DataKind.PAIRS)
     elif isinstance(spec, dict):
         fields = dict(spec)
         if kind is not None:
             fields.setdefault("kind", kind)
         if fields.get("path") in BUILTINS and set(fields) <= {"path", "kind", "limit"}:
-            ds = builtin(fields["path"])
+            ds = builtin(fields["path"], max_chars=max_chars)
             return ds.select(range(min(len(ds), fields["limit"]))) if fields.get("limit") else ds
         spec = DataSpec(**fields)
     elif kind is not None:
         spec.kind = DataKind(kind)
-    return Dataset.from_dict(load_records(spec))
+    return Dataset.from_dict(load_records(spec, max_chars=max_chars))
 
 
 # --------------------------------------------------------------------------------------------------- BEIR
@@ -279,10 +372,12 @@ class BeirData:
     qrels: dict[str, dict[str, int]]
 
 
-def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limit: int | None = None) -> BeirData:
+def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limit: int | None = None,
+              max_chars: int | None = None) -> BeirData:
     """Load a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
 
-    Only queries that appear in the split's qrels are kept. Documents are ``title + " " + text``.
+    Only queries that appear in the split's qrels are kept. Documents are ``title + " " + text``, cut to
+    ``max_chars`` characters when given.
     """
     root = Path(folder)
     for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
@@ -291,10 +386,11 @@ def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limi
     qrels: dict[str, dict[str, int]] = {}
     for lineno, row in _read_delimited(root / "qrels" / f"{split}.tsv", "\t", header=True):
         where = f"{root / 'qrels' / (split + '.tsv')}:{lineno}"
+        for column in ("query-id", "corpus-id", "score"):
+            if row.get(column) is None:
+                raise DataError(f"{where}: missing column {column!r} (expected query-id, corpus-id, score)")
         try:
             qid, did, score = str(row["query-id"]), str(row["corpus-id"]), int(float(row["score"]))
-        except KeyError as exc:
-            raise DataError(f"{where}: missing column {exc.args[0]!r} (expected query-id, corpus-id, score)") from None
         except (TypeError, ValueError):
             raise DataError(f"{where}: column 'score': expected a number, got {row.get('score')!r}") from None
         qrels.setdefault(qid, {})[did] = score
@@ -302,14 +398,16 @@ def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limi
     for lineno, row in _read_jsonl(root / "corpus.jsonl"):
         if "_id" not in row:
             raise DataError(f"{root / 'corpus.jsonl'}:{lineno}: missing column '_id'")
-        title = (row.get("title") or "").strip()
-        text = (row.get("text") or "").strip()
+        title, text = (_beir_text(row, key, f"{root / 'corpus.jsonl'}:{lineno}") for key in ("title", "text"))
         corpus[str(row["_id"])] = f"{title} {text}".strip() if title else text
     queries: dict[str, str] = {}
     for lineno, row in _read_jsonl(root / "queries.jsonl"):
         if "_id" not in row or "text" not in row:
             raise DataError(f"{root / 'queries.jsonl'}:{lineno}: missing column '_id' or 'text'")
         if str(row["_id"]) in qrels:
+            where = f"{root / 'queries.jsonl'}:{lineno}"
+            if not _beir_text(row, "text", where):
+                raise DataError(f"{where}: column 'text' is empty")
             queries[str(row["_id"])] = row["text"]
     qrels = {q: rel for q, rel in qrels.items() if q in queries}
     if query_limit is not None:
@@ -318,7 +416,20 @@ def load_beir(folder: str | os.PathLike[str], split: str = "test", *, query_limi
         qrels = {q: qrels[q] for q in keep}
     if not queries:
         raise DataError(f"{root}: no queries of split {split!r} found in queries.jsonl")
+    if max_chars is not None:
+        cut = cut_texts({"corpus": list(corpus.values()), "queries": list(queries.values())}, max_chars, str(root))
+        corpus = dict(zip(corpus, cut["corpus"]))
+        queries = dict(zip(queries, cut["queries"]))
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def _beir_text(row: dict[str, Any], key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {key!r}: expected text, got {type(value).__name__} {value!r}")
+    return value.strip()
 
 
 # ---------------------------------------------------------------------------------------- built-in data
@@ -416,17 +527,17 @@ BUILTINS: dict[str, tuple[DataKind, Any]] = {
 }
 
 
-def builtin(name: str) -> Dataset:
+def builtin(name: str, *, max_chars: int | None = None) -> Dataset:
     """A built-in development data set from the shared data folder, as a ``datasets.Dataset``."""
     from datasets import Dataset
 
     if name not in BUILTINS:
         raise DataError(f"unknown built-in data set {name!r}; known: {', '.join(sorted(BUILTINS))}")
-    return Dataset.from_dict(BUILTINS[name][1]())
+    return Dataset.from_dict(cut_texts(BUILTINS[name][1](), max_chars, name))
 
 
-def builtin_beir(name: str = "scifact-dev") -> BeirData:
+def builtin_beir(name: str = "scifact-dev", *, max_chars: int | None = None) -> BeirData:
     """Built-in retrieval tasks: ``scifact-dev`` (SciFact dev qrels over the whole corpus)."""
     if name != "scifact-dev":
         raise DataError(f"unknown built-in retrieval task {name!r}; known: scifact-dev")
-    return load_beir(shared_data_dir() / "scifact", "dev")
+    return load_beir(shared_data_dir() / "scifact", "dev", max_chars=max_chars)

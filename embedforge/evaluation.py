@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from embedforge.data import BeirData
+from embedforge.configs import ConfigError
+from embedforge.errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -45,6 +47,12 @@ class STEncoder:
     def encode(self, texts: list[str], batch_size: int, prompt: str | None) -> np.ndarray:
         import torch
 
+        from embedforge.data import max_chars_for
+
+        # Text beyond the token limit is never read; cutting it first keeps one huge text from stalling tokenization.
+        limit = max_chars_for(getattr(self.model, "max_seq_length", None))
+        if limit is not None:
+            texts = [t[:limit] for t in texts]
         with torch.inference_mode():
             out = self.model.encode(
                 texts, batch_size=batch_size, prompt=prompt, convert_to_numpy=True, show_progress_bar=False,
@@ -113,6 +121,9 @@ def encode(
     emb = np.empty_like(sorted_emb)
     emb[order] = sorted_emb
     if truncate_dim is not None:
+        if truncate_dim > emb.shape[1]:
+            raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the model's {emb.shape[1]} dimensions; "
+                              f"use at most {emb.shape[1]}", key="truncate_dim")
         emb = emb[:, :truncate_dim]
     if normalize:
         emb = l2_normalize(emb)
@@ -124,10 +135,15 @@ def encode(
 
 def evaluate_sts(model: Any, data: Dataset | dict[str, list[Any]], *, batch_size: int = 32,
                  truncate_dim: int | None = None, show_progress: bool = True) -> dict[str, float]:
-    """Spearman and Pearson correlation (x100) between cosine similarity and the gold scores."""
+    """Spearman and Pearson correlation (x100) between cosine similarity and the gold scores.
+
+    Gold scores that cannot give a correlation (non-finite, fewer than 2, all equal) raise :class:`DataError`
+    before anything is encoded.
+    """
     from scipy.stats import pearsonr, spearmanr
 
     s1, s2, gold = list(data["sentence1"]), list(data["sentence2"]), np.asarray(data["score"], dtype=np.float64)
+    check_sts_scores(gold, "STS data")
     uniq = list(dict.fromkeys(s1 + s2))
     emb = encode(model, uniq, batch_size=batch_size, truncate_dim=truncate_dim, show_progress=show_progress,
                  desc="sts")
@@ -135,11 +151,27 @@ def evaluate_sts(model: Any, data: Dataset | dict[str, list[Any]], *, batch_size
     a = emb[[pos[t] for t in s1]]
     b = emb[[pos[t] for t in s2]]
     cos = np.sum(a * b, axis=1)
+    if not np.all(np.isfinite(cos)) or np.ptp(cos) == 0:
+        raise RunError(f"STS: the model gives {'non-finite' if not np.all(np.isfinite(cos)) else 'identical'} "
+                       "cosine similarities for every pair, so no correlation exists; check the model's vectors")
     return {
         "spearman": float(spearmanr(cos, gold).statistic * 100),
         "pearson": float(pearsonr(cos, gold).statistic * 100),
         "n": len(gold),
     }
+
+
+def check_sts_scores(gold: np.ndarray, source: str) -> None:
+    """Refuse gold scores that make a correlation undefined (the metric would be NaN)."""
+    from embedforge.data import DataError
+
+    bad = np.flatnonzero(~np.isfinite(gold))
+    if bad.size:
+        raise DataError(f"{source}: row {int(bad[0]) + 1}: gold score {gold[bad[0]]!r} is not a finite number")
+    if gold.size < 2:
+        raise DataError(f"{source}: STS needs at least 2 scored pairs, found {gold.size}")
+    if np.ptp(gold) == 0:
+        raise DataError(f"{source}: every gold score is {gold[0]:g}; a correlation needs scores that differ")
 
 
 # ----------------------------------------------------------------------------------------- retrieval
@@ -220,6 +252,24 @@ def split_labeled(data: Dataset | dict[str, list[Any]], dev_fraction: float = 0.
     return pick(sorted(train_idx)), pick(sorted(dev_idx))
 
 
+def check_labeled(labels: Sequence[Any], source: str, min_per_label: int = 2) -> None:
+    """Refuse labeled data that cannot give a classification score: fewer than 2 labels, or a label with fewer
+    than ``min_per_label`` rows (the stratified split puts at least one row of every label on each side)."""
+    from collections import Counter
+
+    from embedforge.data import DataError
+
+    counts = Counter(labels)
+    if len(counts) < 2:
+        only = f" (only {next(iter(counts))!r})" if counts else ""
+        raise DataError(f"{source}: classification needs at least 2 different labels, found {len(counts)}{only}")
+    rare = sorted((lab for lab, n in counts.items() if n < min_per_label), key=str)
+    if rare:
+        raise DataError(f"{source}: classification needs at least {min_per_label} rows per label for the "
+                        f"train/dev split; label {rare[0]!r} has {counts[rare[0]]}"
+                        + (f" ({len(rare) - 1} more labels too)" if len(rare) > 1 else ""))
+
+
 def evaluate_classification(model: Any, train: Dataset | dict[str, list[Any]],
                             test: Dataset | dict[str, list[Any]], *, batch_size: int = 32,
                             truncate_dim: int | None = None, show_progress: bool = True) -> dict[str, float]:
@@ -276,11 +326,15 @@ def load_task_data(task: Task) -> Any:
     """Load and validate a task's data (cheap next to encoding; done for every task before the model loads)."""
     from embedforge import data as D
 
+    source = task.path or task.name
     if task.kind == "sts":
-        return D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.SCORED)
+        ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.SCORED)
+        check_sts_scores(np.asarray(ds["score"], dtype=np.float64), source)
+        return ds
     if task.kind == "retrieval":
         return D.builtin_beir(task.name) if task.path is None else D.load_beir(task.path, task.split or "test")
     ds = D.builtin(task.name) if task.path is None else D.load_data(task.path, D.DataKind.LABELED)
+    check_labeled(list(ds["label"]), source)
     return split_labeled(ds)
 
 
@@ -308,6 +362,11 @@ def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate
     parsed = [parse_task(t) for t in tasks]
     loaded = [load_task_data(t) for t in parsed]
     encoder = as_encoder(model, truncate_dim=None)
+    dim_of = getattr(getattr(encoder, "model", None), "get_embedding_dimension", None)
+    dim = dim_of() if callable(dim_of) else None
+    if truncate_dim is not None and dim is not None and truncate_dim > dim:  # refuse before encoding anything
+        raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the model's {dim} dimensions; use at most "
+                          f"{dim}", key="truncate_dim")
     results: dict[str, dict[str, float]] = {}
     for task, data in zip(parsed, loaded):
         start = time.perf_counter()

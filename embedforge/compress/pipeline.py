@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from embedforge.compress.config import BinarizerConfig, CompressConfig, EmbeddingPrecision, WeightQuant
-from embedforge.configs import StageContext
+from embedforge.configs import ConfigError, StageContext
+from embedforge.data import max_chars_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,20 @@ FALLBACK_PROBES = [
 ]
 
 
-def load_texts(spec: str, limit: int | None = None) -> list[str]:
-    """Unique texts from a built-in data set, a file (``text`` column) or ``beir:FOLDER[:split]`` (corpus+queries)."""
+def load_texts(spec: str, limit: int | None = None, max_chars: int | None = None) -> list[str]:
+    """Unique texts from a built-in data set, a file (``text`` column) or ``beir:FOLDER[:split]`` (corpus+queries).
+
+    Texts longer than ``max_chars`` characters are cut while loading (the model would not read the rest).
+    """
     from embedforge.data import BUILTINS, builtin, load_beir, load_data
 
     if spec.startswith("beir:"):
         folder, _, split = spec[5:].partition(":")
-        beir = load_beir(folder, split or "test")
+        beir = load_beir(folder, split or "test", max_chars=max_chars)
         texts = list(beir.corpus.values()) + list(beir.queries.values())
     else:
-        ds = builtin(spec) if spec in BUILTINS else load_data(spec, kind="texts")
+        ds = (builtin(spec, max_chars=max_chars) if spec in BUILTINS
+              else load_data(spec, kind="texts", max_chars=max_chars))
         cols = [c for c in ("text", "anchor", "positive", "negative", "sentence1", "sentence2")
                 if c in ds.column_names]
         texts = [t for c in cols for t in ds[c]]
@@ -103,7 +108,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     """Compress ``config.model`` into ``out_dir`` (see the module docstring for the steps)."""
     import torch
 
-    from embedforge.compress.pruning import backbone, count_parameters, heal, layer_list, prune_layers, resolve_keep
+    from embedforge.compress.pruning import count_parameters, heal, prune_layers
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
@@ -113,23 +118,23 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     torch.manual_seed(config.seed)
     if config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
         require_bnb()  # fail before any work
-    # 1. model, probe texts and (for healing) teacher vectors
+    # 1. model (checked against the config before any work), probe texts and (for healing) teacher vectors
     model = _load(config.model, device="cuda" if torch.cuda.is_available() else None)
+    keep = _check_against_model(config, model)  # layer indices to keep, None when not pruning
+    pruning = keep is not None
     metrics: dict[str, Any] = {"params_before": count_parameters(model), "weight_bytes_before": weight_bytes(model)}
     extra: dict[str, Any] = {}
-    corpus = load_texts(config.vocab_corpus, config.vocab_limit) if config.vocab_corpus else None
-    pruning = config.keep_layers is not None or config.num_layers is not None
+    max_chars = max_chars_for(getattr(model, "max_seq_length", None))
+    corpus = load_texts(config.vocab_corpus, config.vocab_limit, max_chars) if config.vocab_corpus else None
     heal_texts: list[str] = []
     teacher: np.ndarray | None = None
     if pruning and config.heal_steps:
-        heal_texts = load_texts(config.heal_data, config.heal_limit)
+        heal_texts = load_texts(config.heal_data, config.heal_limit, max_chars)
         teacher = _vectors(model, heal_texts, config.heal_batch_size)
     probe = (corpus or heal_texts or FALLBACK_PROBES)[:PROBE_TEXTS]
     probe_before = _vectors(model, probe)
     # 2. layer pruning + healing
-    if pruning:
-        n_layers = len(layer_list(backbone(model))[2])
-        keep = resolve_keep(n_layers, config.keep_layers, config.num_layers)
+    if keep is not None:
         extra["layer_pruning"] = prune_layers(model, keep)
         if teacher is not None:
             metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
@@ -162,7 +167,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
         precision = config.embedding_precision.value
         calib_vectors = None
         if precision in ("int8", "uint8"):
-            calib_vectors = _vectors(model, load_texts(config.calibration_data, config.calibration_limit))
+            calib_vectors = _vectors(model, load_texts(config.calibration_data, config.calibration_limit, max_chars))
         quantizer = EmbeddingQuantizer.calibrate(precision, calib_vectors, truncate_dim=config.truncate_dim)
         files[QUANTIZATION_FILE] = json.dumps(quantizer.to_dict(), indent=2) + "\n"
         extra["embedding_quantization"] = {"precision": precision, "truncate_dim": config.truncate_dim,
@@ -174,6 +179,33 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     metrics.update(_cosines(probe_before, _vectors(model, probe)))
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files=files)
     shutil.rmtree(f"{out_dir}.ckpt", ignore_errors=True)  # finished: checkpoints and staging are not needed
+
+
+def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None:
+    """Refuse settings the loaded model cannot honour (more layers or dimensions than it has), before any work.
+
+    Returns the layer indices to keep when the config prunes layers.
+    """
+    from embedforge.compress.pruning import backbone, layer_list, resolve_keep
+
+    if config.heal_steps:
+        from embedforge.modules.loading import check_max_seq_length
+
+        check_max_seq_length(model, config.max_seq_length, config.model)
+    dim = model.get_embedding_dimension()
+    if config.truncate_dim is not None and dim is not None and config.truncate_dim > dim:
+        raise ConfigError(f"truncate_dim: {config.truncate_dim} is larger than the model's {dim} dimensions "
+                          f"({config.model}); use at most {dim} or leave it unset", key="truncate_dim")
+    if config.keep_layers is None and config.num_layers is None:
+        return None
+    n_layers = len(layer_list(backbone(model))[2])
+    if config.num_layers is not None and config.num_layers > n_layers:
+        raise ConfigError(f"num_layers: {config.num_layers} is more than the model has ({config.model} has "
+                          f"{n_layers} layers); use at most {n_layers}", key="num_layers")
+    try:
+        return resolve_keep(n_layers, config.keep_layers, config.num_layers)
+    except ValueError as exc:
+        raise ConfigError(f"keep_layers: {exc} ({config.model})", key="keep_layers") from None
 
 
 def _code_width(precision: str, dim: int, truncate_dim: int | None) -> int:
@@ -206,7 +238,7 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     if find_binarizer(model) is not None:
         raise ValueError(f"{config.model} already ends in a binarizer")
     # 1. teacher vectors, cached so a rerun skips the encoding
-    texts = load_texts(config.data, config.limit)
+    texts = load_texts(config.data, config.limit, max_chars_for(getattr(model, "max_seq_length", None)))
     cache = Path(f"{out_dir}.ckpt")
     cache.mkdir(parents=True, exist_ok=True)
     vec_file = cache / f"vectors-{len(texts)}.npy"

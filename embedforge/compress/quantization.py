@@ -32,9 +32,14 @@ QUANTIZATION_FILE = "embedding_quantization.json"
 
 
 def truncate(embeddings: np.ndarray, dim: int | None, *, renormalize: bool = True) -> np.ndarray:
-    """Keep the first ``dim`` dimensions (Matryoshka truncation), L2-renormalizing rows if asked."""
+    """Keep the first ``dim`` dimensions (Matryoshka truncation), L2-renormalizing rows if asked.
+
+    A ``dim`` larger than the vectors raises ``ValueError``: the stored codes would not have the recorded width.
+    """
     x = np.asarray(embeddings, dtype=np.float32)
-    if dim is None or dim >= x.shape[-1]:
+    if dim is not None and dim > x.shape[-1]:
+        raise ValueError(f"truncate_dim {dim} is larger than the vectors' {x.shape[-1]} dimensions")
+    if dim is None or dim == x.shape[-1]:
         return x
     if dim <= 0:
         raise ValueError(f"truncate dim must be positive, got {dim}")

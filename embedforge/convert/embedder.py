@@ -199,11 +199,13 @@ def build_embedder_from_config(cfg: ConvertConfig, *, device: str | None = None)
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize
 
+    from embedforge.modules.loading import check_max_seq_length
     from embedforge.sources import resolve_source
 
     _check_padding(cfg)
     source = os.fspath(resolve_source(cfg.model))                            # 1
     backbone = _load_backbone(source, cfg)                                    # 2
+    check_max_seq_length(backbone, cfg.max_seq_length, cfg.model)
     tokenizer = backbone.tokenizer                                            # 3
     ensure_pad_token(tokenizer, backbone.auto_model)
     tokenizer.padding_side = cfg.padding_side.value

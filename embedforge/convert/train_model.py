@@ -51,6 +51,9 @@ def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | N
     if config.keep_layers is not None:
         truncate_layers(model, config.keep_layers)
     if config.max_seq_length is not None:
+        from embedforge.modules.loading import check_max_seq_length
+
+        check_max_seq_length(model, config.max_seq_length, config.model)
         model.max_seq_length = config.max_seq_length
     return model, parent
 

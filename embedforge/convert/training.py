@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedforge.configs import StageContext
+from embedforge.data import max_chars_for
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig, TrainOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,8 +44,10 @@ def data_name(spec: str | dict[str, Any]) -> str:
     return Path(path).stem.replace(".", "_") or "data"
 
 
-def load_texts(specs: list[str | dict[str, Any]], limit: int | None) -> Dataset:
-    """Unlabeled texts (column ``text``) from text data sets, or every text column of pair / triplet data."""
+def load_texts(specs: list[str | dict[str, Any]], limit: int | None, max_chars: int | None = None) -> Dataset:
+    """Unlabeled texts (column ``text``) from text data sets, or every text column of pair / triplet data.
+
+    Texts longer than ``max_chars`` characters are cut while loading (see ``embedforge.data.max_chars_for``)."""
     from datasets import Dataset
 
     from embedforge.data import BUILTINS, DataKind, load_data
@@ -55,7 +58,7 @@ def load_texts(specs: list[str | dict[str, Any]], limit: int | None) -> Dataset:
         if isinstance(spec, dict):
             spec = {k: v for k, v in spec.items() if k != "name"}
             kind = spec.pop("kind", kind)
-        ds = load_data(spec, kind)
+        ds = load_data(spec, kind, max_chars=max_chars)
         part = [t for col in ds.column_names if isinstance(ds[0][col], str) for t in ds[col]]
         texts.extend(part[:limit] if limit else part)
     unique = list(dict.fromkeys(t for t in texts if t.strip()))
@@ -64,22 +67,23 @@ def load_texts(specs: list[str | dict[str, Any]], limit: int | None) -> Dataset:
     return Dataset.from_dict({"text": unique})
 
 
-def load_pairs(spec: str | dict[str, Any], limit: int | None, hard_negatives: bool) -> Dataset:
+def load_pairs(spec: str | dict[str, Any], limit: int | None, hard_negatives: bool,
+               max_chars: int | None = None) -> Dataset:
     """Pairs or triplets with canonical columns; negatives are dropped unless ``hard_negatives``."""
     from embedforge.data import BUILTINS, DataError, DataKind, load_data
 
     if isinstance(spec, str) and spec in BUILTINS:
-        ds = load_data(spec)
+        ds = load_data(spec, max_chars=max_chars)
     elif isinstance(spec, dict) and "kind" in spec:
-        ds = load_data({k: v for k, v in spec.items() if k != "name"})
+        ds = load_data({k: v for k, v in spec.items() if k != "name"}, max_chars=max_chars)
     else:
         fields = {"path": spec} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
         try:
-            ds = load_data({**fields, "kind": DataKind.TRIPLETS})
+            ds = load_data({**fields, "kind": DataKind.TRIPLETS}, max_chars=max_chars)
         except DataError as exc:
             if "missing column" not in str(exc):
                 raise
-            ds = load_data({**fields, "kind": DataKind.PAIRS})
+            ds = load_data({**fields, "kind": DataKind.PAIRS}, max_chars=max_chars)
     if "anchor" not in ds.column_names or "positive" not in ds.column_names:
         raise ValueError(f"{data_name(spec)}: contrastive data needs anchor and positive columns, "
                          f"got {ds.column_names}")
@@ -295,10 +299,10 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
 
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
-    texts = load_texts(config.data, config.data_limit)                                    # 2. data
+    max_len = config.max_seq_length or model.max_seq_length
+    texts = load_texts(config.data, config.data_limit, max_chars_for(max_len))            # 2. data
     tokenizer = _copy_tokenizer(model)
     collator = mntp_collator(tokenizer, config)
-    max_len = config.max_seq_length or model.max_seq_length
     tokenized = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_len,
                                               return_special_tokens_mask=True),
                           batched=True, remove_columns=["text"])
@@ -381,7 +385,8 @@ def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
-    texts = load_texts(config.data, config.data_limit)                                    # 2. (text, text) pairs
+    texts = load_texts(config.data, config.data_limit,                                    # 2. (text, text) pairs
+                       max_chars_for(config.max_seq_length or model.max_seq_length))
     pairs = texts.map(lambda b: {"anchor": b["text"], "positive": b["text"]}, batched=True,
                       remove_columns=["text"])
     prepare_for_training(model, config)                                                   # 3. LoRA
@@ -436,10 +441,10 @@ def add_teacher_vectors(datasets: dict[str, Any], teacher: str, batch_size: int 
     return out
 
 
-def _contrastive_sets(specs: list[Any], config: ContrastiveConfig) -> Any:
+def _contrastive_sets(specs: list[Any], config: ContrastiveConfig, max_chars: int | None = None) -> Any:
     from datasets import DatasetDict
 
-    sets = {data_name(s): load_pairs(s, config.data_limit, config.hard_negatives) for s in specs}
+    sets = {data_name(s): load_pairs(s, config.data_limit, config.hard_negatives, max_chars) for s in specs}
     if config.distill_teacher:
         sets = add_teacher_vectors(sets, config.distill_teacher)
     return DatasetDict(sets)
@@ -456,7 +461,8 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
     if config.stage2_data:
         schedule.append(("stage2", config.stage2_data, config.stage2_max_steps or config.max_steps,
                          config.stage2_learning_rate or config.learning_rate))
-    sets = [(name, _contrastive_sets(specs, config), steps, lr) for name, specs, steps, lr in schedule]
+    max_chars = max_chars_for(config.max_seq_length or model.max_seq_length)
+    sets = [(name, _contrastive_sets(specs, config, max_chars), steps, lr) for name, specs, steps, lr in schedule]
     prepare_for_training(model, config)                                                   # 3. LoRA
     loss = contrastive_loss(model, config)
     all_stats: dict[str, Any] = {}

@@ -33,22 +33,23 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def gather_texts(specs: Sequence[str], limit: int | None = None) -> list[str]:
+def gather_texts(specs: Sequence[str], limit: int | None = None, max_chars: int | None = None) -> list[str]:
     """Every non-empty text of the listed data sets (built-in names or files), de-duplicated, in order.
 
-    All string columns of a set are used (a pairs file gives its anchors and its positives).
+    All string columns of a set are used (a pairs file gives its anchors and its positives). Texts longer than
+    ``max_chars`` characters are cut while loading.
     """
     from embedforge.data import BUILTINS, DataKind, builtin, load_data
 
     seen: dict[str, None] = {}
     for spec in specs:
         if spec in BUILTINS:
-            ds = builtin(spec)
+            ds = builtin(spec, max_chars=max_chars)
         else:
             try:
-                ds = load_data(spec, DataKind.TEXTS)
+                ds = load_data(spec, DataKind.TEXTS, max_chars=max_chars)
             except Exception:  # noqa: BLE001 - a pairs/triplets file: read it with its own columns
-                ds = load_data(spec)
+                ds = load_data(spec, max_chars=max_chars)
         for column in ds.column_names:
             values = ds[column]
             if values and isinstance(values[0], str):
@@ -218,6 +219,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
 def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
     from embedforge.convert.train_guard import check_weights, last_checkpoint
+    from embedforge.data import max_chars_for
     from embedforge.model import is_complete, save_model
 
     out_dir = Path(out_dir)
@@ -227,7 +229,7 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     start = time.perf_counter()
 
     # 1. texts
-    texts = gather_texts(config.texts, config.text_limit)
+    texts = gather_texts(config.texts, config.text_limit, max_chars_for(config.max_seq_length))
 
     # 2. teacher vectors
     targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))

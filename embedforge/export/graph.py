@@ -31,6 +31,8 @@ TOKENS_OUTPUT = "last_hidden_state"
 BINARY_OUTPUT = "binary_embedding"
 #: ONNX protobufs are limited to 2 GB; bigger graphs keep their weights in a side file
 EXTERNAL_DATA_BYTES = 1_800_000_000
+#: the token limit recorded for a static token table, which reads texts of any length (effectively no truncation)
+STATIC_TOKEN_LIMIT = 1_000_000
 
 
 class ExportError(RunError, RuntimeError):
@@ -48,8 +50,55 @@ class GraphSpec:
     external_data: bool = False
 
 
+def is_static(model: SentenceTransformer) -> bool:
+    """True for a static token-table model (sentence-transformers ``StaticEmbedding`` first, e.g. a model2vec
+    student): it takes a flat id list with bag offsets instead of padded ``input_ids`` / ``attention_mask``."""
+    return len(model) > 0 and type(model[0]).__name__ == "StaticEmbedding"
+
+
+def token_limit(model: SentenceTransformer, requested: int | None, source: str) -> int:
+    """The token limit of the export (what its tokenizer truncates at and servers are told), set on the model.
+
+    ``requested`` (the config's ``max_seq_length``) longer than the model's position table raises ``ConfigError``.
+    A static token table has no limit of its own (its ``max_seq_length`` is infinite): it gets ``requested``, else
+    the truncation its tokenizer carries (model2vec tokenizers stop at 512), else :data:`STATIC_TOKEN_LIMIT`.
+    Otherwise the model's finite ``max_seq_length``, else the tokenizer's
+    ``model_max_length``, else the position table's size, else 512.
+    """
+    import math
+
+    from embedforge.modules.loading import check_max_seq_length, position_limit
+
+    check_max_seq_length(model, requested, source)
+    if is_static(model):
+        own = (getattr(model[0].tokenizer, "truncation", None) or {}).get("max_length")
+        limits = [int(v) for v in (requested, own) if v is not None]
+        return min(limits) if limits else STATIC_TOKEN_LIMIT
+    if requested is not None:
+        model.max_seq_length = requested
+    for value in (model.max_seq_length, getattr(getattr(model[0], "tokenizer", None), "model_max_length", None)):
+        if isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 10**7:
+            return int(value)
+    return position_limit(model) or 512
+
+
 def graph_inputs(model: SentenceTransformer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Tokenize ``texts`` with the model's own preprocessing and keep only the tensors a graph takes."""
+    """Tokenize ``texts`` with the model's own preprocessing and keep only the tensors a graph takes.
+
+    A static token table gets padded ``input_ids`` / ``attention_mask`` built from its own token ids (no special
+    tokens, as ``StaticEmbedding`` encodes), which the graph averages like its embedding bag does.
+    """
+    import torch
+
+    if is_static(model):
+        rows = [e.ids for e in model[0].tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        width = max(1, max((len(r) for r in rows), default=0))
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
     features = model.preprocess(list(texts))
     return {name: features[name] for name in INPUT_ORDER if name in features}
 
@@ -83,6 +132,7 @@ def _wrapper_class() -> type:
                      normalize: bool, binary: bool) -> None:
             super().__init__()
             self.chain = torch.nn.ModuleList(list(model))
+            self.static_bag = _static_bag(model)
             self.input_names = input_names
             self.kind = kind
             self.truncate_dim = truncate_dim
@@ -94,9 +144,22 @@ def _wrapper_class() -> type:
                     token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
             given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             features: dict[str, Any] = {name: given[name] for name in self.input_names}
-            if self.kind == TOKENS_OUTPUT:
+            chain = list(self.chain)
+            if self.static_bag is not None:
+                # StaticEmbedding's EmbeddingBag over the real tokens, written as a masked gather-and-average
+                table, mode = self.static_bag.weight, self.static_bag.mode
+                mask = attention_mask.unsqueeze(-1).to(table.dtype)
+                rows = torch.nn.functional.embedding(input_ids, table)
+                if self.kind == TOKENS_OUTPUT:
+                    return (rows,)
+                pooled = (rows * mask).sum(dim=1)
+                if mode == "mean":
+                    pooled = pooled / mask.sum(dim=1).clamp(min=1.0)
+                features = {"input_ids": input_ids, "attention_mask": attention_mask, SENTENCE_OUTPUT: pooled}
+                chain = chain[1:]
+            elif self.kind == TOKENS_OUTPUT:
                 return (self.chain[0](features)["token_embeddings"],)
-            for module in self.chain:
+            for module in chain:
                 features = module(features)
             emb = features[SENTENCE_OUTPUT]
             if emb.is_floating_point():
@@ -112,6 +175,17 @@ def _wrapper_class() -> type:
             return tuple(outputs)
 
     return _Wrapper
+
+
+def _static_bag(model: SentenceTransformer) -> Any:
+    """The ``EmbeddingBag`` of a static token-table model (None for others); only mean and sum bags export."""
+    if not is_static(model):
+        return None
+    bag = model[0].embedding
+    if bag.mode not in ("mean", "sum") or getattr(bag, "padding_idx", None) is not None:
+        raise ExportError(f"a static embedding bag with mode {bag.mode!r} and padding_idx {bag.padding_idx} cannot be "
+                          "exported; only mean or sum bags without padding_idx are supported")
+    return bag
 
 
 def output_names(model: SentenceTransformer, kind: str, binary: bool) -> list[str]:
@@ -153,8 +227,15 @@ def attention_kernel(model: SentenceTransformer, implementation: str) -> Iterato
             module.set_attn_implementation(before)
 
 
-def check_exportable(model: SentenceTransformer) -> None:
-    """Warn about module chains whose behaviour a fixed graph cannot fully reproduce."""
+def check_exportable(model: SentenceTransformer, *, truncate_dim: int | None = None, source: str = "the model") -> None:
+    """Refuse a ``truncate_dim`` wider than the model's vectors (the manifest would record dimensions the graph
+    does not have); warn about module chains whose behaviour a fixed graph cannot fully reproduce."""
+    dim = model.get_embedding_dimension()
+    if truncate_dim is not None and dim is not None and truncate_dim > dim:
+        from embedforge.configs import ConfigError
+
+        raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the {dim} dimensions of {source}; use at "
+                          f"most {dim} or leave it unset", key="truncate_dim")
     prompts = {k: v for k, v in (getattr(model, "prompts", None) or {}).items() if v}
     for module in model:
         if prompts and getattr(module, "include_prompt", True) is False:

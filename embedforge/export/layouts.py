@@ -62,8 +62,16 @@ def write_tei_files(model: SentenceTransformer, out: Path, *, pooling: dict[str,
     tokenizer = getattr(first, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(f"the first module ({type(first).__name__}) has no tokenizer to export")
-    saved = tokenizer.save_pretrained(str(out))
-    written += [Path(p).name for p in saved]
+    if hasattr(tokenizer, "save_pretrained"):
+        saved = tokenizer.save_pretrained(str(out))
+        written += [Path(p).name for p in saved]
+    else:  # a tokenizers.Tokenizer (static token table): it encodes without special tokens, so drop them
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(tokenizer.to_str())
+        plain.post_processor = None
+        plain.save(str(out / "tokenizer.json"))
+        written.append("tokenizer.json")
     if not (out / "tokenizer.json").is_file():
         raise ValueError("the model's tokenizer is not a fast tokenizer: servers need tokenizer.json")
     (out / "1_Pooling").mkdir(exist_ok=True)
@@ -82,9 +90,10 @@ def write_tei_files(model: SentenceTransformer, out: Path, *, pooling: dict[str,
 
 
 def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling: dict[str, Any],
-                    binary: bool, files: dict[str, str]) -> dict[str, Any]:
-    """Per-server settings recorded in ``manifest.json``."""
-    bytes_ = (dim + 7) // 8
+                    binary: bool, files: dict[str, str], binary_bytes: int | None = None) -> dict[str, Any]:
+    """Per-server settings recorded in ``manifest.json`` (``binary_bytes``: width of the packed codes when a
+    binarizer module writes more than one bit per dimension; default ``ceil(dim / 8)``)."""
+    bytes_ = binary_bytes or (dim + 7) // 8
     int8_file = files.get("int8_avx512_vnni") or next((v for k, v in files.items() if k.startswith("int8")), None)
     settings: dict[str, Any] = {
         "onnxruntime": {

@@ -77,16 +77,39 @@ def reference_embeddings(model: SentenceTransformer, texts: Sequence[str], *, tr
     with torch.inference_mode():
         rows = [
             np.asarray(model.encode([t], batch_size=1, convert_to_numpy=True, show_progress_bar=False,
-                                    normalize_embeddings=False, truncate_dim=None), dtype=np.float32)[0]
+                                    normalize_embeddings=False, truncate_dim=None))[0]
             for t in texts
         ]
     emb = np.stack(rows)
+    # packed codes (a binarizer with output "packed") stay uint8: the graph neither truncates nor normalizes them
+    emb = emb.astype(np.uint8) if emb.dtype == np.uint8 else emb.astype(np.float32)
     if np.issubdtype(emb.dtype, np.floating):
         if truncate_dim is not None:
             emb = emb[:, :truncate_dim]
         if normalize:
             emb = l2_normalize(emb)
     return emb
+
+
+def reference_binary(model: SentenceTransformer, texts: Sequence[str]) -> np.ndarray | None:
+    """The packed codes (``binary_embedding``) the model's own binarizer module writes, one text at a time.
+
+    ``None`` when no module of the model writes them. A learned binarizer with ``bits`` levels gives
+    ``bits * dim / 8`` bytes per text, so its codes are not the sign bits of the sentence embedding.
+    """
+    import torch
+
+    from embedforge.modules.binarizer import find_binarizer
+
+    if find_binarizer(model) is None:
+        return None
+    rows = []
+    with torch.inference_mode():
+        for t in texts:
+            features = model.encode([t], batch_size=1, output_value=None, show_progress_bar=False)[0]
+            code = features["binary_embedding"]
+            rows.append(np.asarray(code.cpu().numpy() if hasattr(code, "cpu") else code, dtype=np.uint8))
+    return np.stack(rows)
 
 
 def reference_tokens(model: SentenceTransformer, texts: Sequence[str]) -> list[np.ndarray]:
@@ -117,11 +140,19 @@ def compare(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> Pa
                   mean_cosine=float(cos.mean()), worst_probe=int(cos.argmin()))
 
 
-def bit_agreement(reference_float: np.ndarray, packed: np.ndarray) -> float:
-    """Share of bits of ``packed`` equal to ``np.packbits(reference_float > 0)``."""
-    ref_bits = np.unpackbits(np.packbits(reference_float > 0, axis=-1), axis=-1)
-    got_bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1)
-    return float((ref_bits == got_bits).mean())
+def bit_agreement(reference: np.ndarray, packed: np.ndarray) -> float:
+    """Share of bits of ``packed`` equal to the reference codes.
+
+    ``reference`` is either packed uint8 codes (what the model's binarizer wrote) or float vectors, whose sign bits
+    (``np.packbits(reference > 0)``) are then the reference. Codes of different widths raise :class:`ParityError`.
+    """
+    ref = np.asarray(reference)
+    ref_packed = ref.astype(np.uint8) if ref.dtype == np.uint8 else np.packbits(ref > 0, axis=-1)
+    got_packed = np.asarray(packed, dtype=np.uint8)
+    if ref_packed.shape != got_packed.shape:
+        raise ParityError(f"binary output has {got_packed.shape[-1]} bytes per vector, the PyTorch model "
+                          f"{ref_packed.shape[-1]}")
+    return float((np.unpackbits(ref_packed, axis=-1) == np.unpackbits(got_packed, axis=-1)).mean())
 
 
 def check_sentence_graph(
@@ -132,16 +163,22 @@ def check_sentence_graph(
     min_cosine: float,
     max_abs: float | None = None,
     min_bit_agreement: float = 0.99,
+    reference_codes: np.ndarray | None = None,
 ) -> Parity:
     """Compare a sentence-embedding graph with ``reference``; raise :class:`ParityError` past the tolerance.
 
     ``max_abs`` is scaled by the largest reference magnitude (at least 1). The graph runs in batches of 5 so
-    that short and long probes share padded batches.
+    that short and long probes share padded batches. A ``binary_embedding`` output is compared with
+    ``reference_codes`` (the model's own binarizer, see :func:`reference_binary`) or else with the sign bits of
+    a float ``reference``.
     """
     outputs = encoder.run(list(texts), batch_size=5, sort_by_length=False)
     parity = compare(list(reference), outputs["sentence_embedding"])
-    if "binary_embedding" in outputs and np.issubdtype(reference.dtype, np.floating):
-        parity.bit_agreement = bit_agreement(reference, np.stack(outputs["binary_embedding"]))
+    if "binary_embedding" in outputs:
+        if reference_codes is not None:
+            parity.bit_agreement = bit_agreement(reference_codes, np.stack(outputs["binary_embedding"]))
+        elif np.issubdtype(reference.dtype, np.floating):
+            parity.bit_agreement = bit_agreement(reference, np.stack(outputs["binary_embedding"]))
     scale = max(1.0, float(np.abs(reference).max(initial=0.0)))
     problems = _tolerance_problems(parity, scale, min_cosine, max_abs)
     if parity.bit_agreement is not None and parity.bit_agreement < min_bit_agreement:

@@ -56,7 +56,8 @@ def tokenizer_spec(model: SentenceTransformer, max_length: int, input_names: lis
 
     first = model[0]
     tok = first.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = getattr(tok, "pad_token_id", None)  # a static model's tokenizers.Tokenizer has none: padding is masked
+    pad = pad_id if pad_id is not None else (getattr(tok, "eos_token_id", None) or 0)
     echo = None
     if hasattr(first, "echo_ids") and hasattr(first, "_pieces"):
         pieces = first._pieces()
@@ -77,6 +78,18 @@ def _prompt_pooling(model: SentenceTransformer) -> bool:
     return True
 
 
+def _binary_layout(model: SentenceTransformer) -> str:
+    """How the ``binary_embedding`` bytes are laid out (a learned binarizer writes several bits per dimension)."""
+    from embedforge.modules.binarizer import find_binarizer
+
+    module = find_binarizer(model)
+    bits = int(getattr(module, "bits", 1))
+    if bits > 1:
+        return (f"{bits} levels of {module.dim} sign bits, level 0 first, each in numpy packbits order "
+                "(most significant bit first); score with the levels' scales, see embedforge.modules.binarizer")
+    return "numpy packbits(x > 0), most significant bit first"
+
+
 def _size_mb(path: Path) -> float:
     total = path.stat().st_size
     data = path.with_name(path.name + ".data")
@@ -85,12 +98,12 @@ def _size_mb(path: Path) -> float:
     return round(total / 2**20, 2)
 
 
-def _calibration_texts(config: ExportConfig, probes: list[str]) -> list[str]:
+def _calibration_texts(config: ExportConfig, probes: list[str], max_chars: int | None = None) -> list[str]:
     if config.calibration_data is None:
         return probes
     from embedforge.data import load_data
 
-    ds = load_data(config.calibration_data, "texts")
+    ds = load_data(config.calibration_data, "texts", max_chars=max_chars)
     texts = list(ds["text"])
     return texts[: config.calibration_size]
 
@@ -113,10 +126,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     start = time.perf_counter()
     # 1. load and describe the model
     model, model_dir = _load(config)
-    G.check_exportable(model)
-    if config.max_seq_length is not None:
-        model.max_seq_length = config.max_seq_length
-    max_len = int(model.max_seq_length or getattr(model[0].tokenizer, "model_max_length", 512))
+    G.check_exportable(model, truncate_dim=config.truncate_dim, source=config.model)
+    max_len = G.token_limit(model, config.max_seq_length, config.model)
     pooling = layouts.describe_pooling(model)
     extra_probes = _read_probe_file(config.probe_texts)
     probes = parity.probe_texts(min(config.probe_max_tokens, max_len), extra_probes)
@@ -134,6 +145,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         # 2. reference vectors from PyTorch (one text at a time: no padding)
         reference = parity.reference_embeddings(model, probes, truncate_dim=config.truncate_dim,
                                                 normalize=config.normalize)
+        reference_codes = parity.reference_binary(model, probes)  # a binarizer module's own codes, if any
         float_output = np.issubdtype(reference.dtype, np.floating)
         dim = int(reference.shape[1])
         layouts.write_tei_files(model, tmp, pooling=pooling, dim=dim, max_seq_length=max_len)
@@ -142,7 +154,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
                   min_bits: float = 0.99) -> None:
             enc = OnnxEncoder(tmp, f"onnx/{file}", tokenizer=spec, prompts={})
             result = parity.check_sentence_graph(enc, reference, probes, min_cosine=min_cos, max_abs=max_abs,
-                                                 min_bit_agreement=min_bits)
+                                                 min_bit_agreement=min_bits, reference_codes=reference_codes)
             entry = graphs.setdefault(name, {"file": f"onnx/{file}"})
             if spec_ is not None:
                 entry.update(inputs=spec_.inputs, outputs=spec_.outputs)
@@ -154,7 +166,9 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         graphs["fp32"]["precision"] = "fp32"
 
         # 4. token-vector graph for servers that pool themselves
-        if config.last_hidden_state:
+        if config.last_hidden_state and G.is_static(model):
+            logger.info("a static token table has no token-vector graph to export; skipping last_hidden_state")
+        elif config.last_hidden_state:
             tokens_file = onnx_dir / "model_last_hidden_state.onnx"
             tok_spec = G.export_graph(model, tokens_file, example_texts=_TRACE_TEXTS, kind=G.TOKENS_OUTPUT,
                                       **{**common, "binary": False})
@@ -234,7 +248,9 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         if config.static_int8:
             from embedforge.export.encoder import Tokenize
 
-            texts = _calibration_texts(config, probes)
+            from embedforge.data import max_chars_for
+
+            texts = _calibration_texts(config, probes, max_chars_for(max_len))
             reader = precision.TextCalibrationReader(Tokenize(spec, tmp), texts, input_names)
             precision.quantize_int8_static(base, onnx_dir / "model_qdq_int8.onnx", reader)
             check("int8_static", "model_qdq_int8.onnx", fp32, config.int8_min_cosine, None, min_bits=0.85)
@@ -257,8 +273,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             "pooling": pooling,
             "normalized": normalized,
             "truncate_dim": config.truncate_dim,
-            "binary": {"output": G.BINARY_OUTPUT, "layout": "numpy packbits(x > 0), most significant bit first"}
-            if has_binary_output else None,
+            "binary": {"output": G.BINARY_OUTPUT, "layout": _binary_layout(model)} if has_binary_output else None,
             "tokenizer": spec.to_json(),
             "prompts": dict(getattr(model, "prompts", {}) or {}),
             "prompt_pooling": prompt_pooling,
@@ -267,7 +282,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             "exporter": {"name": config.exporter, "opset": config.opset,
                          "attn_implementation": config.attn_implementation},
             "servers": layouts.server_settings(dim=dim, normalized=normalized, max_seq_length=max_len,
-                                               pooling=pooling, binary=has_binary_output, files=files),
+                                               pooling=pooling, binary=has_binary_output, files=files,
+                                               binary_bytes=dims.get("binary_embedding")),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "SERVING.md").write_text(layouts.serving_markdown(manifest))

@@ -117,6 +117,9 @@ class SignBinarizer(_BinarizerBase):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.dim = int(dim)
         self.truncate_dim = int(truncate_dim) if truncate_dim else None
+        if self.truncate_dim is not None and self.truncate_dim > self.dim:
+            # the code would be sized for dimensions the input does not have
+            raise ValueError(f"truncate_dim {self.truncate_dim} is larger than the input's {self.dim} dimensions")
         self.output = output
 
     @property

@@ -87,3 +87,39 @@ def fix_weighted_mean_padding(model: SentenceTransformer) -> SentenceTransformer
         logger.warning("this sentence-transformers (< 6.1) pools weightedmean wrongly with left padding; the model "
                        "now pads on the right, which gives the vectors it was built for")
     return model
+
+
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens the model's learned absolute position table can index, or None when it has no such table
+    (rotary / relative positions, static token tables): reading longer inputs would index past its end.
+
+    Accepts a SentenceTransformer, one of its modules, or a transformers model. RoBERTa-style tables start after
+    the padding index and OPT-style ones after an ``offset``; both are subtracted.
+    """
+    from torch import nn
+
+    first = model[0] if hasattr(model, "_first_module") or isinstance(model, nn.Sequential) else model
+    hf = getattr(first, "auto_model", None) or getattr(first, "model", None) or first
+    if not isinstance(hf, nn.Module):
+        return None
+    for name, module in hf.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            offset = int(getattr(module, "offset", 0) or 0)
+            pad = module.padding_idx
+            return int(module.num_embeddings) - offset - (pad + 1 if pad is not None else 0)
+    return None
+
+
+def check_max_seq_length(model: Any, max_seq_length: int | None, source: str) -> None:
+    """Refuse a ``max_seq_length`` longer than the model's position table (see :func:`position_limit`)."""
+    from embedforge.configs import ConfigError
+
+    if max_seq_length is None:
+        return
+    limit = position_limit(model)
+    if limit is not None and max_seq_length > limit:
+        raise ConfigError(f"max_seq_length: {max_seq_length} is more than {source} can read (its position "
+                          f"embeddings cover {limit} tokens); use at most {limit}", key="max_seq_length")

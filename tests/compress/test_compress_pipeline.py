@@ -125,3 +125,52 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
     # Same codes as binarizing the float vectors of the model without the binarizer.
     floats = load_embedder(src).encode(texts, convert_to_numpy=True)
     np.testing.assert_array_equal(codes, binarize(model[-1], floats)[0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"num_layers": 9}, "num_layers: 9 is more than the model has ({src} has 2 layers); use at most 2"),
+    ({"keep_layers": [0, 5]}, "keep_layers: layer index 5 is out of range for a model with 2 layers ({src})"),
+    ({"embedding_precision": "binary", "truncate_dim": 4096},
+     "truncate_dim: 4096 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
+    ({"embedding_precision": "int8", "truncate_dim": 33, "calibration_data": "unused.jsonl"},
+     "truncate_dim: 33 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
+    ({"num_layers": 1, "heal_steps": 2, "heal_data": "unused.jsonl", "max_seq_length": 1024},
+     "max_seq_length: 1024 is more than {src} can read (its position embeddings cover 128 tokens); use at most 128"),
+])
+def test_compress_refuses_what_the_model_does_not_have(tmp_path, texts_file, monkeypatch, settings, message):
+    import embedforge.compress.pipeline as P
+    from embedforge.configs import ConfigError
+
+    src = _bert(tmp_path, layers=2)
+    monkeypatch.setattr(P, "_vectors", lambda *a, **k: pytest.fail("encoded before checking the config"))
+    out = tmp_path / "out"
+    cfg = CompressConfig(model=str(src), **settings)
+    with pytest.raises(ConfigError) as info:
+        P.run(cfg, out, StageContext(stage_name="compress"))
+    assert str(info.value) == message.format(src=src)
+    assert not out.exists() and not Path(f"{out}.ckpt").exists()
+
+
+def test_sign_binarizer_refuses_truncate_dim_beyond_its_input():
+    from embedforge.modules.binarizer import SignBinarizer
+
+    assert SignBinarizer(32, truncate_dim=16).get_embedding_dimension() == 2
+    with pytest.raises(ValueError, match="truncate_dim 4096 is larger than the input's 32 dimensions"):
+        SignBinarizer(32, truncate_dim=4096)
+
+
+def test_compress_cuts_huge_texts_to_the_model_limit(tmp_path, texts_file, caplog):
+    import logging
+
+    from embedforge.compress.pipeline import run
+    from embedforge.data import max_chars_for
+    from embedforge.modules import load_embedder
+
+    src = _bert(tmp_path, layers=2)
+    limit = max_chars_for(load_embedder(src).max_seq_length)
+    corpus = tmp_path / "huge.jsonl"
+    corpus.write_text(texts_file.read_text() + json.dumps({"text": "hello world " * 100_000}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="embedforge.data"):
+        run(CompressConfig(model=str(src), vocab_corpus=str(corpus)), tmp_path / "out", StageContext())
+    assert [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()] == [
+        f"{corpus}: 1 text(s) longer than {limit} characters were cut to that length (the model reads no further)"]

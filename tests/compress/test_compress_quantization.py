@@ -173,3 +173,11 @@ def test_binary_rescore_index_equals_hamming_then_int8_rescoring(tmp_path, vecs)
     small = BinaryRescoreIndex.build(docs[:5], calib)
     s5, ids5 = small.search(queries[:2], k=10, depth=8)
     assert (ids5[:, 5:] == -1).all() and np.isneginf(s5[:, 5:]).all() and (ids5[:, :5] >= 0).all()
+
+
+def test_truncate_dim_wider_than_the_vectors_is_refused(vecs):
+    assert truncate(vecs, 64).shape == (300, 64)
+    with pytest.raises(ValueError, match="truncate_dim 4096 is larger than the vectors' 64 dimensions"):
+        EmbeddingQuantizer(precision="binary", truncate_dim=4096)(vecs)
+    with pytest.raises(ValueError, match="truncate_dim 65 is larger than the vectors' 64 dimensions"):
+        Int8Calibration.fit(vecs, truncate_dim=65)

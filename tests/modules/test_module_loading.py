@@ -58,3 +58,36 @@ def test_fallback_without_the_private_hook(echo_dir: Path, tmp_path: Path, monke
     (custom / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="auto_map"):
         load_embedder(custom)
+
+
+def test_position_limit_of_learned_rotary_and_offset_tables(tiny_st_dir: Path, tiny_llama_dir: Path) -> None:
+    import torch
+    from transformers import AutoModel, RobertaConfig, RobertaModel
+
+    from embedforge.modules.loading import position_limit
+
+    assert position_limit(load_embedder(tiny_st_dir)) == 128  # BERT: max_position_embeddings
+    assert position_limit(AutoModel.from_pretrained(tiny_llama_dir)) is None  # rotary: no table to run off
+    torch.manual_seed(0)
+    roberta = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=66, pad_token_id=1))
+    assert position_limit(roberta) == 64  # positions start after the padding index
+
+
+def test_convert_refuses_max_seq_length_beyond_position_embeddings(tiny_st_dir: Path) -> None:
+    from embedforge.configs import ConfigError
+    from embedforge.convert.config import ConvertConfig
+    from embedforge.convert.embedder import build_embedder_from_config
+    from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.train_model import load_start_model
+
+    expected = (f"max_seq_length: 1024 is more than {tiny_st_dir} can read (its position embeddings cover 128 "
+                "tokens); use at most 128")
+    with pytest.raises(ConfigError) as info:
+        load_start_model(ContrastiveConfig(model=str(tiny_st_dir), data=["pairs.jsonl"], max_seq_length=1024))
+    assert str(info.value) == expected
+    with pytest.raises(ConfigError) as info:
+        build_embedder_from_config(ConvertConfig(model=str(tiny_st_dir), max_seq_length=1024, pooling="mean"))
+    assert str(info.value) == expected
+    model, _ = load_start_model(ContrastiveConfig(model=str(tiny_st_dir), data=["pairs.jsonl"], max_seq_length=128))
+    assert model.max_seq_length == 128
