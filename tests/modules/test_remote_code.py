@@ -318,3 +318,46 @@ def test_model_card_for_an_embedforge_only_module(tmp_path: Path) -> None:
     ]))
     card = model_card(tmp_path, name="m")
     assert 'load_model("m")' in card and "trust_remote_code" not in card
+
+
+@pytest.mark.parametrize("writer", ["save_trained", "compress"])
+def test_every_stage_writer_ships_the_head(writer: str, saved: dict[str, Any], tmp_path: Path) -> None:
+    """The trained (mntp / simcse / contrastive) and compressed models get the same finishing as save_model."""
+    from types import SimpleNamespace
+
+    from embedforge.model import load_model
+
+    model = load_model(saved["dirs"]["latent_attention"])
+    out = tmp_path / writer
+    if writer == "save_trained":
+        from embedforge.convert.train_model import save_trained
+
+        from embedforge.convert.config import ConvertConfig
+
+        save_trained(model, out, stage="contrastive", config=ConvertConfig(model="tiny"), parent=None, ctx=None)
+    else:
+        from embedforge.compress.pipeline import _save
+
+        _save(model, out, source="tiny", config=None, ctx=SimpleNamespace(recipe_hash=None), metrics={}, extra={},
+              files={})
+    types = [e["type"] for e in json.loads((out / "modules.json").read_text())]
+    assert types[1] == "embedforge_latent_attention.LatentAttentionPooling"
+    assert (out / "embedforge_latent_attention.py").is_file() and (out / "embedforge_common.py").is_file()
+    assert f'SentenceTransformer("{writer}", trust_remote_code=True)' in (out / "README.md").read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_export_pooling_and_tokenizer_configs_are_legacy_readable(saved: dict[str, Any], tmp_path: Path) -> None:
+    from embedforge.export.layouts import describe_pooling, write_tei_files
+    from embedforge.model import load_model
+
+    for name in ("latent_attention", "lasttoken"):
+        model = load_model(saved["dirs"][name])
+        out = tmp_path / name
+        out.mkdir()
+        write_tei_files(model, out, pooling=describe_pooling(model), dim=32, max_seq_length=MAX_SEQ_LENGTH)
+        config = json.loads((out / "1_Pooling" / "config.json").read_text())
+        assert set(config) <= ST5_POOLING_PARAMS, set(config) - ST5_POOLING_PARAMS  # no embedforge_note
+        # a head that pools inside the graph gets the placeholder mean; a real pooling mode is kept
+        assert st5_pooling(**config)["modes"] == ["mean" if name == "latent_attention" else name]
+        assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
