@@ -129,6 +129,10 @@ CHILD = textwrap.dedent('''
             vectors = model.encode(job["texts"], prompt_name=prompt, convert_to_numpy=True, show_progress_bar=False)
             np.save(out / f"{prompt}.npy", np.asarray(vectors))
         entry = {"modules": [type(m).__module__ for m in model], "snippet": snippet}
+        # saved again by plain sentence-transformers, the model still loads the way its card says
+        model.save(str(out / "resaved"))
+        again = SentenceTransformer(str(out / "resaved"), device="cpu", trust_remote_code=job["custom"][name])
+        np.save(out / "resaved.npy", again.encode(job["texts"], convert_to_numpy=True, show_progress_bar=False))
         try:
             SentenceTransformer(str(model_dir), device="cpu")
             entry["plain"] = "loaded"
@@ -148,7 +152,7 @@ def without_embedforge(saved: dict[str, Any], tmp_path_factory: pytest.TempPathF
     out.mkdir()
     job = work / "job.json"
     job.write_text(json.dumps({"dirs": {k: str(v) for k, v in saved["dirs"].items()}, "texts": texts(),
-                               "out": str(out)}))
+                               "out": str(out), "custom": {k: k in CUSTOM for k in saved["dirs"]}}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(work / "hf-modules"),
                TOKENIZERS_PARALLELISM="false")
@@ -156,7 +160,8 @@ def without_embedforge(saved: dict[str, Any], tmp_path_factory: pytest.TempPathF
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    vectors = {name: {p: np.load(out / name / f"{p}.npy") for p in (None, "query")} for name in saved["dirs"]}
+    vectors = {name: {p: np.load(out / name / f"{p}.npy") for p in (None, "query", "resaved")}
+               for name in saved["dirs"]}
     return {"report": report, "vectors": vectors}
 
 
@@ -185,6 +190,8 @@ def test_custom_head_loads_without_embedforge(name: str, saved: dict[str, Any],
             assert got.dtype == np.uint8 and np.array_equal(got, want)
         else:
             assert _cosines(got, want).min() >= 0.9999, (name, prompt, _cosines(got, want))
+    resaved = without_embedforge["vectors"][name]["resaved"]
+    assert np.array_equal(resaved, without_embedforge["vectors"][name][None])
 
 
 @pytest.mark.parametrize("name", STANDARD)
@@ -198,6 +205,7 @@ def test_standard_head_loads_without_trust_remote_code(name: str, saved: dict[st
     for prompt in (None, "query"):
         got, want = without_embedforge["vectors"][name][prompt], saved["want"][name][prompt]
         assert _cosines(got, want).min() >= 0.9999
+    assert np.array_equal(without_embedforge["vectors"][name]["resaved"], without_embedforge["vectors"][name][None])
 
 
 @pytest.mark.parametrize("name", CUSTOM)
