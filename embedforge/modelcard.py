@@ -135,6 +135,10 @@ def model_card(model_dir: str | os.PathLike[str], model: SentenceTransformer | N
                      f"{model.max_seq_length} tokens.")
     if any(e.get("type", "").endswith(".Normalize") for e in entries):
         facts.append("Vectors are L2-normalized.")
+    backbone = next((root / e.get("path", "") / "config.json" for e in entries[:1]), root / "config.json")
+    if (_read_json(backbone) or {}).get("is_causal") is False:
+        facts.append("The decoder attends bidirectionally (`is_causal: false` in its `config.json`), which needs "
+                     "transformers >= 5.2: older releases ignore the flag and attend causally, giving other vectors.")
     lines += [" ".join(facts) or "A sentence-transformers text-embedding model.", ""]
     code_files = [p.name for p in root.glob("*.py")]
     lines += loading_instructions(entries, name, code_files) + [""]

@@ -317,6 +317,12 @@ def test_a_file_that_imports_embedforge_is_not_shipped(saved: dict[str, Any], tm
     assert not list(model_dir.glob("*.py"))
 
 
+def test_model_card_warns_that_bidirectional_attention_needs_transformers_5_2(saved: dict[str, Any]) -> None:
+    """transformers 4.x ignores ``is_causal: false`` (checked with 4.57.1: its vectors equal causal ones)."""
+    assert json.loads((saved["dirs"]["mean"] / "config.json").read_text())["is_causal"] is False
+    assert "needs transformers >= 5.2" in (saved["dirs"]["mean"] / "README.md").read_text()
+
+
 def test_model_card_for_an_embedforge_only_module(tmp_path: Path) -> None:
     from embedforge.modelcard import model_card
 
