@@ -48,7 +48,7 @@ class NotShippable(RuntimeError):
 
 
 def shipped_name(module: str) -> str:
-    """The file stem a module of ``embedforge.modules`` gets inside a model directory (``echo`` -> ``embedforge_echo``)."""
+    """The file stem of a shipped ``embedforge.modules`` file (``echo`` -> ``embedforge_echo``)."""
     return SHIPPED_PREFIX + module
 
 
