@@ -1,9 +1,10 @@
 """The one model format: a sentence-transformers directory plus ``embedforge.json``.
 
-Every stage reads and writes this format. ``SentenceTransformer(dir)`` loads any of them (custom modules need
-embedforge importable). Writes are atomic: everything lands in a temporary sibling directory that is renamed
-into place only once it is complete, so an interrupted save never leaves a half-written model behind. Only a
-directory embedforge wrote (or an empty one) is ever replaced, one run at a time (see :mod:`embedforge.outputs`).
+Every stage reads and writes this format. ``SentenceTransformer(dir)`` loads any of them; a directory with an
+embedforge module carries that module's code and needs ``trust_remote_code=True`` (see :mod:`embedforge.modelcard`).
+Writes are atomic: everything lands in a temporary sibling directory that is renamed into place only once it is
+complete, so an interrupted save never leaves a half-written model behind. Only a directory embedforge wrote (or an
+empty one) is ever replaced, one run at a time (see :mod:`embedforge.outputs`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def save_model(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` as a sentence-transformers directory with lineage, atomically. Returns the directory."""
+    from embedforge.modelcard import finish_model_dir
+
     lineage = make_lineage(
         stage=stage, source=source, config=config, metrics=metrics, parent=parent,
         recipe_hash=recipe_hash, extra=extra,
@@ -186,6 +189,7 @@ def save_model(
     with atomic_dir(out) as tmp:
         model.save(str(tmp), safe_serialization=True)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        finish_model_dir(tmp, model, name=out.name)  # shipped module code, legacy configs, model card
     logger.info("saved %s model to %s", stage, out)
     return out
 

@@ -86,6 +86,7 @@ def _save(model: Any, out_dir: Path, *, source: str, config: Any, ctx: StageCont
           extra: dict[str, Any], files: dict[str, str], stage: str = "compress") -> None:
     """Model dir + lineage + side files, all in one atomic rename."""
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
+    from embedforge.modelcard import finish_model_dir
 
     lineage = make_lineage(stage=stage, source=source, config=config, metrics=metrics, parent=source
                            if Path(source).is_dir() else None, recipe_hash=ctx.recipe_hash, extra=extra)
@@ -94,6 +95,7 @@ def _save(model: Any, out_dir: Path, *, source: str, config: Any, ctx: StageCont
         for name, content in files.items():
             (tmp / name).write_text(content)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        finish_model_dir(tmp, model, name=Path(out_dir).name)  # shipped head code, legacy configs, model card
     logger.info("saved compressed model to %s", out_dir)
 
 

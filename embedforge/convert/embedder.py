@@ -13,7 +13,9 @@
 6. attach the query / document prompts.
 
 Models whose modules are all sentence-transformers classes load with a plain ``SentenceTransformer(dir)``; those
-with an embedforge head load with :func:`embedforge.modules.load_embedder` (or ``trust_remote_code=True``).
+with an embedforge head load with :func:`embedforge.modules.load_embedder`, or, once saved with
+:func:`embedforge.model.save_model` (which ships the head's code), with ``SentenceTransformer(dir,
+trust_remote_code=True)`` without embedforge.
 """
 
 from __future__ import annotations

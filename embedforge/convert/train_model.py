@@ -295,6 +295,7 @@ def save_trained(
 ) -> Path:
     """Write the trained embedder (and, with ``adapter: keep``, its adapter in ``adapter/``) atomically."""
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, read_lineage
+    from embedforge.modelcard import finish_model_dir
 
     model.eval()
     source = (read_lineage(parent).get("source") if parent else None) or config.model
@@ -308,6 +309,7 @@ def save_trained(
         if adapter is not None:
             shutil.copytree(adapter, tmp / ADAPTER_DIR)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        finish_model_dir(tmp, model, name=Path(out_dir).name)  # shipped head code, legacy configs, model card
     if adapter is not None:
         shutil.rmtree(adapter, ignore_errors=True)
     logger.info("saved the %s model to %s", stage, out_dir)

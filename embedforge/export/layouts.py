@@ -53,6 +53,8 @@ def describe_pooling(model: SentenceTransformer) -> dict[str, Any]:
 def write_tei_files(model: SentenceTransformer, out: Path, *, pooling: dict[str, Any], dim: int,
                     max_seq_length: int) -> list[str]:
     """Write the backbone ``config.json``, tokenizer files and ``1_Pooling/config.json``; return written names."""
+    from embedforge.modules.compat import legacy_pooling_config, rewrite_tokenizer_config
+
     written: list[str] = []
     first = model[0]
     hf_model = getattr(first, "model", None) or getattr(first, "auto_model", None)
@@ -76,14 +78,11 @@ def write_tei_files(model: SentenceTransformer, out: Path, *, pooling: dict[str,
         raise ValueError("the model's tokenizer is not a fast tokenizer: servers need tokenizer.json")
     (out / "1_Pooling").mkdir(exist_ok=True)
     mode = pooling["mode"] if pooling["mode"] in _ST_POOLING_FLAGS else "mean"
-    pool_cfg: dict[str, Any] = {"word_embedding_dimension": dim, "embedding_dimension": dim, "pooling_mode": mode}
-    pool_cfg.update({flag: m == mode for m, flag in _ST_POOLING_FLAGS.items()})
-    if not pooling["server_poolable"]:
-        pool_cfg["embedforge_note"] = (
-            f"pooling is done inside onnx/model.onnx by {pooling['module']}; the graph's sentence_embedding "
-            "output is already pooled (this file only satisfies loaders that require it)"
-        )
+    # Only the keys sentence-transformers 5.x Pooling(**config) accepts. A head that pools inside the graph gets a
+    # placeholder mean here; the manifest records that the graph's sentence_embedding output is already pooled.
+    pool_cfg = legacy_pooling_config(dim, mode)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2) + "\n")
+    rewrite_tokenizer_config(out)  # a tokenizer_class transformers 4.x knows
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}, indent=2) + "\n")
     written += ["1_Pooling/config.json", "sentence_bert_config.json"]
     return written

@@ -1,8 +1,9 @@
 """sentence-transformers modules shared by the workflows: pooling heads (latent attention, multi-layer, echo).
 
 Importing this package is cheap; the modules themselves import torch. Directories containing an embedforge module
-load with :func:`load_embedder` (plain ``SentenceTransformer(dir)`` needs ``trust_remote_code=True`` for them,
-because sentence-transformers >= 6 only imports its own classes by default).
+load with :func:`load_embedder` (installed classes, no ``trust_remote_code``). They also carry the modules' code
+(:mod:`embedforge.modules.portable`), so plain ``SentenceTransformer(dir, trust_remote_code=True)`` loads them
+without embedforge; sentence-transformers >= 6 imports only its own classes without that flag.
 """
 
 from __future__ import annotations

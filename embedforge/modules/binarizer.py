@@ -31,6 +31,8 @@ import torch
 from sentence_transformers.base.modules.module import Module
 from torch import Tensor, nn
 
+from embedforge.modules.common import copy_shipped_code
+
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("float", "packed", "passthrough")
@@ -98,6 +100,7 @@ class _BinarizerBase(Module):
         self.save_config(output_path)
         if any(True for _ in self.parameters()):
             self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+        copy_shipped_code(self, output_path)
 
 
 class SignBinarizer(_BinarizerBase):

@@ -7,6 +7,9 @@ of a row is found with an int32 ``argmax`` (which also works with left padding).
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +69,24 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return (total / count).to(hidden.dtype)
 
 
+def copy_shipped_code(module: Any, output_path: str) -> None:
+    """Keep a model that was loaded from the code shipped in its directory loadable after ``model.save``.
+
+    For a class loaded with ``trust_remote_code`` sentence-transformers copies the code into the module's own
+    folder, but looks for it at the top of the model directory when loading; this puts the shipped files
+    (``embedforge_*.py``) there too. Call it from ``save`` of modules that live in a subfolder. Installed classes:
+    nothing to do (embedforge's save ships the code itself).
+    """
+    origin = type(module).__module__
+    if not origin.startswith("transformers_modules."):
+        return
+    source = Path(sys.modules[origin].__file__).parent
+    root = Path(output_path).parent
+    for code in source.glob("embedforge_*.py"):
+        if not (root / code.name).exists():
+            shutil.copyfile(code, root / code.name)
+
+
 def _module_base() -> type:
     from sentence_transformers.base.modules import Module
 
@@ -85,6 +106,7 @@ class TrainableHead(_module_base()):  # type: ignore[misc]
         """Write ``config.json`` and the weights into ``output_path``."""
         self.save_config(output_path)
         self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+        copy_shipped_code(self, output_path)
 
     @classmethod
     def load(

@@ -24,7 +24,9 @@ import torch
 from sentence_transformers.base.modules import Module, Transformer
 from torch import Tensor
 
-from embedforge.modules.common import first_token_index, masked_mean, positions_like, prompt_length_of
+from embedforge.modules.common import (
+    copy_shipped_code, first_token_index, masked_mean, positions_like, prompt_length_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +204,4 @@ class EchoPooling(Module):
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
         self.save_config(output_path)
+        copy_shipped_code(self, output_path)

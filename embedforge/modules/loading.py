@@ -8,7 +8,6 @@ are installed code, not code shipped with the checkpoint, so :func:`load_embedde
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -20,20 +19,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_PREFIX = "embedforge."
-
 
 def module_classes_for(path: str | os.PathLike[str]) -> dict[str, type]:
-    """``{modules.json type: class}`` for every ``embedforge.*`` module of the saved model at ``path``."""
+    """``{modules.json type: installed class}`` for every embedforge module of the saved model at ``path``."""
     modules_json = Path(path) / "modules.json"
     if not modules_json.is_file():
         return {}
+    from embedforge.modules.portable import installed_class
+
     classes: dict[str, type] = {}
     for entry in json.loads(modules_json.read_text()):
         ref = entry.get("type", "")
-        if ref.startswith(PACKAGE_PREFIX):
-            module_name, _, class_name = ref.rpartition(".")
-            classes[ref] = getattr(importlib.import_module(module_name), class_name)
+        if (cls := installed_class(ref)) is not None:  # embedforge.* or a shipped copy's embedforge_* name
+            classes[ref] = cls
     return classes
 
 

@@ -94,7 +94,7 @@ def test_run_convert_with_a_trainable_head(tiny_llama_dir: Path, tmp_path: Path)
     out = tmp_path / "latent"
     run_convert(cfg, out, StageContext())
     modules = json.loads((out / "modules.json").read_text())
-    assert modules[1]["type"] == "embedforge.modules.latent_attention.LatentAttentionPooling"
+    assert modules[1]["type"] == "embedforge_latent_attention.LatentAttentionPooling"  # code shipped in the dir
     loaded = load_embedder(out)
     texts = sample_texts()
     # same seed -> same head weights: the saved model equals a fresh build
