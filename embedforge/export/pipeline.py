@@ -106,7 +106,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     import numpy as np
 
     from embedforge.export import graph as G
-    from embedforge.export import layouts, parity, precision
+    from embedforge.export import layouts, parity, precision, serving
     from embedforge.export.encoder import OnnxEncoder
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
 
@@ -248,6 +248,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         dims = {"sentence_embedding": dim}
         if has_binary_output:
             dims["binary_embedding"] = int(fp32.outputs.get(G.BINARY_OUTPUT, {}).get("shape", [0, 0])[-1])
+        manifest_prompts = dict(getattr(model, "prompts", {}) or {})
+        decoder = hf_config is not None and model_type not in precision.BERT_LIKE
         manifest: dict[str, Any] = {
             "format": "embedforge-export/1",
             "source": config.model,
@@ -260,17 +262,24 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             "binary": {"output": G.BINARY_OUTPUT, "layout": "numpy packbits(x > 0), most significant bit first"}
             if has_binary_output else None,
             "tokenizer": spec.to_json(),
-            "prompts": dict(getattr(model, "prompts", {}) or {}),
+            "prompts": manifest_prompts,
             "prompt_pooling": prompt_pooling,
             "graphs": graphs,
             "fusion": fuse_info,
             "exporter": {"name": config.exporter, "opset": config.opset,
                          "attn_implementation": config.attn_implementation},
-            "servers": layouts.server_settings(dim=dim, normalized=normalized, max_seq_length=max_len,
-                                               pooling=pooling, binary=has_binary_output, files=files),
+            "decoder": decoder,
+            "servers": layouts.server_settings(
+                dim=dim, normalized=normalized, max_seq_length=max_len, pooling=pooling, binary=has_binary_output,
+                files=files, inputs=input_names, prompts=manifest_prompts, prompt_pooling=prompt_pooling,
+                echo=spec.echo is not None, decoder=decoder,
+            ),
         }
+        if spec.echo is not None:
+            manifest["echo"] = {"template": getattr(model[0], "echo_template", None),
+                                "rule": layouts.echo_rule(spec.echo, max_len)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "SERVING.md").write_text(layouts.serving_markdown(manifest))
+        (tmp / "SERVING.md").write_text(serving.serving_markdown(manifest))
         layouts.copy_readme(model_dir, tmp)
         lineage = make_lineage(
             stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,
