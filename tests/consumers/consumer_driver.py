@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-FUNCTIONS = ("embed", "embed_binary", "embed_fastembed")
+FUNCTIONS = ("embed", "embed_binary", "embed_fastembed", "embed_query")
 
 
 def main() -> None:

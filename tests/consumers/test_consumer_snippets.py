@@ -109,3 +109,31 @@ np.save(sys.argv[2], v)
     run_consumer(consumer_python, code, export, json.dumps(TEXTS), str(tmp_path / "inf.npy"))
     cos = cosines(np.load(tmp_path / "inf.npy"), reference(model_dir, TEXTS))
     assert cos.min() >= 0.9999, cos
+
+
+def test_prompts_in_snippet_and_vespa(consumer_python: Path, tiny_st_dir: Path, tmp_path: Path) -> None:
+    """A model with prompts that pool with the text: the snippet prepends them as sentence-transformers does, and
+    the Vespa block carries them as <prepend>."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.pipeline import export_model
+    from embedforge.export.serving import python_blocks
+    from embedforge.model import save_model
+
+    st = SentenceTransformer(str(tiny_st_dir), device="cpu")
+    st.prompts = {"query": "query: ", "document": "passage: "}
+    model_dir = save_model(st, tmp_path / "model", stage="convert", source=str(tiny_st_dir))
+    export = export_model(ExportConfig(model=str(model_dir), fp16=False, int8=[], optimize="none",
+                                       last_hidden_state=False), tmp_path / "export")
+    markdown = (export / "SERVING.md").read_text()
+    vespa = _section(markdown, "Vespa")
+    assert "<prepend>" in vespa and "<query>query: </query>" in vespa and "<document>passage: </document>" in vespa
+    block = python_blocks(markdown)[0]
+    found = run_blocks(consumer_python, export, [block, "embed_query = lambda t: embed(t, prompt='query')\n"],
+                       tmp_path / "out", TEXTS)
+    ref = np.stack([st.encode([t], prompt_name="query", convert_to_numpy=True)[0] for t in TEXTS])
+    assert cosines(found["1_embed_query"], ref).min() >= 0.9999
+    plain = np.stack([st.encode([t], convert_to_numpy=True)[0] for t in TEXTS])
+    assert cosines(found["0_embed"], plain).min() >= 0.9999
+    assert cosines(found["1_embed_query"], plain).min() < 0.9999  # the prompt changed the vectors
