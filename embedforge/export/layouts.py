@@ -108,6 +108,56 @@ def align_tokenizer_limits(out: Path, max_seq_length: int) -> None:
     tok_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+#: for echo exports: the model's own tokenizer (text in, text ids out), which embedforge's encoder reads
+ECHO_TEXT_TOKENIZER = "tokenizer_text.json"
+_ECHO_PIECES = ("bos", "prefix", "middle", "suffix", "eos")
+
+
+def echo_truncation(echo: dict[str, Any], max_length: int) -> int:
+    """The truncation length of the echo ``tokenizer.json``: the template's tokens count once in a tokenizer's
+    budget but the text twice, so ``(max_length + fixed) // 2`` leaves the text ``(max_length - fixed) // 2``."""
+    fixed = sum(len(echo[k]) for k in _ECHO_PIECES)
+    return (int(max_length) + fixed) // 2
+
+
+def write_echo_tokenizer(out: Path, echo: dict[str, Any], max_seq_length: int) -> str:
+    """Make ``tokenizer.json`` lay a text out in the echo template by itself; return the plain copy's name.
+
+    The post-processor writes ``bos prefix TEXT middle TEXT suffix eos`` (the template pieces as special-token
+    runs), a normalizer puts the leading space in front of the text where the template wants one, and truncation
+    (also in ``tokenizer_config.json``) keeps both copies within ``max_seq_length``. Consumers that tokenize with
+    ``tokenizer.json`` and special tokens on (fastembed) then feed the graph what it expects.
+    """
+    from tokenizers import Tokenizer, normalizers, processors
+
+    path = out / "tokenizer.json"
+    shutil.copy2(path, out / ECHO_TEXT_TOKENIZER)
+    tok = Tokenizer.from_file(str(path))
+    special: list[dict[str, Any]] = []
+    template: list[str] = []
+    for key in _ECHO_PIECES:  # bos prefix $A middle $A suffix eos
+        if echo[key]:
+            name = f"<echo-{key}>"
+            tokens = [tok.id_to_token(i) or "" for i in echo[key]]
+            special.append({"id": name, "ids": list(echo[key]), "tokens": tokens})
+            template.append(name)
+        if key in ("prefix", "middle"):
+            template.append("$A")
+    tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=special)
+    if echo.get("lead_space"):
+        steps = [normalizers.Prepend(" ")] + ([tok.normalizer] if tok.normalizer is not None else [])
+        tok.normalizer = normalizers.Sequence(steps)
+    limit = echo_truncation(echo, max_seq_length)
+    tok.enable_truncation(limit)
+    tok.no_padding()
+    tok.save(str(path))
+    config_path = out / "tokenizer_config.json"
+    cfg = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    cfg.update(model_max_length=limit, max_length=limit)
+    config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return ECHO_TEXT_TOKENIZER
+
+
 def echo_rule(echo: dict[str, Any], max_length: int) -> str:
     """The echo layout of a :class:`~embedforge.export.encoder.TokenizerSpec` in plain words."""
     fixed = sum(len(echo[k]) for k in ("bos", "prefix", "middle", "suffix", "eos"))
@@ -116,7 +166,9 @@ def echo_rule(echo: dict[str, Any], max_length: int) -> str:
         f"tokenize the text {space}without special tokens; keep its first (max_length - {fixed}) // 2 = "
         f"{max(0, (max_length - fixed) // 2)} tokens; feed the ids bos + prefix + text + middle + text + suffix + "
         "eos (the id lists under tokenizer.echo) with attention_mask 1 everywhere; the graph pools the second copy "
-        "only. A consumer that tokenizes the text once, as usual, gets wrong vectors from this export."
+        f"only. This export's tokenizer.json does all of that itself (special tokens on, truncation at "
+        f"{echo_truncation(echo, max_length)}); a consumer that tokenizes the text once with its own template gets "
+        "wrong vectors."
     )
 
 
@@ -136,7 +188,8 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
     int8_file = files.get("int8_avx512_vnni") or next((v for k, v in files.items() if k.startswith("int8")), None)
     tokens_file = files.get("last_hidden_state")
     mode = pooling["mode"] if pooling["server_poolable"] else None
-    no_echo = "needs the echo template (text written twice, see manifest echo.rule), which it cannot apply"
+    no_echo = ("needs the echo layout (text written twice, see manifest echo.rule); tokenizer.json applies it, but "
+               "how this consumer truncates such a tokenizer is not verified, so it is not supported")
     prompt_note = ("prepend the prompt text to each text yourself" if prompts and prompt_pooling else
                    "encode without prompts: the head pools without knowing a prompt's length" if prompts else None)
 
@@ -162,7 +215,9 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
             "prompts": prompt_note,
         },
         "fastembed": {
-            "serves": not echo, "why_not": no_echo if echo else None,
+            "serves": True,
+            "echo": "tokenizer.json and tokenizer_config.json apply the echo layout and its truncation" if echo
+            else None,
             "model_file": files["fp32"], "pooling": "DISABLED", "normalization": False,
             "output_name": "sentence_embedding", "dim": dim, "int8_model_file": int8_file,
             "token_graph": {"model_file": tokens_file, "pooling": token_pooling("fastembed"),

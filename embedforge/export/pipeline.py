@@ -137,6 +137,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         float_output = np.issubdtype(reference.dtype, np.floating)
         dim = int(reference.shape[1])
         layouts.write_tei_files(model, tmp, pooling=pooling, dim=dim, max_seq_length=max_len)
+        if spec.echo is not None:  # tokenizer.json applies the echo template; the encoder reads the plain copy
+            spec.file = layouts.write_echo_tokenizer(tmp, spec.echo, max_len)
 
         def check(name: str, file: str, spec_: G.GraphSpec | None, min_cos: float, max_abs: float | None,
                   min_bits: float = 0.99) -> None:

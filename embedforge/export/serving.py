@@ -43,30 +43,20 @@ def _ort_snippet(manifest: dict[str, Any]) -> str:
     ]
     if echo is not None:
         fixed = sum(len(echo[k]) for k in ("bos", "prefix", "middle", "suffix", "eos"))
-        lead = '" " + ' if echo.get("lead_space") else ""
         lines += [
-            "tokenizer.no_truncation()  # the echo layout below truncates",
-            "# echo template pieces (token ids): bos prefix TEXT middle TEXT suffix eos",
-            *(f"{k.upper()} = {list(echo[k])!r}" for k in ("bos", "prefix", "middle", "suffix", "eos")),
-            "",
-            "",
-            "def token_rows(texts):",
-            "    rows = []",
-            "    for text in texts:",
-            f"        ids = tokenizer.encode({lead}text, add_special_tokens=False).ids",
-            f"        ids = ids[: (MAX_TOKENS - {fixed}) // 2]  # both copies must fit",
-            "        row = BOS + PREFIX + ids + MIDDLE + ids + SUFFIX + EOS",
-            "        rows.append((row, [0] * len(row)))",
-            "    return rows",
+            "# Echo embedding: tokenizer.json writes each text twice in the template",
+            f"# (bos prefix TEXT middle TEXT suffix eos, the template's {fixed} tokens counted once), so truncating at",
+            f"# (MAX_TOKENS + {fixed}) // 2 leaves (MAX_TOKENS - {fixed}) // 2 tokens per copy.",
+            f"tokenizer.enable_truncation((MAX_TOKENS + {fixed}) // 2)",
         ]
     else:
-        lines += [
-            "tokenizer.enable_truncation(MAX_TOKENS)",
-            "",
-            "",
-            "def token_rows(texts):",
-            "    return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(texts)]",
-        ]
+        lines.append("tokenizer.enable_truncation(MAX_TOKENS)")
+    lines += [
+        "",
+        "",
+        "def token_rows(texts):",
+        "    return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(texts)]",
+    ]
     lines += [
         "",
         "",
@@ -268,8 +258,8 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
             f"- **Echo embedding**: the text must be written twice"
             + (f" in the template {json.dumps(template, ensure_ascii=False)}" if template else "") + ": "
             + (manifest.get("echo") or {}).get("rule", "see tokenizer.echo in manifest.json") + " The onnxruntime "
-            "snippet below does this; fastembed, text-embeddings-inference, Infinity and Vespa cannot, so they "
-            "cannot serve this export.",
+            "snippet and fastembed get it from tokenizer.json; text-embeddings-inference, Infinity and Vespa are "
+            "not supported for echo exports.",
         ]
     lines += ["", "| file | precision | min cosine vs PyTorch | size MB |", "|---|---|---|---|"]
     for name, info in manifest["graphs"].items():
@@ -292,6 +282,8 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
                          "normalization=True, output_name=None`")
         if extra:
             lines.append("Also: " + "; ".join(extra) + ".")
+        if fe.get("echo"):
+            lines.append(f"Echo: {fe['echo']}.")
         if fe.get("prompts"):
             lines.append(f"Prompts: {fe['prompts']}.")
     else:

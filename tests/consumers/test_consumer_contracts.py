@@ -121,7 +121,8 @@ vectors = np.load("{tmp_path / 'sentence_embedding.npy'}")
 client = QdrantClient(":memory:")
 client.create_collection("docs",
     vectors_config=models.VectorParams(size=q["vectors"]["size"], distance=models.Distance(q["vectors"]["distance"])),
-    quantization_config=models.BinaryQuantization(binary=models.BinaryQuantizationConfig(**q["quantization_config"]["binary"])))
+    quantization_config=models.BinaryQuantization(
+        binary=models.BinaryQuantizationConfig(**q["quantization_config"]["binary"])))
 client.upsert("docs", points=[models.PointStruct(id=i, vector=v.tolist()) for i, v in enumerate(vectors)])
 params = models.SearchParams(quantization=models.QuantizationSearchParams(**q["search_params"]["quantization"]))
 result = [[(h.id, h.score) for h in client.query_points("docs", query=v.tolist(), limit=len(vectors),
