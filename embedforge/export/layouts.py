@@ -188,8 +188,8 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
     int8_file = files.get("int8_avx512_vnni") or next((v for k, v in files.items() if k.startswith("int8")), None)
     tokens_file = files.get("last_hidden_state")
     mode = pooling["mode"] if pooling["server_poolable"] else None
-    no_echo = ("needs the echo layout (text written twice, see manifest echo.rule); tokenizer.json applies it, but "
-               "how this consumer truncates such a tokenizer is not verified, so it is not supported")
+    no_echo = ("the graph needs the echo layout (text written twice, see manifest echo.rule); tokenizer.json "
+               "applies it, but how this consumer truncates such a tokenizer is not verified")
     prompt_note = ("prepend the prompt text to each text yourself" if prompts and prompt_pooling else
                    "encode without prompts: the head pools without knowing a prompt's length" if prompts else None)
 
@@ -202,8 +202,8 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
     elif tokens_file is None:
         infinity_why = "the export has no last_hidden_state graph (last_hidden_state: false)"
     elif infinity_pool is None:
-        infinity_why = (f"its ONNX engine pools last_hidden_state with mean or cls only; this model pools with "
-                        f"{pooling['mode']}" + ("" if pooling["server_poolable"] else f" ({pooling['module']})"))
+        infinity_why = ("its ONNX engine pools last_hidden_state with mean or cls only; this model pools with "
+                        + (pooling["mode"] if pooling["server_poolable"] else f"the {pooling['module']} head"))
     else:
         infinity_why = None
     settings: dict[str, Any] = {
@@ -227,7 +227,8 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
         "text-embeddings-inference": {
             "serves": not echo, "why_not": no_echo if echo else None,
             "model_dir": ".", "onnx": "onnx/model.onnx", "pooled_output": "sentence_embedding",
-            "max_input_length": max_seq_length, "note": "TEI's ONNX backend serves the fp32 graph only",
+            "max_input_length": max_seq_length, "token_limit_from": "sentence_bert_config.json max_seq_length",
+            "flags": "--auto-truncate", "note": "TEI's ONNX backend serves the fp32 graph only",
         },
         "infinity": {
             "serves": infinity_why is None, "why_not": infinity_why,
@@ -264,7 +265,7 @@ def server_settings(*, dim: int, normalized: bool, max_seq_length: int, pooling:
             "vectors": {"size": dim, "distance": "Dot" if normalized else "Cosine"},
             "quantization_config": {"binary": {"always_ram": True}},
             "search_params": {"quantization": {"rescore": True, "oversampling": 4.0}},
-            "note": "store the float sentence_embedding; Qdrant binarizes on the server (it has no hamming "
+            "note": "Store the float sentence_embedding; Qdrant binarizes on the server (it has no hamming "
             "distance for user-supplied packed bits)",
         },
     }

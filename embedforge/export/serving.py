@@ -287,16 +287,17 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
         if fe.get("prompts"):
             lines.append(f"Prompts: {fe['prompts']}.")
     else:
-        lines.append(f"Not servable: fastembed {fe['why_not']}.")
+        lines.append(f"Not servable by fastembed: {fe['why_not']}.")
 
     tei = s["text-embeddings-inference"]
     lines += ["", "## text-embeddings-inference", ""]
     if tei["serves"]:
         lines.append("Point TEI at this directory: it reads `config.json`, `tokenizer.json`, `1_Pooling/config.json` "
-                     f"and `onnx/model.onnx`, and takes the `sentence_embedding` output as pooled. Set "
-                     f"`--max-input-length {tei['max_input_length']}`. {tei['note']}.")
+                     "and `onnx/model.onnx`, and takes the `sentence_embedding` output as pooled. Its token limit "
+                     f"({tei['max_input_length']}) comes from `sentence_bert_config.json`; start it with "
+                     f"`{tei['flags']}` so longer texts are cut instead of refused. {tei['note']}.")
     else:
-        lines.append(f"Not servable: TEI {tei['why_not']}.")
+        lines.append(f"Not servable by text-embeddings-inference: {tei['why_not']}.")
 
     inf = s["infinity"]
     lines += ["", "## Infinity", ""]
@@ -318,8 +319,8 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
                "engine." if manifest.get("decoder") else "."),
         ]
     else:
-        lines.append(f"Not servable: Infinity {inf['why_not']}. Use onnxruntime, fastembed or TEI with "
-                     "`onnx/model.onnx` instead." if not echo else f"Not servable: Infinity {inf['why_not']}.")
+        lines.append(f"Not servable by Infinity: {inf['why_not']}."
+                     + ("" if echo else " Use onnxruntime, fastembed or TEI with `onnx/model.onnx` instead."))
 
     v = s["vespa"]
     lines += ["", "## Vespa", ""]
@@ -328,7 +329,7 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
         lines.append(f"Field: `{v['tensor']}` with distance-metric `{v['distance-metric']}`; binary: "
                      f"`{v['binary_tensor']}` with `hamming` ({v['binary_note']}).")
     else:
-        lines.append(f"Not servable by the hugging-face-embedder: it {v['why_not']}.")
+        lines.append(f"Not servable by Vespa's hugging-face-embedder: {v['why_not']}.")
 
     lines += ["", "## FAISS", "",
               f"Float: `{s['faiss']['float_index']}`. Binary: `{s['faiss']['binary_index']}` over "

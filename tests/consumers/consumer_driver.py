@@ -17,6 +17,9 @@ FUNCTIONS = ("embed", "embed_binary", "embed_fastembed", "embed_query")
 
 
 def main() -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("torch") is None, "the consumer environment must not have torch"
     job = json.loads(Path(sys.argv[1]).read_text())
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
