@@ -14,19 +14,13 @@ from typing import Any, Callable
 
 import pytest
 
-from consumer_helpers import FAST, HEADS, PADDING, consumer_python_path
+from consumer_helpers import FAST, HEADS, PADDING, consumer_python_path, require_consumer_python
 
 
 @pytest.fixture(scope="session")
 def consumer_python() -> Path:
     """The consumer environment's interpreter (skip without it; fail without it under CI)."""
-    python = consumer_python_path()
-    if not python.is_file():
-        message = f"consumer environment missing: {python} (run scripts/setup.sh to create .venv-consumers)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
+    return require_consumer_python(consumer_python_path(), ci=os.environ.get("CI", "").lower() == "true")
 
 
 def _bert_with_short_tokenizer_files(path: Path) -> Path:

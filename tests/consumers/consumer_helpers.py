@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from embedforge.testing import sample_texts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,3 +74,13 @@ PADDING = {"lasttoken": "left", "multi_layer": "left"}
 
 def consumer_python_path() -> Path:
     return Path(os.environ.get("EMBEDFORGE_CONSUMER_PYTHON", REPO / ".venv-consumers" / "bin" / "python"))
+
+
+def require_consumer_python(python: Path, *, ci: bool) -> Path:
+    """``python`` if it exists; otherwise skip the test, or fail it under CI (where setup.sh must have made it)."""
+    if not python.is_file():
+        message = f"consumer environment missing: {python} (run scripts/setup.sh to create .venv-consumers)"
+        if ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
