@@ -92,20 +92,20 @@ def align_tokenizer_limits(out: Path, max_seq_length: int) -> None:
     """
     config_path = out / "tokenizer_config.json"
     if config_path.is_file():
-        cfg = json.loads(config_path.read_text())
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
         cfg["model_max_length"] = int(max_seq_length)
         if "max_length" in cfg:
             cfg["max_length"] = int(max_seq_length)
-        config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tok_path = out / "tokenizer.json"
-    data = json.loads(tok_path.read_text())
+    data = json.loads(tok_path.read_text(encoding="utf-8"))
     truncation = data.get("truncation") or {"strategy": "LongestFirst", "stride": 0, "direction": "Right"}
     truncation["max_length"] = int(max_seq_length)
     data["truncation"] = truncation
     padding = data.get("padding")
     if padding is not None and isinstance(padding.get("strategy"), dict):  # {"Fixed": n}
         padding["strategy"] = "BatchLongest"
-    tok_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tok_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 #: for echo exports: the model's own tokenizer (text in, text ids out), which embedforge's encoder reads
@@ -152,9 +152,9 @@ def write_echo_tokenizer(out: Path, echo: dict[str, Any], max_seq_length: int) -
     tok.no_padding()
     tok.save(str(path))
     config_path = out / "tokenizer_config.json"
-    cfg = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    cfg = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     cfg.update(model_max_length=limit, max_length=limit)
-    config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return ECHO_TEXT_TOKENIZER
 
 

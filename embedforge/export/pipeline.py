@@ -281,7 +281,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             manifest["echo"] = {"template": getattr(model[0], "echo_template", None),
                                 "rule": layouts.echo_rule(spec.echo, max_len)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "SERVING.md").write_text(serving.serving_markdown(manifest))
+        (tmp / "SERVING.md").write_text(serving.serving_markdown(manifest), encoding="utf-8")
         layouts.copy_readme(model_dir, tmp)
         lineage = make_lineage(
             stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,
