@@ -10,7 +10,8 @@ Layout of the result::
     onnx/model_q8_blockwise.onnx         8-bit blockwise weights and activations (MatMulNBits; optional)
     onnx/model_qdq_int8.onnx             static QDQ int8 calibrated on texts (optional)
     config.json tokenizer.json 1_Pooling/config.json sentence_bert_config.json   (text-embeddings-inference)
-    manifest.json  SERVING.md  embedforge.json
+    manifest.json  SERVING.md  embedforge.json   (SERVING.md: per-consumer settings and runnable snippets)
+    tokenizer_text.json                  echo exports only: the plain tokenizer (tokenizer.json applies the template)
 
 Every graph is compared with the PyTorch model on probe texts before the directory is published; one past its
 tolerance stops the export with :class:`~embedforge.export.parity.ParityError` and nothing is written.
