@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv and install embedforge with everything its tests and quickstart need. Idempotent: a second run
-# only reinstalls when pyproject.toml or this script changed.
+# Create .venv and install embedforge with everything its tests and quickstart need, and .venv-consumers (the
+# torch-free consumer environment of tests/consumers, scripts/setup_consumers.sh). Idempotent: a second run only
+# reinstalls when pyproject.toml, the consumer requirements or these scripts changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_consumers.sh
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.embedforge-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"

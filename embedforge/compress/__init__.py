@@ -1,6 +1,6 @@
 """embedforge.compress: make a model and its stored vectors smaller.
 
-* :mod:`~embedforge.compress.quantization` — Matryoshka truncation, packed binary (FAISS / Qdrant / Vespa layouts),
+* :mod:`~embedforge.compress.quantization` — Matryoshka truncation, packed binary (FAISS / Vespa layouts),
   calibrated int8 with a saved ranges artifact, FAISS binary search and rescoring (numpy only at import).
 * :mod:`~embedforge.compress.binarizer` — training and bit-op scoring of the learned multi-bit binarizer
   (the module itself is :class:`embedforge.modules.binarizer.LearnedBinarizer`).

@@ -19,8 +19,8 @@ class EmbeddingPrecision(str, Enum):
     FLOAT32 = "float32"
     INT8 = "int8"
     UINT8 = "uint8"
-    BINARY = "binary"  # packbits bytes viewed as int8 (Vespa)
-    UBINARY = "ubinary"  # packbits uint8 (FAISS, Qdrant)
+    BINARY = "binary"  # sentence-transformers' binary: packbits bytes minus 128, int8
+    UBINARY = "ubinary"  # packbits uint8 (FAISS IndexBinaryFlat; viewed as int8 for Vespa)
 
 
 class WeightQuant(str, Enum):

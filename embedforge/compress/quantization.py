@@ -2,11 +2,15 @@
 
 Layouts (so that artifacts drop straight into vector stores):
 
-* ``ubinary``: ``np.packbits(x > 0, axis=-1)`` rows of ``ceil(D / 8)`` uint8 — what FAISS ``IndexBinaryFlat`` /
-  ``IndexBinaryHNSW`` and Qdrant store. First dimension -> most significant bit of byte 0.
-* ``binary``: the same bytes *viewed* as int8 — Vespa's ``tensor<int8>(x[D/8])`` hamming layout. Note that
-  sentence-transformers' own ``"binary"`` precision subtracts 128 instead (it flips the top bit of every byte):
-  hamming distances agree, the stored bytes do not, so we do not use it for this precision.
+* ``ubinary``: ``np.packbits(x > 0, axis=-1)`` rows of ``ceil(D / 8)`` uint8, byte for byte what
+  sentence-transformers' ``quantize_embeddings(precision="ubinary")`` returns and what FAISS ``IndexBinaryFlat`` /
+  ``IndexBinaryHNSW`` store. First dimension -> most significant bit of byte 0. Vespa's ``tensor<int8>(x[D/8])``
+  hamming field takes these bytes viewed as int8 (``pack_binary(x, signed=True)``).
+* ``binary``: what sentence-transformers means by it -- the packed bytes minus 128, as int8 (the top bit of every
+  byte flipped). Hamming distances between two ``binary`` rows equal those between the ``ubinary`` rows, but the
+  bytes differ, so never mix the two layouts in one index.
+* Qdrant has no hamming distance for user-supplied bits: store the float vectors and let it binarize them
+  (binary quantization with rescoring, see an export's ``SERVING.md``).
 * ``int8`` / ``uint8``: per-dimension affine buckets from calibration ranges (minimum, maximum per dimension),
   computed by :func:`sentence_transformers.util.quantization.quantize_embeddings`. The ranges are an artifact
   (:class:`Int8Calibration`, JSON) so documents and queries encoded later use the very same buckets.
@@ -53,11 +57,17 @@ def truncate(embeddings: np.ndarray, dim: int | None, *, renormalize: bool = Tru
 def pack_binary(embeddings: np.ndarray, *, signed: bool = False) -> np.ndarray:
     """Sign-binarize (``x > 0`` -> bit 1) and pack 8 dimensions per byte, numpy ``packbits`` order.
 
-    ``signed=False`` returns uint8 rows (FAISS / Qdrant), ``signed=True`` the same bytes as int8 (Vespa).
+    ``signed=False`` returns uint8 rows (``ubinary``: FAISS), ``signed=True`` the same bytes viewed as int8 (Vespa's
+    hamming layout; not the ``binary`` precision, see :func:`st_binary`).
     """
     bits = np.asarray(embeddings) > 0
     packed = np.packbits(bits, axis=-1)
     return packed.view(np.int8) if signed else packed
+
+
+def st_binary(embeddings: np.ndarray) -> np.ndarray:
+    """The ``binary`` precision: sentence-transformers' layout, packed sign bits minus 128 as int8."""
+    return (pack_binary(embeddings).astype(np.int16) - 128).astype(np.int8)
 
 
 def unpack_binary(codes: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -206,7 +216,7 @@ class EmbeddingQuantizer:
         if self.precision == "ubinary":
             return pack_binary(x)
         if self.precision == "binary":
-            return pack_binary(x, signed=True)
+            return st_binary(x)
         assert self.calibration is not None
         return self.calibration.quantize(x)
 

@@ -10,7 +10,8 @@ Layout of the result::
     onnx/model_q8_blockwise.onnx         8-bit blockwise weights and activations (MatMulNBits; optional)
     onnx/model_qdq_int8.onnx             static QDQ int8 calibrated on texts (optional)
     config.json tokenizer.json 1_Pooling/config.json sentence_bert_config.json   (text-embeddings-inference)
-    manifest.json  SERVING.md  embedforge.json
+    manifest.json  SERVING.md  embedforge.json   (SERVING.md: per-consumer settings and runnable snippets)
+    tokenizer_text.json                  echo exports only: the plain tokenizer (tokenizer.json applies the template)
 
 Every graph is compared with the PyTorch model on probe texts before the directory is published; one past its
 tolerance stops the export with :class:`~embedforge.export.parity.ParityError` and nothing is written.
@@ -119,7 +120,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     import numpy as np
 
     from embedforge.export import graph as G
-    from embedforge.export import layouts, parity, precision
+    from embedforge.export import layouts, parity, precision, serving
     from embedforge.export.encoder import OnnxEncoder
     from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
 
@@ -149,6 +150,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         float_output = np.issubdtype(reference.dtype, np.floating)
         dim = int(reference.shape[1])
         layouts.write_tei_files(model, tmp, pooling=pooling, dim=dim, max_seq_length=max_len)
+        if spec.echo is not None:  # tokenizer.json applies the echo template; the encoder reads the plain copy
+            spec.file = layouts.write_echo_tokenizer(tmp, spec.echo, max_len)
 
         def check(name: str, file: str, spec_: G.GraphSpec | None, min_cos: float, max_abs: float | None,
                   min_bits: float = 0.99) -> None:
@@ -264,6 +267,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         dims = {"sentence_embedding": dim}
         if has_binary_output:
             dims["binary_embedding"] = int(fp32.outputs.get(G.BINARY_OUTPUT, {}).get("shape", [0, 0])[-1])
+        manifest_prompts = dict(getattr(model, "prompts", {}) or {})
+        decoder = hf_config is not None and model_type not in precision.BERT_LIKE
         manifest: dict[str, Any] = {
             "format": "embedforge-export/1",
             "source": config.model,
@@ -275,18 +280,25 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             "truncate_dim": config.truncate_dim,
             "binary": {"output": G.BINARY_OUTPUT, "layout": _binary_layout(model)} if has_binary_output else None,
             "tokenizer": spec.to_json(),
-            "prompts": dict(getattr(model, "prompts", {}) or {}),
+            "prompts": manifest_prompts,
             "prompt_pooling": prompt_pooling,
             "graphs": graphs,
             "fusion": fuse_info,
             "exporter": {"name": config.exporter, "opset": config.opset,
                          "attn_implementation": config.attn_implementation},
-            "servers": layouts.server_settings(dim=dim, normalized=normalized, max_seq_length=max_len,
-                                               pooling=pooling, binary=has_binary_output, files=files,
-                                               binary_bytes=dims.get("binary_embedding")),
+            "decoder": decoder,
+            "servers": layouts.server_settings(
+                dim=dim, normalized=normalized, max_seq_length=max_len, pooling=pooling, binary=has_binary_output,
+                files=files, inputs=input_names, prompts=manifest_prompts, prompt_pooling=prompt_pooling,
+                echo=spec.echo is not None, decoder=decoder,
+                binary_bytes=dims.get("binary_embedding"),
+            ),
         }
+        if spec.echo is not None:
+            manifest["echo"] = {"template": getattr(model[0], "echo_template", None),
+                                "rule": layouts.echo_rule(spec.echo, max_len)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "SERVING.md").write_text(layouts.serving_markdown(manifest))
+        (tmp / "SERVING.md").write_text(serving.serving_markdown(manifest), encoding="utf-8")
         layouts.copy_readme(model_dir, tmp)
         lineage = make_lineage(
             stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,

@@ -36,18 +36,26 @@ def test_packed_layout_is_numpy_packbits_msb_first(vecs):
     np.testing.assert_array_equal(unpack_binary(codes, 64), bits)
 
 
-def test_ubinary_matches_sentence_transformers_and_binary_is_vespa_int8_view(vecs):
+def test_binary_and_ubinary_are_sentence_transformers_bytes(vecs):
+    """Both precisions store exactly the bytes sentence-transformers' quantize_embeddings gives for that name."""
     from sentence_transformers.util.quantization import quantize_embeddings
 
-    np.testing.assert_array_equal(pack_binary(vecs), quantize_embeddings(vecs, precision="ubinary"))
+    for precision in ("binary", "ubinary"):
+        ours = EmbeddingQuantizer(precision=precision)(vecs)
+        theirs = quantize_embeddings(vecs, precision=precision)
+        assert ours.dtype == theirs.dtype, precision
+        np.testing.assert_array_equal(ours, theirs, err_msg=precision)
+    # the two layouts differ in the stored bytes but not in hamming distances
+    ub, b = EmbeddingQuantizer(precision="ubinary")(vecs), EmbeddingQuantizer(precision="binary")(vecs)
+    assert not np.array_equal(ub.view(np.int8), b)
+    np.testing.assert_array_equal(hamming_distances(b[:5], b), hamming_distances(ub[:5], ub))
+
+
+def test_vespa_int8_view_is_the_packed_bytes(vecs):
     signed = pack_binary(vecs, signed=True)
     assert signed.dtype == np.int8
-    # Vespa's recipe: np.packbits(...).astype(np.int8) -- same bytes reinterpreted.
+    # Vespa's recipe: np.packbits(...).astype(np.int8) -- the same bytes reinterpreted.
     np.testing.assert_array_equal(signed, np.packbits(vecs > 0, axis=-1).astype(np.int8))
-    # sentence-transformers' "binary" stores other bytes but the same hamming distances.
-    st_binary = quantize_embeddings(vecs, precision="binary")
-    assert not np.array_equal(st_binary, signed)
-    np.testing.assert_array_equal(hamming_distances(st_binary[:5], st_binary), hamming_distances(signed[:5], signed))
 
 
 def test_faiss_binary_flat_search_equals_numpy_hamming(vecs):
