@@ -402,10 +402,9 @@ def add_teacher_vectors(datasets: dict[str, Any], teacher: str, batch_size: int 
     import numpy as np
 
     from embedforge.evaluation import encode
-    from embedforge.modules import load_embedder
-    from embedforge.sources import resolve_source
+    from embedforge.model import load_model
 
-    model = load_embedder(os.fspath(resolve_source(teacher)))
+    model = load_model(teacher)
     out = {}
     for name, ds in datasets.items():
         a = encode(model, ds["anchor"], batch_size=batch_size, desc=f"teacher {name} anchors")
