@@ -159,3 +159,93 @@ def test_load_model_reapplies_quanto_weights(tmp_path: Path) -> None:
     np.testing.assert_allclose(_vectors(loaded), _vectors(load_compressed(out)), atol=1e-6)
     floats = load_model(out, weight_quantization=False)  # what export traces from
     assert not any(type(m).__name__ == "QLinear" for m in floats.modules())
+
+
+# ------------------------------------------------------------------------------- prompts left out of pooling
+
+@pytest.fixture(scope="module")
+def merging_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose byte-level BPE has learnt merges such as "Ġthe" (the default tiny one has none)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from embedforge.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=300)
+    assert tok.convert_ids_to_tokens(tok("query: the")["input_ids"])[-1] == "Ġthe"
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("merging") / "llm"
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok))).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_prompt_that_merges_with_the_text_is_refused(merging_llm: Path, tmp_path: Path) -> None:
+    from embedforge.configs import ConfigError
+    from embedforge.convert.config import ConvertConfig
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.convert.pipeline import run_convert
+    from embedforge.configs import StageContext
+
+    with pytest.raises(ConfigError, match=r"^query_prompt: 'query: ' ends in a token that the tokenizer merges with "
+                                          r"the text's first word.*end it with a newline instead, e.g. 'query:\\n'$"):
+        run_convert(ConvertConfig(model=str(merging_llm), query_prompt="query: "), tmp_path / "out", StageContext())
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="^doc_prompt: 'passage: '"):
+        build_embedder(merging_llm, prompts={"document": "passage: "})
+    # Included prompts and echo pooling count their own tokens: nothing to refuse.
+    build_embedder(merging_llm, prompts={"query": "query: "}, include_prompt=True)
+
+
+def test_one_word_query_pools_its_own_tokens(merging_llm: Path) -> None:
+    import torch
+
+    from embedforge.convert.embedder import build_embedder
+
+    model = build_embedder(merging_llm, pooling="mean", normalize=False, prompts={"query": "query:\n"})
+    tok = model[0].tokenizer
+    for word in ("the", "a", "dogs"):
+        ids = tok("query:\n" + word)["input_ids"]
+        n_prompt = len(tok("query:\n")["input_ids"])
+        assert len(ids) > n_prompt  # the text keeps at least one token of its own
+        with torch.inference_mode():
+            pooled = model.encode([word], prompt_name="query", convert_to_numpy=True)[0]
+            tokens = model.encode([word], prompt_name="query", output_value="token_embeddings")[0].numpy()
+        assert np.linalg.norm(pooled) > 1e-3
+        np.testing.assert_allclose(pooled, tokens[n_prompt:].mean(0), atol=1e-5)
+
+
+def test_contrastive_prompts_are_checked_before_training(merging_llm: Path, tmp_path: Path) -> None:
+    from embedforge.configs import ConfigError, StageContext
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.convert.train_config import ContrastiveConfig
+    from embedforge.convert.training import run_contrastive
+    from embedforge.model import save_model
+
+    embedder = save_model(build_embedder(merging_llm, max_seq_length=32), tmp_path / "embedder", stage="convert",
+                          source=str(merging_llm))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"anchor": t, "positive": t[::-1]}) + "\n" for t in sample_texts()))
+    common = dict(model=str(embedder), data=[str(pairs)], batch_size=4, max_steps=2, lora_r=4, lora_alpha=8)
+    with pytest.raises(ConfigError, match=r"^prompts\.pair: no data set of this stage is named 'pair' "
+                                          r"\(its data sets: pairs\)$"):
+        ContrastiveConfig(**common, prompts={"pair": "Find the related sentence:\n"})
+    with pytest.raises(ConfigError, match=r"^prompts\.pairs: 'Find the related sentence: ' ends in a token"):
+        run_contrastive(ContrastiveConfig(**common, prompts={"pairs": "Find the related sentence: "}),
+                        tmp_path / "tuned", StageContext())
+    assert not (tmp_path / "tuned").exists() and not (tmp_path / "tuned.ckpt").exists()
+
+
+def test_load_model_warns_about_a_saved_merging_prompt(merging_llm: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.model import load_model, save_model
+
+    model = build_embedder(merging_llm, prompts={"query": "query:\n"})
+    model.prompts["query"] = "query: "  # as saved before embedforge refused such prompts
+    out = save_model(model, tmp_path / "old", stage="convert", source=str(merging_llm))
+    with caplog.at_level(logging.WARNING, logger="embedforge.modules.loading"):
+        load_model(out)
+    assert "prompts.query: 'query: ' ends in a token that the tokenizer merges" in caplog.text

@@ -426,8 +426,11 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
     """Stage ``contrastive``: supervised InfoNCE with LoRA; optional second stage on other data (NV-Embed)."""
     from embedforge.convert.train_model import load_start_model, prepare_for_training
 
+    from embedforge.convert.embedder import check_model_prompts
+
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
+    check_model_prompts(model, config.prompts, "prompts")  # before any data is loaded or step taken
     schedule = [("stage1", config.data, config.max_steps, config.learning_rate)]          # 2. schedule
     if config.stage2_data:
         schedule.append(("stage2", config.stage2_data, config.stage2_max_steps or config.max_steps,

@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "embedforge."
-LINEAGE_FILE = "embedforge.json"  # the same name as embedforge.model.LINEAGE_FILE (no import: model imports us)
 ADAPTER_DIR = "adapter"  # where ``adapter: keep`` saves the LoRA adapter (embedforge.convert.train_model)
 WEIGHT_QUANT_FILE = "weight_quantization.json"  # written by compress (embedforge.compress.weights)
 WEIGHT_QUANT_METHODS = ("quanto", "bitsandbytes")
@@ -45,11 +44,6 @@ class SavedExtras:
     weight_quantization: dict[str, Any] | None = None
     """The weight quantization plan (``{"method": "quanto", "weights": "int8"}`` ...), or None."""
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON summary, for manifests and logs."""
-        return {"adapter": self.adapter.name if self.adapter is not None else None,
-                "weight_quantization": self.weight_quantization}
-
 
 def saved_extras(path: str | os.PathLike[str]) -> SavedExtras:
     """Read which side files a model directory carries, from its ``embedforge.json`` and the files themselves.
@@ -57,6 +51,8 @@ def saved_extras(path: str | os.PathLike[str]) -> SavedExtras:
     Raises :class:`~embedforge.errors.UsageError` when the lineage records a side file that is missing or one this
     version cannot apply, so a damaged directory never loads silently as a different model.
     """
+    from embedforge.model import LINEAGE_FILE
+
     root = Path(path)
     lineage_file = root / LINEAGE_FILE
     try:
@@ -118,7 +114,20 @@ def load_saved(
         from embedforge.compress.weights import quantize_quanto
 
         quantize_quanto(model, (extras.weight_quantization or {}).get("weights", "int8"))
+    _warn_merging_prompts(model, path)
     return model
+
+
+def _warn_merging_prompts(model: SentenceTransformer, path: str | os.PathLike[str]) -> None:
+    """Warn about a saved prompt that pools wrongly (models saved before embedforge refused such prompts)."""
+    from embedforge.configs import ConfigError
+    from embedforge.convert.embedder import check_model_prompts
+
+    try:
+        check_model_prompts(model, dict(getattr(model, "prompts", None) or {}), "prompts")
+    except ConfigError as err:
+        logger.warning("%s: saved prompt %s; set model.prompts to the fixed prompt (vectors of texts encoded with "
+                       "the old one change a little)", path, err)
 
 
 def _bnb_device(path: str | os.PathLike[str], device: str | None) -> str:
