@@ -249,3 +249,45 @@ def test_load_model_warns_about_a_saved_merging_prompt(merging_llm: Path, tmp_pa
     with caplog.at_level(logging.WARNING, logger="embedforge.modules.loading"):
         load_model(out)
     assert "prompts.query: 'query: ' ends in a token that the tokenizer merges" in caplog.text
+
+
+def test_load_model_refuses_bitsandbytes_weights_without_a_gpu(tiny_st_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from embedforge.errors import UsageError
+    from embedforge.model import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    copy = shutil.copytree(tiny_st_dir, tmp_path / "bnb")
+    (copy / "weight_quantization.json").write_text(json.dumps({"method": "bitsandbytes", "bits": 8}))
+    with pytest.raises(UsageError, match=r"bnb holds bitsandbytes-quantized weights, which load only on a CUDA GPU: "
+                                         r"bitsandbytes 8-bit/4-bit weights need a CUDA GPU"):
+        load_model(copy)
+    (copy / "weight_quantization.json").write_text(json.dumps({"method": "gptq"}))
+    with pytest.raises(UsageError, match=r"unknown weight quantization method 'gptq'"):
+        load_model(copy)
+
+
+def test_export_of_a_quanto_model_says_it_traced_the_float_weights(tmp_path: Path) -> None:
+    pytest.importorskip("optimum.quanto")
+    from embedforge.compress.config import CompressConfig
+    from embedforge.compress.pipeline import run
+    from embedforge.configs import StageContext
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.export.pipeline import export_model
+    from embedforge.model import load_model
+    from embedforge.testing import tiny_bert_st
+
+    compressed = tmp_path / "quanto"
+    run(CompressConfig(model=str(tiny_bert_st(tmp_path / "bert")), weights="quanto-int8"), compressed,
+        StageContext())
+    out = export_model(ExportConfig(model=str(compressed), fp16=False, int8=[], last_hidden_state=False,
+                                    optimize="none"), tmp_path / "export")
+    note = json.loads((out / "manifest.json").read_text())["source_model"]["weight_quantization"]
+    assert note.startswith("quanto weight quantization not applied")
+    floats = _vectors(load_model(compressed, weight_quantization=False))
+    np.testing.assert_allclose(OnnxEncoder(out).encode(TEXTS, batch_size=4), floats, atol=1e-5)
