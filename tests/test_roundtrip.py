@@ -291,3 +291,26 @@ def test_export_of_a_quanto_model_says_it_traced_the_float_weights(tmp_path: Pat
     assert note.startswith("quanto weight quantization not applied")
     floats = _vectors(load_model(compressed, weight_quantization=False))
     np.testing.assert_allclose(OnnxEncoder(out).encode(TEXTS, batch_size=4), floats, atol=1e-5)
+
+
+def test_eval_and_teacher_prompts_that_merge_are_refused(merging_llm: Path, tmp_path: Path) -> None:
+    from embedforge.configs import ConfigError
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.distill.teacher import EncodeSettings, encode_teacher
+    from embedforge.model import save_model
+
+    model_dir = save_model(build_embedder(merging_llm, max_seq_length=32), tmp_path / "m", stage="convert",
+                           source=str(merging_llm))
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text("".join(json.dumps({"sentence1": t, "sentence2": t[::-1], "score": i % 5}) + "\n"
+                           for i, t in enumerate(sample_texts())))
+    res = CliRunner().invoke(main, ["eval", str(model_dir), "--task", f"sts:{sts}", "--query-prompt", "query: "])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, ConfigError)
+    assert str(res.exception).startswith("query_prompt: 'query: ' ends in a token that the tokenizer merges")
+    res = CliRunner().invoke(main, ["eval", str(model_dir), "--task", f"sts:{sts}", "--query-prompt", "query:\n"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(ConfigError, match=r"^teacher_prompt: 'query: ' ends in a token"):
+        encode_teacher(str(model_dir), sample_texts(), tmp_path / "cache", EncodeSettings(prompt="query: "),
+                       show_progress=False)
+    assert not list((tmp_path / "cache" / "teacher-vectors").glob("*/shard-*.npy"))  # nothing encoded

@@ -151,13 +151,14 @@ def pools_without_prompt(model: Any) -> bool:
     return any(getattr(m, "include_prompt", True) is False for m in modules)
 
 
-def check_model_prompts(model: Any, prompts: dict[str, str], key: str) -> None:
-    """Refuse (``ConfigError``) any of ``prompts`` that merges with the text when ``model`` pools without it."""
+def check_model_prompts(model: Any, prompts: dict[str, str], key: str = "") -> None:
+    """Refuse (``ConfigError``) any of ``prompts`` that merges with the text when ``model`` pools without it; the
+    error names ``key.name`` (or just the name without ``key``)."""
     tokenizer = getattr(model[0], "tokenizer", None) if len(model) else None
     if tokenizer is None or not pools_without_prompt(model):
         return
     for name, prompt in prompts.items():
-        check_prompt_tokens(tokenizer, prompt, f"{key}.{name}")
+        check_prompt_tokens(tokenizer, prompt, f"{key}.{name}" if key else name)
 
 
 def _check_prompts(tokenizer: Any, cfg: ConvertConfig) -> None:
