@@ -81,6 +81,17 @@ def as_encoder(model: Any, truncate_dim: int | None = None) -> Encoder:
     return STEncoder(model, truncate_dim=truncate_dim)
 
 
+def _check_prompts(encoder: Encoder, prompts: dict[str, str | None]) -> None:
+    """Refuse a given prompt that the model's pooling would cut one token too far (see
+    :func:`embedforge.convert.embedder.check_prompt_tokens`); only sentence-transformers models are affected."""
+    model = getattr(encoder, "model", None)
+    if not isinstance(encoder, STEncoder) or model is None:
+        return
+    from embedforge.convert.embedder import check_model_prompts
+
+    check_model_prompts(model, {k: v for k, v in prompts.items() if v})
+
+
 def _default_prompt(encoder: Encoder, role: str, given: str | None) -> str | None:
     if given is not None:
         return given or None
@@ -367,6 +378,7 @@ def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate
     if truncate_dim is not None and dim is not None and truncate_dim > dim:  # refuse before encoding anything
         raise ConfigError(f"truncate_dim: {truncate_dim} is larger than the model's {dim} dimensions; use at most "
                           f"{dim}", key="truncate_dim")
+    _check_prompts(encoder, {"query_prompt": query_prompt, "doc_prompt": doc_prompt})
     results: dict[str, dict[str, float]] = {}
     for task, data in zip(parsed, loaded):
         start = time.perf_counter()

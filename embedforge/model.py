@@ -200,18 +200,27 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     truncate_dim: int | None = None,
+    merge_adapter: bool = True,
+    weight_quantization: bool = True,
 ) -> SentenceTransformer:
-    """Load any embedforge (or plain sentence-transformers) model directory, or a hub id / alias."""
+    """Load any embedforge (or plain sentence-transformers) model directory, or a hub id / alias.
+
+    A directory loads as the model its stage produced, whatever ``embedforge.json`` records on top of the
+    sentence-transformers files: a kept LoRA adapter is put back (merged into the weights unless
+    ``merge_adapter=False``), a quanto weight quantization is re-applied (unless ``weight_quantization=False``),
+    bitsandbytes weights load on the GPU, and embedforge's own heads resolve without ``trust_remote_code``.
+    See :func:`embedforge.modules.loading.load_saved`.
+    """
     from sentence_transformers import SentenceTransformer
 
     from embedforge.sources import resolve_source
 
     resolved = resolve_source(os.fspath(path))
     if isinstance(resolved, Path):
-        # embedforge's own module classes (pooling heads, binarizer) resolve without trust_remote_code.
-        from embedforge.modules import load_embedder
+        from embedforge.modules.loading import load_saved
 
-        return load_embedder(resolved, device=device, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
+        return load_saved(resolved, device=device, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim,
+                          merge_adapter=merge_adapter, weight_quantization=weight_quantization)
     return SentenceTransformer(
         resolved,
         device=device or "cpu",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,10 @@ def load_texts(spec: str, limit: int | None = None, max_chars: int | None = None
 
 
 def _load(spec: str, device: str | None = None) -> Any:
-    from embedforge.modules import load_embedder
-    from embedforge.sources import resolve_source
+    """The input model as its stage produced it (a kept adapter merged in), with float weights to transform."""
+    from embedforge.model import load_model
 
-    return load_embedder(os.fspath(resolve_source(spec)), device=device)
+    return load_model(spec, device=device, merge_adapter=True, weight_quantization=False)
 
 
 def _vectors(model: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:

@@ -127,16 +127,48 @@ def _check_padding(cfg: ConvertConfig) -> None:
         )
 
 
+def check_prompt_tokens(tokenizer: Any, prompt: str, key: str) -> None:
+    """Refuse a prompt that merges with the text after it (see :func:`prompt_merges_with_text`).
+
+    sentence-transformers leaves as many leading tokens out of pooling as the prompt has on its own; when the
+    prompt's last token merges with the text (a trailing space in byte-level BPE or SentencePiece), that count is
+    one too many, the text's first token is dropped, and a one-word query pools nothing (a zero vector). Raises
+    :class:`~embedforge.configs.ConfigError` naming ``key``.
+    """
+    from embedforge.configs import ConfigError
+
+    if prompt and prompt_merges_with_text(tokenizer, prompt):
+        raise ConfigError(
+            f"{key}: {prompt!r} ends in a token that the tokenizer merges with the text's first word, so leaving "
+            "the prompt out of pooling would drop that word too (a one-word query would pool nothing); end it with "
+            f"a newline instead, e.g. {prompt.rstrip() + chr(10)!r}", key=key)
+
+
+def pools_without_prompt(model: Any) -> bool:
+    """True when a module of ``model`` leaves the prompt's tokens out by the count sentence-transformers computes
+    (echo pooling counts its own prompt tokens, so it is never affected)."""
+    modules = list(model)
+    if any(type(m).__name__ == "EchoPooling" or hasattr(m, "echo_ids") for m in modules):
+        return False
+    return any(getattr(m, "include_prompt", True) is False for m in modules)
+
+
+def check_model_prompts(model: Any, prompts: dict[str, str], key: str = "") -> None:
+    """Refuse (``ConfigError``) any of ``prompts`` that merges with the text when ``model`` pools without it; the
+    error names ``key.name`` (or just the name without ``key``)."""
+    tokenizer = getattr(model[0], "tokenizer", None) if len(model) else None
+    if tokenizer is None or not pools_without_prompt(model):
+        return
+    for name, prompt in prompts.items():
+        check_prompt_tokens(tokenizer, prompt, f"{key}.{name}" if key else name)
+
+
 def _check_prompts(tokenizer: Any, cfg: ConvertConfig) -> None:
     if cfg.pooling == PoolingMode.ECHO or cfg.include_prompt:
         return  # echo tokenizes the prompt on its own; included prompts are not cut
     for name, prompt in (("query_prompt", cfg.query_prompt), ("doc_prompt", cfg.doc_prompt)):
-        if prompt and prompt_merges_with_text(tokenizer, prompt):
-            logger.warning(
-                "%s %r: its last token merges with the text that follows, so excluding the prompt from pooling "
-                "would also drop the text's first token; end it with a newline or punctuation (e.g. %r)",
-                name, prompt, prompt.rstrip() + "\n",
-            )
+        if prompt:
+            check_prompt_tokens(tokenizer, prompt, name)
 
 
 def _load_backbone(source: str, cfg: ConvertConfig) -> Any:

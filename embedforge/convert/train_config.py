@@ -165,8 +165,8 @@ class ContrastiveConfig(TrainOptions):
     stage2_learning_rate: float | None = opt(None, help="stage 2 peak learning rate (default: learning_rate)")
     prompts: dict[str, str] = opt(
         factory=dict,
-        help="query instruction per data set name, e.g. {scifact-train-pairs: 'Given a claim, find evidence: '}; "
-             "put before the anchor column and excluded from pooling",
+        help="query instruction per data set name, e.g. {scifact-train-pairs: \"Given a claim, find evidence:\\n\"}; "
+             "put before the anchor column and excluded from pooling (end it with a newline, not a space)",
     )
     temperature: float = opt(0.05, help="InfoNCE temperature (logits = cosine / temperature)")
     hard_negatives: bool = opt(True, help="use the data's negative columns as extra negatives")
@@ -199,3 +199,14 @@ class ContrastiveConfig(TrainOptions):
         )
         check(self.distill_weight >= 0, "distill_weight", "must be >= 0")
         check(isinstance(self.prompts, dict), "prompts", "must map data set names to instructions")
+        self._check_prompt_names()
+
+    def _check_prompt_names(self) -> None:
+        """Every prompt is a string for a data set of this stage (a misspelt name would silently go unused)."""
+        from embedforge.convert.training import data_name
+
+        names = {data_name(s) for s in [*self.data, *self.stage2_data]}
+        for name, prompt in self.prompts.items():
+            check(isinstance(prompt, str), f"prompts.{name}", "must be a string (the instruction)")
+            check(name in names, f"prompts.{name}",
+                  f"no data set of this stage is named {name!r} (its data sets: {', '.join(sorted(names))})")

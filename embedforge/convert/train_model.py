@@ -34,11 +34,11 @@ def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | N
     An embedforge / sentence-transformers directory is loaded as is; anything else is treated as an LLM source and
     built into a bidirectional mean-pooling embedder first.
     """
-    from embedforge.modules import load_embedder
+    from embedforge.model import load_model
 
     path = Path(config.model)
-    if (path / "modules.json").is_file():
-        model = load_embedder(path, trust_remote_code=config.trust_remote_code)
+    if (path / "modules.json").is_file():  # as its stage produced it: a kept adapter merged in, float weights
+        model = load_model(path, trust_remote_code=config.trust_remote_code, weight_quantization=False)
         parent: str | None = os.fspath(path)
     else:
         from embedforge.convert.embedder import build_embedder

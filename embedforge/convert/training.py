@@ -429,10 +429,9 @@ def add_teacher_vectors(datasets: dict[str, Any], teacher: str, batch_size: int 
     import numpy as np
 
     from embedforge.evaluation import encode
-    from embedforge.modules import load_embedder
-    from embedforge.sources import resolve_source
+    from embedforge.model import load_model
 
-    model = load_embedder(os.fspath(resolve_source(teacher)))
+    model = load_model(teacher)
     out = {}
     for name, ds in datasets.items():
         a = encode(model, ds["anchor"], batch_size=batch_size, desc=f"teacher {name} anchors")
@@ -455,8 +454,11 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
     from embedforge.convert.train_model import load_start_model, preflight, prepare_for_training
 
     preflight(config)                                                                     # 0. refuse early
+    from embedforge.convert.embedder import check_model_prompts
+
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
+    check_model_prompts(model, config.prompts, "prompts")  # before any data is loaded or step taken
     schedule = [("stage1", config.data, config.max_steps, config.learning_rate)]          # 2. schedule
     if config.stage2_data:
         schedule.append(("stage2", config.stage2_data, config.stage2_max_steps or config.max_steps,

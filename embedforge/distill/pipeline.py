@@ -251,7 +251,8 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
         "matryoshka_dims": stats.pop("matryoshka_dims"),
         "layer_dims": [list(p) for p in config.layer_dims],
         "student": config.student.value,
-        "teachers": [{"source": t, "weight": w, "cache": os.fspath(r.directory), "dim": r.dim}
+        "teachers": [{"source": t, "weight": w, "cache": os.fspath(r.directory), "dim": r.dim,
+                      "fingerprint": r.teacher_fingerprint}
                      for t, w, r in zip(config.teachers, config.weights, reports)],
         "n_texts": len(texts),
         "target_rotation": config.target_rotation.value,

@@ -7,8 +7,10 @@ Layout of one teacher's cache (``<cache_dir>/teacher-vectors/<fingerprint>/``)::
     shard-00001.npy      ...
     done.json            written last, once every shard exists: dimension and timings
 
-The fingerprint hashes the teacher's files, the texts and the encoding settings, so any change gives a new
-folder and an identical rerun finds the finished one. Each shard is written to a temporary file and renamed,
+The fingerprint hashes the teacher's files (whole contents: a change anywhere in a weight file counts), the texts
+and the encoding settings, so any change gives a new folder and an identical rerun finds the finished one. File
+digests are memoized in ``teacher-vectors/file-digests.json`` by path, size and modification time, so an unchanged
+multi-GiB teacher is read only once. Each shard is written to a temporary file and renamed,
 so an interrupted run (or a crashed worker process) loses only the shards it had not finished; a rerun
 encodes just the missing ones. Several processes (one per GPU, or CPU processes) can share the work.
 
@@ -33,30 +35,71 @@ from embedforge.evaluation import l2_normalize
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-_BIG_FILE = 1 << 20  # files larger than this are fingerprinted by size plus their first and last MiB
+CACHE_VERSION = 2  # 2: teacher files are hashed whole (1 read only the first and last MiB of large files)
+DIGESTS_FILE = "file-digests.json"
+_CHUNK = 1 << 22
+_SETTLED_NS = 2_000_000_000  # files older than this are memoized by size and modification time
 
 
-def directory_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A sha256 over a model directory's file names and contents (large files: size and both ends)."""
+def file_digest(path: str | os.PathLike[str], digests: dict[str, Any] | None = None) -> str:
+    """The sha256 of a file's whole content.
+
+    ``digests`` memoizes it across runs: an entry keyed by the absolute path is reused while the file's size and
+    modification time (in ns) are unchanged, and (re)written otherwise, so a multi-GiB weight file is read once.
+    A file modified in the last few seconds is not memoized: file times tick coarsely, so a second write within
+    the same tick could keep size and time while changing the content.
+    """
+    f = Path(path).resolve()
+    stat = f.stat()
+    key = os.fspath(f)
+    known = (digests or {}).get(key)
+    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return str(known["sha256"])
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if digests is not None and time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
+        digests[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    elif digests is not None:
+        digests.pop(key, None)
+    return digest
+
+
+def _read_digests(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # a damaged memo only costs a re-hash
+        logger.warning("ignoring unreadable file digest cache %s", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def directory_fingerprint(path: str | os.PathLike[str], *, digest_cache: str | os.PathLike[str] | None = None) -> str:
+    """A sha256 over a model directory's file names and whole contents.
+
+    With ``digest_cache`` (a JSON file) each file's digest is memoized by path, size and modification time, so an
+    unchanged teacher is not read again on the next run (see :func:`file_digest`).
+    """
     root = Path(path)
     h = hashlib.sha256()
     if not root.is_dir():  # a hub id: the name is all we know
         h.update(os.fspath(path).encode())
         return h.hexdigest()
+    memo_file = Path(digest_cache) if digest_cache is not None else None
+    digests = _read_digests(memo_file)
+    before = dict(digests)
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
         if rel.startswith(".") or "/." in rel or rel == "embedforge.json":
             continue  # lineage records change with metrics; they say nothing about the vectors
-        size = f.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= _BIG_FILE:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(_BIG_FILE))
-                fh.seek(size - _BIG_FILE)
-                h.update(fh.read(_BIG_FILE))
+        h.update(f"{rel}\0{f.stat().st_size}\0{file_digest(f, digests)}\0".encode())
+    if memo_file is not None and digests != before:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic_json(memo_file, digests)
     return h.hexdigest()
 
 
@@ -90,17 +133,23 @@ class CacheReport:
     directory: Path
     n_texts: int
     dim: int
+    teacher_fingerprint: str = ""
+    """sha256 over the teacher's file names and contents (recorded in the distilled model's lineage)."""
     encoded_shards: list[int] = field(default_factory=list)
     reused_shards: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def cache_fingerprint(teacher: str | os.PathLike[str], texts: Sequence[str], settings: EncodeSettings) -> str:
-    """Fingerprint of (teacher files, texts, settings): the name of the cache folder."""
+def cache_fingerprint(teacher: str | os.PathLike[str], texts: Sequence[str], settings: EncodeSettings, *,
+                      teacher_fingerprint: str | None = None) -> str:
+    """Fingerprint of (teacher files, texts, settings): the name of the cache folder.
+
+    ``teacher_fingerprint`` is the teacher's :func:`directory_fingerprint` when the caller already has it.
+    """
     blob = json.dumps(
         {
             "version": CACHE_VERSION,
-            "teacher": directory_fingerprint(teacher),
+            "teacher": teacher_fingerprint or directory_fingerprint(teacher),
             "texts": texts_fingerprint(texts),
             "settings": settings.key(),
         },
@@ -136,6 +185,11 @@ def _load_teacher(teacher: str, settings: EncodeSettings, device: str | None) ->
     model = load_model(teacher, device=device or "cpu")
     model.max_seq_length = settings.max_seq_length
     model.eval()
+    if settings.prompt:  # a prompt the teacher's pooling would cut one token too far: refuse before encoding
+        from embedforge.convert.embedder import check_prompt_tokens, pools_without_prompt
+
+        if pools_without_prompt(model):
+            check_prompt_tokens(model[0].tokenizer, settings.prompt, "teacher_prompt")
     return model
 
 
@@ -203,11 +257,13 @@ def encode_teacher(
     if not texts:
         raise ValueError("no texts to encode")
     start = time.perf_counter()
-    directory = Path(cache_dir) / "teacher-vectors" / cache_fingerprint(teacher, texts, settings)
+    root = Path(cache_dir) / "teacher-vectors"
+    fingerprint = directory_fingerprint(teacher, digest_cache=root / DIGESTS_FILE)
+    directory = root / cache_fingerprint(teacher, texts, settings, teacher_fingerprint=fingerprint)
     directory.mkdir(parents=True, exist_ok=True)
     n_shards = (len(texts) + settings.shard_size - 1) // settings.shard_size
-    meta = {"teacher": os.fspath(teacher), "n_texts": len(texts), "n_shards": n_shards,
-            "settings": settings.key(), "version": CACHE_VERSION}
+    meta = {"teacher": os.fspath(teacher), "teacher_fingerprint": fingerprint, "n_texts": len(texts),
+            "n_shards": n_shards, "settings": settings.key(), "version": CACHE_VERSION}
     if not (directory / "meta.json").is_file():
         _write_atomic_json(directory / "meta.json", meta)
 
@@ -215,7 +271,7 @@ def encode_teacher(
         return texts[i * settings.shard_size:(i + 1) * settings.shard_size]
 
     todo = [i for i in range(n_shards) if not _shard_path(directory, i).is_file()]
-    report = CacheReport(directory=directory, n_texts=len(texts), dim=0,
+    report = CacheReport(directory=directory, n_texts=len(texts), dim=0, teacher_fingerprint=fingerprint,
                          reused_shards=[i for i in range(n_shards) if i not in set(todo)])
     if todo:
         logger.info("teacher %s: encoding %d of %d shards into %s", teacher, len(todo), n_shards, directory)

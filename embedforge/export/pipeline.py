@@ -39,16 +39,30 @@ logger = logging.getLogger(__name__)
 _TRACE_TEXTS = ["a", "the quick brown fox jumps over the lazy dog and runs far away"]
 
 
-def _load(config: ExportConfig) -> tuple[SentenceTransformer, Path | None]:
-    """Resolve the model spec and load it with embedforge's module classes available."""
-    from embedforge.modules import load_embedder
+def _load(config: ExportConfig) -> tuple[SentenceTransformer, Path | None, dict[str, Any]]:
+    """Resolve the model spec and load it as the model its stage produced (:func:`embedforge.model.load_model`).
+
+    A kept LoRA adapter is merged into the weights the graph is traced from; a quanto weight plan is not applied
+    (the graph is traced from the float weights on disk; the int8 graphs quantize on their own). The third value
+    says what was done, for the manifest.
+    """
+    from embedforge.model import load_model
+    from embedforge.modules.loading import saved_extras
     from embedforge.sources import resolve_source
 
     resolved = resolve_source(config.model)
-    model = load_embedder(os.fspath(resolved), trust_remote_code=config.trust_remote_code)
-    model.eval()
     local = Path(resolved) if Path(resolved).is_dir() else None
-    return model, local
+    extras = saved_extras(local) if local is not None else None
+    model = load_model(resolved, trust_remote_code=config.trust_remote_code, merge_adapter=True,
+                       weight_quantization=False)
+    model.eval()
+    notes: dict[str, Any] = {}
+    if extras is not None and extras.adapter is not None:
+        notes["adapter"] = f"the LoRA adapter in {extras.adapter.name}/ is merged into the exported weights"
+    if extras is not None and extras.weight_quantization is not None:
+        notes["weight_quantization"] = (f"{extras.weight_quantization.get('method')} weight quantization not applied: "
+                                        "the graphs are traced from the float weights on disk")
+    return model, local, notes
 
 
 def tokenizer_spec(model: SentenceTransformer, max_length: int, input_names: list[str]) -> TokenizerSpec:
@@ -126,7 +140,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
 
     start = time.perf_counter()
     # 1. load and describe the model
-    model, model_dir = _load(config)
+    model, model_dir, loading_notes = _load(config)
     G.check_exportable(model, truncate_dim=config.truncate_dim, source=config.model)
     max_len = G.token_limit(model, config.max_seq_length, config.model)
     pooling = layouts.describe_pooling(model)
@@ -272,6 +286,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         manifest: dict[str, Any] = {
             "format": "embedforge-export/1",
             "source": config.model,
+            "source_model": loading_notes,
             "inputs": input_names,
             "outputs": list(fp32.outputs),
             "dims": dims,

@@ -300,9 +300,8 @@ def test_bfloat16_backbone_stays_close_to_float32(decoder_dir: Path, pooling: st
     assert np.isfinite(b).all() and cosine.min() > 0.98
 
 
-def test_prompt_ending_in_a_merging_space_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
+def test_prompt_ending_in_a_merging_space_is_refused(tmp_path: Path) -> None:
+    from embedforge.configs import ConfigError
     from embedforge.convert.embedder import prompt_merges_with_text
 
     tok = tiny_tokenizer(vocab_size=300)  # large enough to learn the merge "Ġa"
@@ -310,6 +309,5 @@ def test_prompt_ending_in_a_merging_space_is_flagged(tmp_path: Path, caplog: pyt
     assert not prompt_merges_with_text(tok, "query:\n") and not prompt_merges_with_text(tok, "query:")
     path = tiny_decoder("llama", tmp_path / "m")
     tok.save_pretrained(path)
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.embedder"):
+    with pytest.raises(ConfigError, match="query_prompt: 'query: ' ends in a token that the tokenizer merges"):
         build_embedder(path, prompts={"query": "query: "})
-    assert "merges with the text" in caplog.text

@@ -78,6 +78,9 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
     assert lineage["extra"]["matryoshka_dims"] == [32, 16, 8]
     assert lineage["extra"]["layer_dims"] == [[1, 8]]
     assert lineage["extra"]["teachers"][0]["dim"] == 32
+    from embedforge.distill.teacher import directory_fingerprint  # the whole files' digest, recorded once
+
+    assert lineage["extra"]["teachers"][0]["fingerprint"] == directory_fingerprint(bert_teacher)
     assert lineage["metrics"]["distill"]["steps"] == 4
     assert not (tmp_path / "student.ckpt").exists()
     model = SentenceTransformer(str(out), device="cpu")

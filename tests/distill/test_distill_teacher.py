@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,69 @@ def test_teacher_targets_concatenates_two_teachers(bert_teacher, bert_teacher_b,
     assert targets.shape == (20, 64) and [r.dim for r in reports] == [32, 32]
     expected = combine_teachers([_reference(bert_teacher, texts[:20]), _reference(bert_teacher_b, texts[:20])])
     np.testing.assert_allclose(targets, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def big_teacher(tmp_path_factory) -> Path:
+    """A decoder embedder whose weight file is over 2 MiB (hidden 256), so a change can sit far from both ends."""
+    from embedforge.convert.embedder import build_embedder
+    from embedforge.model import save_model
+    from embedforge.testing import tiny_decoder
+
+    root = tmp_path_factory.mktemp("big-teacher")
+    llm = tiny_decoder("llama", root / "llm", hidden_size=256, intermediate_size=512)
+    return save_model(build_embedder(llm, pooling="mean", bidirectional=True, max_seq_length=32), root / "teacher",
+                      stage="convert", source=str(llm))
+
+
+def test_changed_middle_of_a_big_weight_file_is_a_cache_miss(big_teacher, texts, tmp_path):
+    import json
+
+    teacher = shutil.copytree(big_teacher, tmp_path / "teacher")
+    weights = max(teacher.rglob("*.safetensors"), key=lambda f: f.stat().st_size)
+    size = weights.stat().st_size
+    assert size > 2 * 2**20 + 1024
+    settings = EncodeSettings(shard_size=16, batch_size=16)
+    first = encode_teacher(str(teacher), texts[:20], tmp_path / "cache", settings, show_progress=False)
+    assert first.encoded_shards == [0, 1]
+
+    data = bytearray(weights.read_bytes())
+    data[size // 2] ^= 0xFF  # one byte in the middle: more than 1 MiB from either end
+    weights.write_bytes(bytes(data))
+    second = encode_teacher(str(teacher), texts[:20], tmp_path / "cache", settings, show_progress=False)
+    assert second.directory != first.directory
+    assert second.encoded_shards == [0, 1] and second.reused_shards == []
+    assert second.teacher_fingerprint != first.teacher_fingerprint and len(first.teacher_fingerprint) == 64
+    assert json.loads((second.directory / "meta.json").read_text())["teacher_fingerprint"] == \
+        second.teacher_fingerprint
+
+
+def test_file_digests_are_memoized_by_path_size_and_mtime(bert_teacher, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from embedforge.distill import teacher as T
+
+    teacher = shutil.copytree(bert_teacher, tmp_path / "teacher")
+    old = 1_600_000_000
+    for f in teacher.rglob("*"):
+        os.utime(f, (old, old))  # settled files: their digests may be memoized
+    memo = tmp_path / "digests.json"
+    first = directory_fingerprint(teacher, digest_cache=memo)
+    entries = json.loads(memo.read_text())
+    weights = next(teacher.rglob("*.safetensors"))
+    assert entries[os.fspath(weights.resolve())]["size"] == weights.stat().st_size
+
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (reads.append(str(f)), real_open(f, *a, **k))[1])
+    assert directory_fingerprint(teacher, digest_cache=memo) == first
+    assert not [r for r in reads if r.endswith(".safetensors")]  # unchanged: not read again
+    monkeypatch.undo()
+
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, new mtime (and too recent to be memoized)
+    assert directory_fingerprint(teacher, digest_cache=memo) != first
+    assert os.fspath(weights.resolve()) not in json.loads(memo.read_text())
+    assert T.directory_fingerprint(teacher) != first
