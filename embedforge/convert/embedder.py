@@ -156,6 +156,8 @@ def pools_without_prompt(model: Any) -> bool:
 def check_model_prompts(model: Any, prompts: dict[str, str], key: str = "") -> None:
     """Refuse (``ConfigError``) any of ``prompts`` that merges with the text when ``model`` pools without it; the
     error names ``key.name`` (or just the name without ``key``)."""
+    if not any(prompts.values()):
+        return
     tokenizer = getattr(model[0], "tokenizer", None) if len(model) else None
     if tokenizer is None or not pools_without_prompt(model):
         return
