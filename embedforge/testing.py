@@ -144,3 +144,21 @@ def tiny_bert_st(path: str | os.PathLike[str], *, seed: int = 0, layers: int = 2
         modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(out))
     return out
+
+
+def sigterm_at(step: int) -> Any:
+    """A trainer callback that sends this process a real SIGTERM at the end of training step ``step``.
+
+    Tests pass it in ``StageContext.extra["train_callbacks"]`` to interrupt a stage the way a scheduler would.
+    """
+    import signal
+
+    from transformers import TrainerCallback
+
+    class _SigtermAt(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return control
+
+    return _SigtermAt()

@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from transformers import TrainerCallback
 
 from embedforge.configs import StageContext
 from embedforge.convert.train_guard import NanLossError, TrainingInterrupted
-from embedforge.testing import sample_texts
+from embedforge.testing import sample_texts, sigterm_at
 
 FAST = dict(batch_size=4, max_steps=3, save_steps=2, logging_steps=1, max_seq_length=32, learning_rate=5e-3,
             lora_r=4, lora_alpha=8)
@@ -61,18 +60,6 @@ def files(root: Path) -> dict[str, Path]:
             fh.write(json.dumps({"anchor": f"{t[i % 10]} {i}", "positive": t[(i + 1) % 10],
                                  "negative": t[(i + 5) % 10]}) + "\n")
     return out
-
-
-class SigtermAt(TrainerCallback):
-    """Sends this process a real SIGTERM at the end of a given step (the stage checkpoints and stops)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return control
 
 
 def _vectors(path: Path) -> np.ndarray:
@@ -222,7 +209,7 @@ def test_changed_learning_rate_starts_over_instead_of_resuming(
     out = tmp_path / "out"
     first = _convert_config("contrastive", embedder_dir, files, learning_rate=1e-3, max_steps=4, save_steps=100)
     with pytest.raises(TrainingInterrupted):
-        run_contrastive(first, out, StageContext(extra={"train_callbacks": [SigtermAt(2)]}))
+        run_contrastive(first, out, StageContext(extra={"train_callbacks": [sigterm_at(2)]}))
     assert (tmp_path / "out.ckpt" / "checkpoint-2" / "embedforge-train.json").is_file()
 
     second = _convert_config("contrastive", embedder_dir, files, learning_rate=1e-7, max_steps=4, save_steps=100)
@@ -249,7 +236,7 @@ def test_distill_changed_settings_start_over(bert_dir: Path, files: dict[str, Pa
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
         run(DistillConfig(**common, learning_rate=1e-3), tmp_path / "s",
-            StageContext(**ctx, extra={"train_callbacks": [SigtermAt(2)]}))
+            StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
     with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
         run(DistillConfig(**common, learning_rate=1e-7), tmp_path / "s", StageContext(**ctx))
     assert any("(learning_rate: 0.001 -> 1e-07); starting over" in r.getMessage() for r in caplog.records)
@@ -291,7 +278,7 @@ def test_cut_off_checkpoint_is_skipped_for_the_previous_one(
     cfg = _convert_config("contrastive", embedder_dir, files, max_steps=4, save_steps=1)
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted):
-        run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [SigtermAt(2)]}))
+        run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [sigterm_at(2)]}))
     ckpt = tmp_path / "out.ckpt"
     # The step-2 save was cut off (killed, or "[enforce fail at inline_container.cc:672]" on a full disk).
     (ckpt / "checkpoint-2" / "trainer_state.json").unlink()
@@ -314,7 +301,7 @@ def test_distill_skips_a_cut_off_checkpoint(bert_dir: Path, files: dict[str, Pat
                         max_steps=3, save_steps=100, max_seq_length=32)
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
-        run(cfg, tmp_path / "s", StageContext(**ctx, extra={"train_callbacks": [SigtermAt(2)]}))
+        run(cfg, tmp_path / "s", StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
     partial = tmp_path / "s.ckpt" / "checkpoint-2"
     (partial / "trainer_state.json").unlink()  # cut off while being written
     with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):

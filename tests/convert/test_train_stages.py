@@ -14,7 +14,7 @@ import torch
 
 from embedforge.configs import StageContext
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
-from embedforge.testing import sample_texts
+from embedforge.testing import sample_texts, sigterm_at
 
 FAST = dict(batch_size=4, max_steps=3, save_steps=2, logging_steps=1, max_seq_length=32, learning_rate=5e-3,
             lora_r=4, lora_alpha=8)
@@ -148,18 +148,6 @@ def test_mntp_updates_the_backbone_and_keeps_it_bidirectional(
     assert AutoConfig.from_pretrained(tmp_path / "out").is_causal is False
 
 
-class _SignalAt(__import__("transformers").TrainerCallback):
-    """Sends this process a real SIGTERM at the end of a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return control
-
-
 def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
     from embedforge.convert.train_guard import TrainingInterrupted
     from embedforge.convert.training import run_contrastive
@@ -169,7 +157,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: d
                             **{**FAST, "max_steps": 4, "save_steps": 100})
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted, match="Rerun"):
-        run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [_SignalAt(1)]}))
+        run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [sigterm_at(1)]}))
     assert (tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors").is_file()
     assert not out.exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -95,19 +95,9 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
 
 
 def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
-    import os
-    import signal
-
-    from transformers import TrainerCallback
-
     from embedforge.convert.train_guard import TrainingInterrupted
     from embedforge.distill import pipeline
-
-    class SigtermAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if state.global_step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return control
+    from embedforge.testing import sigterm_at
 
     cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], first_layers=1, batch_size=16,
                         max_steps=4, save_steps=100, shard_size=64)
@@ -115,7 +105,7 @@ def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
     cache = tmp_path / "cache"
     # A first run is stopped by SIGTERM after step 2: it writes a checkpoint and publishes nothing.
     with pytest.raises(TrainingInterrupted, match="Rerun"):
-        pipeline.run(cfg, out, StageContext(cache_dir=cache, extra={"train_callbacks": [SigtermAt()]}))
+        pipeline.run(cfg, out, StageContext(cache_dir=cache, extra={"train_callbacks": [sigterm_at(2)]}))
     assert (tmp_path / "student.ckpt" / "checkpoint-2" / "embedforge-train.json").is_file()
     assert not out.exists()
 
