@@ -1,7 +1,7 @@
 """Where a distilled student's retrieval falls short of its teacher: SciFact dev nDCG@10 with the query side and the
 document side encoded by different models.
 
-    python bench/teacher_cross_retrieval.py runs/bench-convert7/models/causal-distill-mean-scifact-corpus
+    python -m bench.dev.teacher_cross_retrieval runs/bench-convert7/models/causal-distill-mean-scifact-corpus
 
 A student trained on a teacher's vectors (with a head into the teacher's space) can be scored against the teacher's
 own vectors: student claims against teacher abstracts (``sq_td``) and teacher claims against student abstracts

@@ -1,6 +1,6 @@
 """Export benchmark: PyTorch fp32 vs ONNX fp32 vs ONNX int8 on real models, in the same run.
 
-    nice -n 5 python bench/export.py --out runs/bench-export
+    nice -n 5 python -m bench.dev.export --out runs/bench-export
 
 For each model (all-MiniLM-L6-v2 and a SmolLM2-135M embedder; a zero-shot causal mean-pooled one is built when
 no tuned directory is given with ``--smollm2``):
@@ -14,7 +14,7 @@ no tuned directory is given with ``--smollm2``):
 3. quality retention: STS-B dev Spearman and SciFact dev nDCG@10 of PyTorch fp32 vs ONNX int8 (and ONNX fp32
    for STS-B) through :mod:`embedforge.evaluation`;
 4. file sizes and peak resident memory of each runtime (each measured in a fresh subprocess);
-5. optionally (``--binary``) the binary-retrieval benchmark of ``bench/binary_retrieval.py`` on the ONNX vectors.
+5. optionally (``--binary``) the binary-retrieval benchmark of ``bench/dev/binary_retrieval.py`` on the ONNX vectors.
 
 Writes ``OUT/results.json`` after every step and ``OUT/results.md`` at the end.
 """
@@ -36,11 +36,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 logger = logging.getLogger("bench.export")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 def _sts_sentences(limit: int) -> list[str]:
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                         "under OUT/vectors/")
     parser.add_argument("--quick", action="store_true", help="no ablation variants")
     parser.add_argument("--static-int8", action="store_true", help="also export a static QDQ int8 graph")
-    parser.add_argument("--binary", action="store_true", help="run bench/binary_retrieval.py on ONNX vectors")
+    parser.add_argument("--binary", action="store_true", help="run bench/dev/binary_retrieval.py on ONNX vectors")
     args = parser.parse_args(argv)
     args.scifact_encoders = [e.strip() for e in args.scifact_encoders.split(",") if e.strip()]
     # the root logger stays at WARNING (onnxruntime's quantizers log every node through it at INFO)
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "results.json"
     result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
-    command = "python bench/export.py " + " ".join(argv or sys.argv[1:])
+    command = "python -m bench.dev.export " + " ".join(argv or sys.argv[1:])
     result["commands"] = result.get("commands", [result["command"]] if "command" in result else []) + [command]
     result.update(command=command,
                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -586,8 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(resolve_source("minilm-l6")) if name == "minilm-l6" else _smollm2_dir(out, args.smollm2)
         bench_model(name, model_dir, out, result, args)
         if args.binary and name == "minilm-l6":
-            sys.path.insert(0, str(ROOT / "bench"))
-            import binary_retrieval
+            from bench.dev import binary_retrieval
 
             enc = _encoder_for(out / "exports" / name, "onnx/model.onnx", args.threads)
             result["models"][name]["binary"] = binary_retrieval.run(enc, out / "binary" / name)

@@ -1,6 +1,6 @@
 """Benchmark: SmolLM2-135M-Instruct becomes an embedder on this machine's CPU.
 
-    python bench/convert_smollm2.py --out runs/bench-convert [--only VARIANT] [--steps 200] [--keep-layers 16]
+    python -m bench.dev.convert_smollm2 --out runs/bench-convert [--only VARIANT] [--steps 200] [--keep-layers 16]
 
 Zero-shot variants (causal mean / last-token / echo, bidirectional mean) are only evaluated; tuned variants are
 trained with the embedforge stages (``convert`` -> ``mntp`` -> ``contrastive``) and saved under
@@ -237,7 +237,7 @@ def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
     if corpus:  # domain adaptation: unlabeled SciFact corpus abstracts and sentences cut from them
         from embedforge.data import builtin_beir
 
-        from distill import corpus_sentences  # bench/distill.py
+        from bench.dev.distill import corpus_sentences
 
         abstracts = list(builtin_beir("scifact-dev").corpus.values())
         texts = list(dict.fromkeys(texts + abstracts + corpus_sentences(abstracts, corpus)))
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spinning when the "
                         "cores are shared)")
     parser.add_argument("--zero-shot-from", type=Path, default=None,
-                        help="results.json of bench/convert_zeroshot.py: copy its STS scores instead of "
+                        help="results.json of bench/dev/convert_zeroshot.py: copy its STS scores instead of "
                              "recomputing the full-depth zero-shot variants")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--latents", type=int, default=64, help="latent_attention: latents (NV-Embed: 512)")

@@ -1,7 +1,7 @@
 """GPU check: bidirectional attention on CUDA, fp32/bf16/fp16 encode throughput and parity, and a LoRA vs QLoRA
 contrastive run, on random models of realistic shape (no weights need to travel to the GPU machine).
 
-    python bench/gpu_check.py --out DIR --shape SHAPE_DIR [--device cuda] [--quick]
+    python -m bench.dev.gpu_check --out DIR --shape SHAPE_DIR [--device cuda] [--quick]
 
 ``SHAPE_DIR`` holds a model's ``config.json`` and tokenizer files (e.g. those of SmolLM2-135M); the weights are drawn
 at random from that config, so the timings and memory are those of the real shape, while the parity figures are
@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = Path(args.shape)
     sections = args.sections.split(",")
     q = args.quick
-    result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_check.py", *(argv or sys.argv[1:])]),
+    result: dict[str, Any] = {"command": " ".join(["python", "-m", "bench.dev.gpu_check", *(argv or sys.argv[1:])]),
                               "device": args.device, "versions": _versions(), "shape": json.loads(
                                   (shape / "config.json").read_text()).get("_name_or_path", shape.name)}
     write_results(out, result)

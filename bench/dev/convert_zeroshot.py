@@ -1,6 +1,6 @@
 """Zero-shot SmolLM2-135M-Instruct embedders: attention x pooling, no training, in one run.
 
-    nice -n 5 python bench/convert_zeroshot.py --out runs/bench-zeroshot [--only causal-mean,echo] [--tasks stsb-dev]
+    nice -n 5 python -m bench.dev.convert_zeroshot --out runs/bench-zeroshot [--only causal-mean,echo] [--tasks stsb-dev]
 
 Every variant is built with :func:`embedforge.convert.embedder.build_embedder` from the same dequantized GGUF
 checkpoint and scored with :mod:`embedforge.evaluation` (Spearman x100 of cosine similarity). ``results.json`` is

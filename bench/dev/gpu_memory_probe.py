@@ -1,11 +1,11 @@
 """Where the GPU memory of a LoRA / QLoRA contrastive step goes: weights, forward-saved activations, backward peak.
 
-    python bench/gpu_memory_probe.py --out DIR --shape SHAPE_DIR [--one-b] [--batch 32] [--seq 64]
+    python -m bench.dev.gpu_memory_probe --out DIR --shape SHAPE_DIR [--one-b] [--batch 32] [--seq 64]
 
 One hand-written step per variant through embedforge's own pieces (``load_start_model``, ``prepare_for_training``,
 ``contrastive_loss``) under bf16 autocast, with ``torch.cuda.max_memory_allocated`` read after moving the model to
 the GPU, after the forward pass (loss computed, graph alive) and after the backward pass. It complements
-``bench/gpu_check.py``, whose trainer-level figure is one number per run.
+``bench/dev/gpu_check.py``, whose trainer-level figure is one number per run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 
 def _mb(x: int) -> float:
@@ -43,7 +43,7 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     from embedforge.convert.training import contrastive_loss
     from embedforge.data import builtin
 
-    from gpu_check import VARIANTS  # bench/ sibling: the same three variants
+    from bench.dev.gpu_check import VARIANTS  # the same three variants
 
     quant, ckpt = VARIANTS[variant]
     cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
@@ -77,7 +77,7 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
-    """The options that pick the model and batch (shared with ``bench/gpu_trainer_memory.py``)."""
+    """The options that pick the model and batch (shared with ``bench/dev/gpu_trainer_memory.py``)."""
     parser.add_argument("--out", required=True)
     parser.add_argument("--shape", required=True)
     parser.add_argument("--one-b", action="store_true", help="Llama-1B layer shape instead of the shape's own")
@@ -89,7 +89,7 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
 def prepare_start(args: argparse.Namespace) -> Path:
     """The random-weight model of ``--shape`` (``--one-b``: Llama-1B layers) as a bidirectional mean embedder
     under ``--out``, made once."""
-    from gpu_check import ONE_B, make_shape_model  # bench/ sibling
+    from bench.dev.gpu_check import ONE_B, make_shape_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     start = prepare_start(args)
-    result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_memory_probe.py", *(argv or sys.argv[1:])]),
+    result: dict[str, Any] = {"command": " ".join(["python", "-m", "bench.dev.gpu_memory_probe", *(argv or sys.argv[1:])]),
                               "batch_triplets": args.batch, "seq": args.seq, "rows": []}
     for variant in args.variants.split(","):
         try:

@@ -1,8 +1,8 @@
 """fp32 vs bf16-autocast training step of the SmolLM2 distill student on this CPU, alternating in one process.
 
-    python bench/bf16_cpu_step.py --out DIR [--threads 2] [--batches 6] [--batch-size 64] [--max-len 128]
+    python -m bench.dev.bf16_cpu_step --out DIR [--threads 2] [--batches 6] [--batch-size 64] [--max-len 128]
 
-The student is the one ``bench/convert_smollm2.py`` distills: SmolLM2-135M-Instruct cut to its first 8 layers,
+The student is the one ``bench/dev/convert_smollm2.py`` distills: SmolLM2-135M-Instruct cut to its first 8 layers,
 causal attention, mean pooling. Two workloads from the distill texts (shuffled with a fixed seed): ``mixed`` batches
 (short sentences and long documents, padded to the longest, at most ``--max-len`` tokens) and ``short`` batches
 (texts under 200 characters, what most length-grouped batches hold). A step is the forward pass, a
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 
 def _texts(n: int) -> list[str]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return seconds, int(features["attention_mask"].numel()), out.detach().float().numpy()
 
     result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/bf16_cpu_step.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "bench.dev.bf16_cpu_step", *(argv or sys.argv[1:])]),
         "threads": args.threads, "batch_size": args.batch_size, "max_len": args.max_len,
         "keep_layers": args.keep_layers, "bf16_supported_flags": _cpu_flags(), "torch": torch.__version__,
     }

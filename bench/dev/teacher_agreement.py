@@ -1,6 +1,6 @@
 """Where does a distilled student follow its teacher? Mean cosine between student and teacher vectors per text domain.
 
-    python bench/teacher_agreement.py --student runs/bench-convert/models/causal-distill-mean --out DIR
+    python -m bench.dev.teacher_agreement --student runs/bench-convert/models/causal-distill-mean --out DIR
 
 A student trained on a teacher's vectors is only as good as its agreement with the teacher on the texts it is
 evaluated on. This compares, on samples of STS-B dev sentences, SciFact dev claims and SciFact abstracts (none of

@@ -1,24 +1,24 @@
 """GPU pilot (device side): which distillation settings move SciFact for the SmolLM2 student.
 
-Runs from the folder that ``bench/gpu_pack_smollm2.py`` packed (plus ``data.tar.xz`` holding the scifact and stsb
-data folders): rebuilds the 8-layer start model exactly from its Q4_1 / Q8_0 values, reads the int8 teacher vectors,
-and for each variant named on the command line (default: all) distills 1,000 steps of 64 texts under bf16 autocast
-with the library's own ``build_student`` / ``train_student``, then scores STS-B dev and SciFact dev (whole corpus,
-128 tokens) and, unless ``PILOT_NO_SUP`` is set, the bench's supervised pass on the SciFact train pairs.
-``$OUT/pilot.json`` is rewritten after every variant. ``PILOT_SMOKE=1`` runs 2 steps (a CPU dry run).
+Runs from the folder that ``bench/dev/gpu_pack_smollm2.py`` packed (plus ``data.tar.xz`` holding the scifact and
+stsb data folders): rebuilds the 8-layer start model exactly from its Q4_1 / Q8_0 values, reads the int8 teacher
+vectors, and for each variant named on the command line (default: all) distills 1,000 steps of 64 texts under bf16
+autocast with the library's own ``build_student`` / ``train_student``, then scores STS-B dev and SciFact dev (whole
+corpus, 128 tokens) and, unless ``--no-sup``, the bench's supervised pass on the SciFact train pairs.
+``OUT/pilot.json`` is rewritten after every variant. ``--smoke`` runs 2 steps (a CPU dry run).
 
-    python3 .gpu2/c/pilot.py len mix4        # on the device, with PYTHONPATH at the repository
+    python3 PACK/pilot.py --work /tmp/g --out $OUT len mix4     # on the device, with PYTHONPATH at the repository
+
+The pack carries this file as ``pilot.py`` and runs it as a plain script (it imports nothing from ``bench``).
 """
-import json, lzma, os, shutil, subprocess, sys, tarfile, time
+import argparse, json, lzma, os, shutil, tarfile, time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORK = os.environ.get("PILOT_WORK", "/tmp/g")
-OUT = os.environ.get("OUT", "/tmp/out")
-os.makedirs(WORK, exist_ok=True)
-os.environ["EMBEDFORGE_DATA"] = WORK + "/data"
+WORK = "/tmp/g"  # set from --work by main()
+OUT = "/tmp/out"  # set from --out by main()
 T0 = time.time()
-SMOKE = bool(os.environ.get("PILOT_SMOKE"))
+SMOKE = False  # set from --smoke by main()
 
 
 def log(*a):
@@ -93,8 +93,24 @@ def evaluate(model):
     return {"stsb": round(sts, 2), "scifact": round(r["ndcg@10"], 2), "recall100": round(r["recall@100"], 2)}
 
 
-def main():
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="GPU distillation pilot for the SmolLM2 student")
+    parser.add_argument("variants", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("--work", default="/tmp/g", help="scratch folder: data, start models, checkpoints")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"), help="folder for pilot.json")
+    parser.add_argument("--smoke", action="store_true", help="2 steps per variant (a CPU dry run)")
+    parser.add_argument("--no-sup", action="store_true", help="skip the supervised pass after distillation")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    global WORK, OUT, SMOKE
     import torch
+
+    args = parse_args(argv)
+    WORK, OUT, SMOKE = args.work, args.out, args.smoke
+    os.makedirs(WORK, exist_ok=True)
+    os.environ["EMBEDFORGE_DATA"] = WORK + "/data"  # the data sets unpacked from data.tar.xz
 
     from embedforge.distill import pipeline
     from embedforge.distill.config import DistillConfig
@@ -111,7 +127,7 @@ def main():
         ("len-3000", dict(max_steps=3000)),
         ("len-1800", dict(max_steps=1800)),
     ]
-    only = sys.argv[1:]
+    only = args.variants
     results = {}
     for item in V:
         name, over = item[0], item[1]
@@ -135,8 +151,8 @@ def main():
         log(name, "distilled", res)
         # the bench's supervised pass: one epoch of LoRA InfoNCE on the SciFact train pairs
         try:
-            if os.environ.get("PILOT_NO_SUP"):
-                raise RuntimeError("skipped (PILOT_NO_SUP)")
+            if args.no_sup:
+                raise RuntimeError("skipped (--no-sup)")
             from embedforge.configs import StageContext
             from embedforge.convert.train_config import ContrastiveConfig
             from embedforge.convert.training import run_contrastive

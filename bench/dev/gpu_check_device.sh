@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device-machine side of bench/gpu_check.py, as run for bench/results/gpu_check_h200_run2.json (one call).
+# The device-machine side of bench/dev/gpu_check.py, as run for bench/results/gpu_check_h200.json (one call).
 #
 # It expects, beside the checkout (copied there by the device tool, with `carry: [".whl", ".gpu"]`):
 #   .whl/        wheels the GPU image lacks: bitsandbytes 0.50.2, datasets 5.2.0 (and 4.8.5 in .whl/alt for an
@@ -8,7 +8,7 @@
 #   .gpu/data/   stsb/sts-dev.csv, snli/snli_triplets_devtest.jsonl, scifact/ (a copy of ../shared/data subsets)
 # and writes its logs and JSON to $OUT. On an ordinary CUDA machine with `pip install -e .[dev,gpu]` done, the same
 # checks are: pytest on the files below, then
-#   EMBEDFORGE_DATA=../shared/data python bench/gpu_check.py --out DIR --shape SHAPE_DIR
+#   EMBEDFORGE_DATA=../shared/data python -m bench.dev.gpu_check --out DIR --shape SHAPE_DIR
 set -u
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -22,6 +22,6 @@ timeout 120 python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 100 -rs test
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" $OUT/pytest2.log | tail -8
 echo "== tests done $(( $(date +%s) - T0 )) s"
 left=$(( 400 - ($(date +%s) - T0) ))
-timeout $left python3 bench/gpu_check.py --out /tmp/gc2 --shape .gpu/shape --sections bidirectional,encode,train1b > $OUT/gpu_check2.log 2>&1
+timeout $left python3 -m bench.dev.gpu_check --out /tmp/gc2 --shape .gpu/shape --sections bidirectional,encode,train1b > $OUT/gpu_check2.log 2>&1
 echo "gpu_check rc=$?"; cp /tmp/gc2/results.json $OUT/gpu_check2.json 2>/dev/null; grep -E "encode (short|long)|train llama1b|Error" $OUT/gpu_check2.log | cut -c1-400 | tail -8
 echo "== all done $(( $(date +%s) - T0 )) s"

@@ -1,6 +1,6 @@
 """Distillation benchmark: all-MiniLM-L6-v2 -> layer students and a static student, on CPU.
 
-    nice -n 5 python bench/distill.py --out runs/bench-distill
+    nice -n 5 python -m bench.dev.distill --out runs/bench-distill
 
 Teacher vectors for unlabeled texts from ../shared/data (STS-B train, SICK train, SNLI, 20 Newsgroups subjects
 and bodies, SciFact train-pair claims and abstracts; none of the evaluation sets) are computed once and cached;
@@ -148,7 +148,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Distillation benchmark (teacher all-MiniLM-L6-v2, CPU)", "",
              "Commands (in order, on the same OUT; a rerun resumes and adds what is missing):", "",
-             *[f"- `python bench/{c}`" for c in results.get("commands", [results.get("command", "")])], "",
+             *[f"- `{c}`" for c in results.get("commands", [results.get("command", "")])], "",
              f"{results.get('n_texts', '?')} training texts; SciFact corpus in training: "
              f"{results.get('scifact_corpus_in_training', False)}; {results.get('threads', '?')} torch thread(s); "
              f"evaluation and throughput at {results.get('eval_max_seq_length', '?')} tokens.", "",
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "models").mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results.setdefault("models", {})
-    results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    results["command"] = " ".join(["python -m bench.dev.distill", *(argv or sys.argv[1:])])
     results.setdefault("commands", [])
     results["commands"].append(results["command"])  # a resumed or extended run keeps every invocation
     results["targets"] = {"layers_pct_teacher": 95, "layers_speedup": 2.5, "dim128_pct_own_full": 97,

@@ -1,6 +1,6 @@
 """Pack the SmolLM2 distill pilot for the GPU machine, under its 64 MiB transfer limit.
 
-    python bench/gpu_pack_smollm2.py --start runs/bench-convert7/work/start-mean-causal-L8-noinstruction \
+    python -m bench.dev.gpu_pack_smollm2 --start runs/bench-convert7/work/start-mean-causal-L8-noinstruction \
         --texts runs/bench-convert7/work/kd-texts-2000-scifact5000.jsonl \
         --cache runs/bench-convert7/work/cache/teacher-vectors --out .gpu2/c
 
@@ -9,7 +9,7 @@ fp16 d and m per block of 32) or ``d * q`` (the Q8_0 token table: int8 q, fp16 d
 start model's fp32 safetensors and checks that they rebuild every value exactly, so the device trains the very same
 weights at a quarter of the bytes. Only the token rows that the pilot's texts use are kept (the rest are never
 looked up, and Adam leaves rows without gradient unchanged). The teacher vectors travel as int8 with a per-row scale
-(cos >= 0.9999 to the fp32 ones). ``bench/gpu_distill_pilot.py`` (copied beside the pack) rebuilds and runs it.
+(cos >= 0.9999 to the fp32 ones). ``bench/dev/gpu_distill_pilot.py`` (copied beside the pack) rebuilds and runs it.
 """
 
 from __future__ import annotations

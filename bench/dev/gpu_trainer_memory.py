@@ -1,9 +1,9 @@
 """Where the trainer's extra GPU memory goes: a contrastive stage's peak, phase by phase, and what is alive at it.
 
-    python bench/gpu_trainer_memory.py --out DIR --shape SHAPE_DIR [--one-b] [--steps 4] [--batch 32] [--seq 64]
+    python -m bench.dev.gpu_trainer_memory --out DIR --shape SHAPE_DIR [--one-b] [--steps 4] [--batch 32] [--seq 64]
 
-``bench/gpu_check.py`` found the ``contrastive`` stage's recorded peak (``peak_gpu_mb``) about 3.4 GiB above the
-step that ``bench/gpu_memory_probe.py`` measures by hand with the same pieces, in every variant. For each variant
+``bench/dev/gpu_check.py`` found the ``contrastive`` stage's recorded peak (``peak_gpu_mb``) about 3.4 GiB above the
+step that ``bench/dev/gpu_memory_probe.py`` measures by hand with the same pieces, in every variant. For each variant
 this script runs, in one process:
 
 1. the hand-measured step of ``gpu_memory_probe.probe`` (the reference);
@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from _results import write_results  # bench/ is on sys.path when a script here runs
+from bench._common import write_results
 
 MB = 2**20
 _SKIP = ("torch/nn/modules/module.py", "torch/utils/checkpoint.py", "torch/autograd/", "torch/_tensor.py",
@@ -133,7 +133,7 @@ def trainer_run(start: Path, dest: Path, variant: str, steps: int, batch: int, s
     from embedforge.convert.training import run_contrastive
     from embedforge.model import read_lineage
 
-    from gpu_check import VARIANTS  # bench/ sibling
+    from bench.dev.gpu_check import VARIANTS
 
     cuda = torch.cuda.is_available()
     quant, ckpt = VARIANTS[variant]
@@ -168,7 +168,7 @@ def trainer_run(start: Path, dest: Path, variant: str, steps: int, batch: int, s
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from gpu_memory_probe import add_shape_args, prepare_start, probe  # bench/ sibling
+    from bench.dev.gpu_memory_probe import add_shape_args, prepare_start, probe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = prepare_start(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict[str, Any] = {"command": " ".join(["python", "bench/gpu_trainer_memory.py", *(argv or sys.argv[1:])]),
+    result: dict[str, Any] = {"command": " ".join(["python", "-m", "bench.dev.gpu_trainer_memory", *(argv or sys.argv[1:])]),
                               "batch_triplets": args.batch, "seq": args.seq, "steps": args.steps, "rows": []}
     for variant in args.variants.split(","):
         row: dict[str, Any] = {"variant": variant}
