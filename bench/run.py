@@ -12,7 +12,8 @@ An experiment file (``bench/experiments/*.yaml``) is either
 
 ``metrics:`` maps each metric name to where it is read: ``{stage: NAME, key: [a, b]}`` (the stage's
 ``metrics.json`` for an eval stage, else the ``metrics`` of its ``embedforge.json``) or ``{key: [a, b]}`` (the
-script's ``results.json``). A metric that is missing fails the run; nothing is written then.
+script's ``results.json``); in a list, a key part ``FIELD=VALUE`` picks the one element whose FIELD is VALUE.
+A metric that is missing fails the run; nothing is written then.
 
 The result, ``OUT/<experiment>.json``, is written atomically with the keys in :data:`RESULT_KEYS`.
 """
@@ -122,14 +123,32 @@ def load_experiment(path: str | os.PathLike[str]) -> Experiment:
                       command=[str(a) for a in command] if command is not None else None)
 
 
-def _lookup(data: Any, key: list[str], where: str) -> float:
+_MISSING = object()
+
+
+def _step(value: Any, part: str) -> Any:
+    """One step of a metric key: a mapping's key, or in a list the element whose ``FIELD`` is ``VALUE`` for a
+    ``FIELD=VALUE`` part (else the element at an integer index)."""
+    if isinstance(value, dict):
+        return value.get(part, _MISSING)
+    if isinstance(value, list):
+        field_name, sep, wanted = part.partition("=")
+        if sep:
+            found = [v for v in value if isinstance(v, dict) and str(v.get(field_name)) == wanted]
+            return found[0] if len(found) == 1 else _MISSING
+        if part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            return value[int(part)]
+    return _MISSING
+
+
+def lookup(data: Any, key: list[str], where: str) -> float:
     from embedforge.errors import RunError
 
     value = data
     for part in key:
-        if not isinstance(value, dict) or part not in value:
+        value = _step(value, part)
+        if value is _MISSING:
             raise RunError(f"{where}: no metric at {'/'.join(key)} (missing {part!r}); fix the experiment's metrics")
-        value = value[part]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise RunError(f"{where}: {'/'.join(key)} is {value!r}, not a number; point the metric at a number")
     return value
@@ -187,7 +206,7 @@ def _run_recipe(exp: Experiment, work: Path, force: bool) -> tuple[dict[str, flo
         t0 = time.perf_counter()
         [(_, status)] = run_recipe(recipe, force=force, only=[st.name])
         stages[st.name] = {"status": status, "seconds": round(time.perf_counter() - t0, 3)}
-    metrics = {m.name: _lookup(_stage_metrics(names[m.stage].out), m.key, f"{exp.path}: metrics.{m.name}")
+    metrics = {m.name: lookup(_stage_metrics(names[m.stage].out), m.key, f"{exp.path}: metrics.{m.name}")
                for m in exp.metrics}
     return metrics, {"stages": stages}
 
@@ -205,7 +224,7 @@ def _run_command(exp: Experiment, work: Path) -> tuple[dict[str, float], dict[st
     if not results.is_file() or results.stat().st_mtime_ns == before:
         raise RunError(f"{exp.path}: the command wrote no new {results}; its script must write results.json there")
     data = json.loads(results.read_text())
-    return {m.name: _lookup(data, m.key, f"{results}: metrics.{m.name}") for m in exp.metrics}, {}
+    return {m.name: lookup(data, m.key, f"{results}: metrics.{m.name}") for m in exp.metrics}, {}
 
 
 def display_command(exp: Experiment, out: Path, work: Path) -> str:

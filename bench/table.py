@@ -25,17 +25,22 @@ README = ROOT / "README.md"
 def _number(value: float) -> str:
     if isinstance(value, int) or float(value).is_integer():
         return f"{int(value):,}"
-    return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}".rstrip("0").rstrip(".")
+    if abs(value) < 1:
+        return f"{value:.5g}"
+    return f"{value:,.2f}".rstrip("0").rstrip(".")
 
 
 def _machine(m: dict[str, Any] | None) -> str:
-    if not m:
+    if not m or all(v is None for v in m.values()):
         return "not recorded"
     if m.get("gpu"):
         return str(m["gpu"])
-    cpu = str(m.get("cpu_model") or "CPU")
-    threads = m.get("torch_threads")
-    return cpu + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+    parts = [str(m.get("cpu_model") or "CPU (model not recorded)")]
+    if m.get("cores"):
+        parts.append(f"{m['cores']} cores")
+    if m.get("torch_threads"):
+        parts.append(f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}")
+    return ", ".join(parts)
 
 
 def _cell(text: str) -> str:

@@ -5,7 +5,7 @@ stsb data folders): rebuilds the 8-layer start model exactly from its Q4_1 / Q8_
 vectors, and for each variant named on the command line (default: all) distills 1,000 steps of 64 texts under bf16
 autocast with the library's own ``build_student`` / ``train_student``, then scores STS-B dev and SciFact dev (whole
 corpus, 128 tokens) and, unless ``--no-sup``, the bench's supervised pass on the SciFact train pairs.
-``OUT/pilot.json`` is rewritten after every variant. ``--smoke`` runs 2 steps (a CPU dry run).
+``OUT/results.json`` is rewritten after every variant. ``--smoke`` runs 2 steps (a CPU dry run).
 
     python3 PACK/pilot.py --work /tmp/g --out $OUT len mix4     # on the device, with PYTHONPATH at the repository
 
@@ -96,19 +96,20 @@ def evaluate(model):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="GPU distillation pilot for the SmolLM2 student")
     parser.add_argument("variants", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("--pack", default=HERE, help="the folder bench/dev/gpu_pack_smollm2.py packed")
     parser.add_argument("--work", default="/tmp/g", help="scratch folder: data, start models, checkpoints")
-    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"), help="folder for pilot.json")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"), help="folder for results.json")
     parser.add_argument("--smoke", action="store_true", help="2 steps per variant (a CPU dry run)")
     parser.add_argument("--no-sup", action="store_true", help="skip the supervised pass after distillation")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    global WORK, OUT, SMOKE
+    global HERE, WORK, OUT, SMOKE
     import torch
 
     args = parse_args(argv)
-    WORK, OUT, SMOKE = args.work, args.out, args.smoke
+    HERE, WORK, OUT, SMOKE = args.pack, args.work, args.out, args.smoke
     os.makedirs(WORK, exist_ok=True)
     os.environ["EMBEDFORGE_DATA"] = WORK + "/data"  # the data sets unpacked from data.tar.xz
 
@@ -174,7 +175,7 @@ def main(argv=None):
             log(name, "sup failed", repr(e)[:300])
         results[name] = res
         os.makedirs(OUT, exist_ok=True)
-        json.dump(results, open(os.path.join(OUT, "pilot.json"), "w"), indent=1)
+        json.dump(results, open(os.path.join(OUT, "results.json"), "w"), indent=1)
         del student
         import gc
         gc.collect()

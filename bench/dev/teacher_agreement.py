@@ -4,17 +4,18 @@
 
 A student trained on a teacher's vectors is only as good as its agreement with the teacher on the texts it is
 evaluated on. This compares, on samples of STS-B dev sentences, SciFact dev claims and SciFact abstracts (none of
-them trained on), the mean cosine of the student's vector to the teacher's. Writes ``DIR/teacher_agreement.json``.
+them trained on), the mean cosine of the student's vector to the teacher's. Writes ``DIR/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 from pathlib import Path
+
+from bench._common import write_results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         t = teacher.encode(texts, batch_size=32, normalize_embeddings=True)
         result["mean_cosine"][name] = round(float(np.mean(np.sum(s * t, axis=1))), 4)
         print(f"{name}: {result['mean_cosine'][name]}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "teacher_agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,25 @@ own vectors: student claims against teacher abstracts (``sq_td``) and teacher cl
 (``tq_sd``), beside student against student (``ss``). If the student had learned the teacher's space, the crossed
 scores would sit between the two models' own; far below both, the student has built a geometry of its own. Also
 writes the mean cosine to the teacher on claims and abstracts, and the teacher's score with abstracts cut to 128 and
-256 tokens. Writes ``runs/diag/cross.json`` (``--out`` to change).
+256 tokens. Writes ``runs/diag/cross/results.json`` (``--out DIR`` to change).
 """
 import argparse
-import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench._common import write_results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("students", nargs="+")
     parser.add_argument("--teacher", default="minilm-l6")
-    parser.add_argument("--out", default="runs/diag/cross.json")
+    parser.add_argument("--out", default="runs/diag/cross", help="folder for results.json")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,9 +60,7 @@ def main(argv=None):
         out[name] = {"ss": ndcg(sq, sd), "sq_td": ndcg(sq, tdocs[128]), "tq_sd": ndcg(tq, sd),
                      "agree_q": float(np.mean(np.sum(sq * tq, 1))), "agree_d": float(np.mean(np.sum(sd * tdocs[128], 1)))}
         print(name, out[name], round(time.time() - t0), flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_results(Path(args.out), out)
 
 
 if __name__ == "__main__":
