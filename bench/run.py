@@ -227,9 +227,12 @@ def _run_command(exp: Experiment, work: Path) -> tuple[dict[str, float], dict[st
     return {m.name: lookup(data, m.key, f"{results}: metrics.{m.name}") for m in exp.metrics}, {}
 
 
-def display_command(exp: Experiment, out: Path, work: Path) -> str:
-    """The command line that reproduces this result."""
-    return f"python -m bench.run {_rel(exp.path)} --out {_rel(out)} --work {_rel(work)}"
+def display_command(exp: Experiment, work: Path, default_work: Path) -> str:
+    """The command line that reproduces this result (``--work`` only when it was not the default)."""
+    parts = ["python -m bench.run", _rel(exp.path)]
+    if Path(work).resolve() != default_work.resolve():
+        parts += ["--work", _rel(work)]
+    return " ".join(parts)
 
 
 def _rel(path: Path) -> str:
@@ -244,7 +247,8 @@ def run_experiment(path: str | os.PathLike[str], out: str | os.PathLike[str] = R
     """Run one experiment; write and return ``out/<experiment>.json`` (written only when every metric was read)."""
     exp = load_experiment(path)
     out_dir = Path(out)
-    work_dir = Path(work) if work is not None else ROOT / "runs" / "bench" / exp.name
+    default_work = ROOT / "runs" / "bench" / exp.name
+    work_dir = Path(work) if work is not None else default_work
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     spec_hash = config_hash(exp.spec())
     t0 = time.perf_counter()
@@ -254,7 +258,7 @@ def run_experiment(path: str | os.PathLike[str], out: str | os.PathLike[str] = R
         metrics, timings = _run_recipe(exp, work_dir, force)
     timings = {"total_s": round(time.perf_counter() - t0, 3), **timings}
     result = {"experiment": exp.name, "description": exp.description,
-              "command": display_command(exp, out_dir, work_dir), "git_commit": git_commit(),
+              "command": display_command(exp, work_dir, default_work), "git_commit": git_commit(),
               "machine": machine(), "config_hash": spec_hash, "started": started, "metrics": metrics,
               "timings": timings}
     target = out_dir / f"{exp.name}.json"
