@@ -120,3 +120,16 @@ def test_a_command_that_writes_no_new_results_fails(tmp_path: Path, capsys: pyte
     assert bench_run.main([str(exp), "--out", str(tmp_path / "results"), "--work", str(work)]) == 1
     assert "the command wrote no new" in capsys.readouterr().err
     assert (work / "results.json").is_file() and not (tmp_path / "results").exists()
+
+
+def test_a_shipped_recipe_runs_with_overrides_into_the_work_folder(tmp_path: Path) -> None:
+    exp = tmp_path / "r.yaml"
+    exp.write_text("recipe: recipes/export/minilm_onnx.yaml\noverrides: {onnx.fp16: false}\n"
+                   "metrics: {s: {stage: eval, key: [stsb-dev, spearman]}}\n")
+    recipe = bench_run._load_recipe(bench_run.load_experiment(exp), tmp_path / "work")
+    assert [st.out for st in recipe.stages] == [tmp_path / "work" / "onnx", tmp_path / "work" / "eval"]
+    assert recipe.stages[0].config.fp16 is False
+    exp.write_text(exp.read_text().replace("{stage: eval,", "{stage: evl,"))
+    with pytest.raises(Exception, match=r"metrics\.s: no stage named 'evl' \(stages: onnx, eval\)"):
+        bench_run.run_experiment(exp, tmp_path / "results", tmp_path / "work")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
