@@ -1,7 +1,7 @@
 """Markdown tables of metrics, and a bar chart helper.
 
 :func:`metrics_table` is what ``embedforge eval`` prints and what the ``eval`` stage writes to ``report.md``;
-:func:`table` also makes the markdown tables of ``bench/eval_check.py`` and ``bench/convert_zeroshot.py``.
+:func:`table` also makes the markdown tables of ``bench/dev/eval_check.py`` and ``bench/dev/convert_zeroshot.py``.
 :func:`bar_plot` saves a PNG bar chart of a mapping of scores; nothing in embedforge or ``bench/`` calls it, it is
 there for your own reports (it needs matplotlib, imported when called).
 """

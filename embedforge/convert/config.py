@@ -104,7 +104,7 @@ class ConvertConfig:
         True, help="trainable heads start as mean pooling (zero output projections); False = random (NV-Embed)"
     )
     keep_layers: int | None = opt(
-        None, help="keep only the first N decoder layers (a cheaper, often better zero-shot embedder on CPUs)"
+        None, help="keep only the first N decoder layers (a smaller, cheaper embedder)"
     )
     dtype: DType = opt(DType.FLOAT32, help="float32 | bfloat16 | float16 | auto")
     attn_implementation: AttnImplementation = opt(

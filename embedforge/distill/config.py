@@ -124,8 +124,8 @@ class DistillConfig:
     precision: Precision = opt(
         Precision.AUTO,
         help="auto | fp32 | bf16: bf16 autocast for the student's forward and backward (the losses stay fp32); "
-             "auto is bf16 on a CUDA device that supports it, else fp32. On a CPU with AVX512-BF16 or AMX, bf16 "
-             "is opt-in and 1.5x to 1.6x faster per step (SmolLM2 student, 2 cores of an AMD EPYC)",
+             "auto is bf16 on a CUDA device that supports it, else fp32; on a CPU, bf16 is opt-in and pays off only "
+             "where the CPU has bf16 instructions (AVX512-BF16 or AMX)",
     )
     save_steps: int = opt(200, help="write a resumable checkpoint every this many steps")
     seed: int = opt(42, help="random seed")

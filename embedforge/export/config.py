@@ -60,15 +60,13 @@ class ExportConfig:
         None, help="MatMuls the dynamic int8 graphs keep in float: substrings of node names, or 'ffn_down:<layers>' "
         "(MLP output projections of the listed layers, e.g. 'ffn_down:0,1,2', 'ffn_down:-1', 'ffn_down:all'); "
         "None: auto -- ['down_proj'] for decoders, whose MLP output projections see outlier activations, none for "
-        "encoders. ['ffn_down:0,1,2'] is the closest-to-fp32 choice for BERT-like encoders (19% slower on "
-        "all-MiniLM-L6-v2, see bench/results/export_minilm_int8.md)"
+        "encoders. ['ffn_down:0,1,2'] keeps a BERT-like encoder closest to fp32, at some int8 speed"
     )
     int8_split_first_token: bool | None = opt(
         None, help="int8 graphs: run each MLP block on the first token and on the other tokens separately, so the "
         "first token's outlier activations get their own dynamic scale (same int8 weights, same float result; "
-        "right-padded models only). None: auto -- on for BERT-like encoders (all-MiniLM-L6-v2: SciFact retention "
-        "98.3% -> 100.0% for 0-5% of int8 speed), off for decoders, whose default keeps the MLP down projections "
-        "in float (a distilled SmolLM2: no gain, 13% slower; see bench/results/export_minilm_split.md)"
+        "right-padded models only). None: auto -- on for BERT-like encoders, whose first token ([CLS]) carries the "
+        "outliers; off for decoders, whose default keeps the MLP down projections in float instead"
     )
     int8_embeddings: bool = opt(
         True, help="quantize the embedding tables (Gather / fused EmbedLayerNormalization) of the int8 graphs too "

@@ -81,8 +81,8 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
 #: the most sensitive kind and layers 0-2 hold most of its error). Keeping them (and the embedding tables) in float
 #: halves the mean cosine error of long documents and lifts STS-B to 100% of fp32, but SciFact nDCG@10 only from
 #: 98.3% to 98.45% at 19% less int8 throughput, so it is an option, not the default
-#: (bench/results/export_minilm_int8.md). The first-token split (:func:`split_first_token`, on by default) halves
-#: the same error at 0-5% of the speed (bench/results/export_minilm_split.md): the outliers sit on one token.
+#: (bench/results/export_minilm.md; the ablation run is in git history). The first-token split (:func:`split_first_token`, on by default) halves
+#: the same error at 0-5% of the speed (bench/results/export_minilm.md): the outliers sit on one token.
 SENSITIVE_MATMULS = ("ffn_down:0,1,2",)
 
 #: op types whose weights dynamic int8 quantizes (``Attention`` is onnxruntime's fused Q/K/V projection)

@@ -165,5 +165,5 @@ def test_minilm_export_in_every_consumer(consumer_python: Path, tmp_path_factory
                              {"pooling": "DISABLED", "normalization": False, "dim": fe["dim"],
                               "model_file": fe["int8_model_file"], "output_name": "sentence_embedding"}]))
     assert cosines(np.load(tmp / "0.npy"), ref).min() >= 0.9999, "token graph"
-    # int8 MiniLM: SciFact retention 100% (bench/results/export_minilm_split.md); per text >= 0.98
+    # int8 MiniLM: SciFact retention 100% (bench/results/export_minilm_quality.json); per text >= 0.98
     assert cosines(np.load(tmp / "1.npy"), ref).min() >= 0.98, "int8"
