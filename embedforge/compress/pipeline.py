@@ -113,7 +113,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
-    from embedforge.convert.train_guard import training_settings
+    from embedforge.training.guard import training_settings
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedforge.convert.train_config import AdapterMode, Precision, Quantization, TrainOptions
+from embedforge.convert.train_config import AdapterMode, Quantization, TrainOptions
+# the memory helpers moved to embedforge.training.memory; re-exported for scripts that import them from here
+from embedforge.training.memory import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_gpu  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -101,17 +101,6 @@ def truncate_layers(model: Any, keep: int) -> None:
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[:keep]
     logger.info("kept the first %d of %d decoder layers", keep, len(layers))
-
-
-def use_bf16(precision: Precision) -> bool:
-    """Resolve the precision option: ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
-    import torch
-
-    if precision == Precision.BF16:
-        return True
-    if precision == Precision.FP32:
-        return False
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def require_qlora() -> None:
@@ -248,45 +237,6 @@ def load_with_adapter(path: str | os.PathLike[str], *, device: str | None = None
     set_backbone(model, PeftModel.from_pretrained(model[0].auto_model, os.fspath(adapter_dir)))
     model.eval()
     return model
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def release_memory() -> None:
-    """Free models nobody refers to any more, and hand cached CUDA blocks back.
-
-    A SentenceTransformer holds reference cycles, so ``del model`` alone does not free it: only the cycle collector
-    does. Without this a finished stage's model stays allocated while the next one loads or trains (a 1B fp32 model
-    is about 4 GiB). Torch is not imported here: where nothing imported it, nothing is on a GPU.
-    """
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def reset_peak_gpu() -> None:
-    """Start a new peak-memory window on the current CUDA device (no-op without CUDA)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gpu_mb() -> float | None:
-    """Peak memory torch allocated on the current CUDA device since :func:`reset_peak_gpu`, in MiB (None without
-    CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def save_trained(

@@ -100,7 +100,7 @@ def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
 
     from transformers import TrainerCallback
 
-    from embedforge.convert.train_guard import TrainingInterrupted
+    from embedforge.training.guard import TrainingInterrupted
     from embedforge.distill import pipeline
 
     class SigtermAt(TrainerCallback):
