@@ -366,7 +366,7 @@ def main_score(task_name: str, metrics: dict[str, float]) -> float:
 
 def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``eval``: write metrics.json and report.md to ``out_dir``; record metrics in the model's lineage."""
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, update_metrics
+    from embedforge.model import atomic_dir, update_metrics, write_lineage
     from embedforge.outputs import check_output, output_lock
     from embedforge.report import metrics_table
 
@@ -380,9 +380,7 @@ def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
         with atomic_dir(out_dir, stage="eval") as tmp:
             (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             (tmp / "report.md").write_text(f"# Evaluation of {config.model}\n\n" + metrics_table(results) + "\n")
-            lineage = make_lineage(stage="eval", source=config.model, config=config, metrics=results,
-                                   parent=config.model if Path(config.model).is_dir() else None,
-                                   recipe_hash=ctx.recipe_hash)
-            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+            write_lineage(tmp, stage="eval", source=config.model, config=config, metrics=results,
+                          parent=config.model if Path(config.model).is_dir() else None, recipe_hash=ctx.recipe_hash)
     if config.record_in_model and Path(config.model).is_dir():
         update_metrics(config.model, {"eval": results})

@@ -97,6 +97,22 @@ def make_lineage(
     }
 
 
+def write_lineage(directory: str | os.PathLike[str], lineage: dict[str, Any] | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """Write ``embedforge.json`` into ``directory`` and return the record written.
+
+    Give a record built by :func:`make_lineage`, or :func:`make_lineage`'s keyword arguments to build it here. The
+    one writer of the lineage file: :func:`save_model` calls it for model directories, and stages whose output is
+    not a sentence-transformers model (export, eval) call it inside their own :func:`atomic_dir` block.
+    """
+    if lineage is None:
+        lineage = make_lineage(**fields)
+    elif fields:
+        raise TypeError(f"write_lineage: give a lineage record or its fields, not both ({', '.join(fields)})")
+    (Path(directory) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    return lineage
+
+
 def save_model(
     model: SentenceTransformer,
     out_dir: str | os.PathLike[str],
@@ -108,18 +124,29 @@ def save_model(
     parent: str | os.PathLike[str] | None = None,
     recipe_hash: str | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+    folders: dict[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
-    """Save ``model`` as a sentence-transformers directory with lineage, atomically. Returns the directory."""
+    """Save ``model`` as a sentence-transformers directory with lineage, atomically. Returns the directory.
+
+    ``files`` (name -> text) and ``folders`` (name -> a folder copied in) are side files the stage adds beside the
+    model, e.g. ``weight_quantization.json`` or a kept adapter in ``adapter/``; they land in the same atomic rename.
+    The lineage is built (a parent's lineage read) before anything is written.
+    """
+    import shutil
+
     from embedforge.modelcard import finish_model_dir
 
-    lineage = make_lineage(
-        stage=stage, source=source, config=config, metrics=metrics, parent=parent,
-        recipe_hash=recipe_hash, extra=extra,
-    )
     out = Path(out_dir)
+    lineage = make_lineage(stage=stage, source=source, config=config, metrics=metrics, parent=parent,
+                           recipe_hash=recipe_hash, extra=extra)
     with atomic_dir(out) as tmp:
         model.save(str(tmp), safe_serialization=True)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        for name, folder in (folders or {}).items():
+            shutil.copytree(folder, tmp / name)
+        write_lineage(tmp, lineage)
         finish_model_dir(tmp, model, name=out.name)  # shipped module code, legacy configs, model card
     logger.info("saved %s model to %s", stage, out)
     return out

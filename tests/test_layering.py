@@ -19,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent / "embedforge"
 WORKFLOWS = ("convert", "distill", "compress", "export")
 
@@ -190,6 +188,30 @@ def test_every_workflow_and_the_training_package_are_scanned() -> None:
     assert any(not e.at_import for e in edges)  # imports inside functions are read too
 
 
+def lineage_writers(root: Path = ROOT) -> list[str]:
+    """Places outside ``model.py`` that build or write ``embedforge.json`` themselves, as ``module:line``."""
+    found = []
+    for name, path in module_names(root).items():
+        if name == f"{root.name}.model":
+            continue
+        src = path.read_text()
+        for node in ast.walk(ast.parse(src)):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            target = (ast.get_source_segment(src, func.value) or "") if isinstance(func, ast.Attribute) else ""
+            if called == "make_lineage" or (
+                    called in ("write_text", "write_bytes") and ("LINEAGE_FILE" in target or "embedforge.json" in target)):
+                found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_only_model_py_writes_the_lineage_file() -> None:
+    """Every stage writes ``embedforge.json`` through ``model.save_model`` / ``model.write_lineage``."""
+    assert lineage_writers() == []
+
+
 # ------------------------------------------------------------------------------------------ the checker itself
 
 
@@ -227,6 +249,19 @@ def test_checker_finds_cycles_and_tells_deferred_ones_apart(tmp_path: Path) -> N
     assert cycles(edges, at_import_only=True) == []  # b -> c runs only when f is called
     assert cycles(edges, at_import_only=False) == [["embedforge.b", "embedforge.c"]]  # b -> a only type-checks
     assert any(e.type_only and e.target == "embedforge.a" for e in edges)  # ... but it is an arrow all the same
+
+
+def test_checker_finds_hand_rolled_lineage_writers(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "model.py": "def make_lineage(**kw):\n    return kw\n",
+        "export/__init__.py": "",
+        "export/pipe.py": "from embedforge.model import LINEAGE_FILE, make_lineage\n"
+                          "def run(tmp):\n    lineage = make_lineage(stage='x')\n"
+                          "    (tmp / LINEAGE_FILE).write_text(str(lineage))\n"
+                          "    (tmp / 'embedforge.json').write_text('{}')\n    (tmp / 'manifest.json').write_text('{}')\n",
+    })
+    assert lineage_writers(root) == ["embedforge.export.pipe:3", "embedforge.export.pipe:4", "embedforge.export.pipe:5"]
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -8,7 +8,6 @@ back on).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -244,23 +243,16 @@ def save_trained(
     adapter: Path | None = None, train_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trained embedder (and, with ``adapter: keep``, its adapter in ``adapter/``) atomically."""
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, read_lineage
-    from embedforge.modelcard import finish_model_dir
+    from embedforge.model import read_lineage, save_model
 
     model.eval()
     source = (read_lineage(parent).get("source") if parent else None) or config.model
     extra: dict[str, Any] = {"train": train_stats or {}}
     if adapter is not None:
         extra["adapter"] = ADAPTER_DIR
-    lineage = make_lineage(stage=stage, source=source, config=config, parent=parent,
-                           recipe_hash=getattr(ctx, "recipe_hash", None), extra=extra)
-    with atomic_dir(out_dir) as tmp:
-        model.save(os.fspath(tmp), safe_serialization=True)
-        if adapter is not None:
-            shutil.copytree(adapter, tmp / ADAPTER_DIR)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-        finish_model_dir(tmp, model, name=Path(out_dir).name)  # shipped head code, legacy configs, model card
+    save_model(model, out_dir, stage=stage, source=source, config=config, parent=parent,
+               recipe_hash=getattr(ctx, "recipe_hash", None), extra=extra,
+               folders={ADAPTER_DIR: adapter} if adapter is not None else None)
     if adapter is not None:
         shutil.rmtree(adapter, ignore_errors=True)
-    logger.info("saved the %s model to %s", stage, out_dir)
     return out_dir
