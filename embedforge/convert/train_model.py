@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedforge.convert.train_config import AdapterMode, Quantization, TrainOptions
+from embedforge.modules.loading import ADAPTER_DIR  # the model format names the kept adapter's folder
 # the memory helpers moved to embedforge.training.memory; re-exported for scripts that import them from here
 from embedforge.training.memory import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_gpu  # noqa: F401
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 GPU_EXTRA = "pip install 'embedforge[gpu]'"
 
 

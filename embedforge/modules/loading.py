@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # where ``adapter: keep`` saves the LoRA adapter (embedforge.convert.train_model)
+ADAPTER_DIR = "adapter"  # where ``adapter: keep`` saves the LoRA adapter (convert's training stages)
 WEIGHT_QUANT_METHODS = ("quanto", "bitsandbytes")
 
 
