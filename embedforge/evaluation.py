@@ -1,7 +1,8 @@
 """Evaluation shared by every stage and benchmark: STS, retrieval over a whole BEIR corpus, classification.
 
 Anything with ``encode(texts, batch_size, prompt) -> np.ndarray`` can be evaluated (an :class:`Encoder`); a
-``SentenceTransformer`` is wrapped automatically, and export/ provides one for ONNX sessions. Texts are encoded in
+``SentenceTransformer`` is wrapped automatically, and an export directory runs through
+:class:`~embedforge.onnx_encoder.OnnxEncoder`. Texts are encoded in
 length-sorted batches with a progress bar. All scores are reported x100.
 """
 
@@ -11,7 +12,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
@@ -20,12 +20,12 @@ import numpy as np
 from embedforge.data import BeirData
 from embedforge.configs import ConfigError
 from embedforge.errors import RunError
+from embedforge.evaluation_config import BUILTIN_TASKS, EvalConfig, Task, parse_task  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
 
     from embedforge.configs import StageContext
-    from embedforge.evaluation_config import EvalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def as_encoder(model: Any, truncate_dim: int | None = None) -> Encoder:
     """Wrap a SentenceTransformer (or a model dir path) as an :class:`Encoder`; pass encoders through."""
     if isinstance(model, (str, Path)) and (Path(model) / "manifest.json").is_file():
         # An export directory: evaluate the ONNX graph itself.
-        from embedforge.export.encoder import OnnxEncoder
+        from embedforge.onnx_encoder import OnnxEncoder
 
         return OnnxEncoder(model)
     if isinstance(model, (str, Path)):
@@ -83,11 +83,11 @@ def as_encoder(model: Any, truncate_dim: int | None = None) -> Encoder:
 
 def _check_prompts(encoder: Encoder, prompts: dict[str, str | None]) -> None:
     """Refuse a given prompt that the model's pooling would cut one token too far (see
-    :func:`embedforge.convert.embedder.check_prompt_tokens`); only sentence-transformers models are affected."""
+    :func:`embedforge.modules.prompts.check_prompt_tokens`); only sentence-transformers models are affected."""
     model = getattr(encoder, "model", None)
     if not isinstance(encoder, STEncoder) or model is None:
         return
-    from embedforge.convert.embedder import check_model_prompts
+    from embedforge.modules.prompts import check_model_prompts
 
     check_model_prompts(model, {k: v for k, v in prompts.items() if v})
 
@@ -300,39 +300,6 @@ def evaluate_classification(model: Any, train: Dataset | dict[str, list[Any]],
 # ---------------------------------------------------------------------------------------- task driver
 
 
-@dataclass(frozen=True)
-class Task:
-    """A parsed task spec: a built-in name, or ``sts:FILE``, ``retrieval:FOLDER[:split]``, ``classification:FILE``."""
-
-    kind: str
-    name: str
-    path: str | None = None
-    split: str | None = None
-
-
-BUILTIN_TASKS = {
-    "stsb-dev": Task("sts", "stsb-dev"),
-    "sick-trial": Task("sts", "sick-trial"),
-    "scifact-dev": Task("retrieval", "scifact-dev"),
-    "banking77": Task("classification", "banking77"),
-}
-
-
-def parse_task(spec: str) -> Task:
-    if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec]
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("sts", "retrieval", "classification") or not rest:
-        raise ValueError(
-            f"unknown task {spec!r}: use a built-in ({', '.join(BUILTIN_TASKS)}) or sts:FILE, "
-            "retrieval:FOLDER[:split], classification:FILE"
-        )
-    split = None
-    if kind == "retrieval" and ":" in rest and not Path(rest).exists():
-        rest, split = rest.rsplit(":", 1)
-    return Task(kind, spec, rest, split)
-
-
 def load_task_data(task: Task) -> Any:
     """Load and validate a task's data (cheap next to encoding; done for every task before the model loads)."""
     from embedforge import data as D
@@ -399,7 +366,7 @@ def main_score(task_name: str, metrics: dict[str, float]) -> float:
 
 def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``eval``: write metrics.json and report.md to ``out_dir``; record metrics in the model's lineage."""
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, update_metrics
+    from embedforge.model import atomic_dir, update_metrics, write_lineage
     from embedforge.outputs import check_output, output_lock
     from embedforge.report import metrics_table
 
@@ -413,9 +380,7 @@ def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
         with atomic_dir(out_dir, stage="eval") as tmp:
             (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             (tmp / "report.md").write_text(f"# Evaluation of {config.model}\n\n" + metrics_table(results) + "\n")
-            lineage = make_lineage(stage="eval", source=config.model, config=config, metrics=results,
-                                   parent=config.model if Path(config.model).is_dir() else None,
-                                   recipe_hash=ctx.recipe_hash)
-            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+            write_lineage(tmp, stage="eval", source=config.model, config=config, metrics=results,
+                          parent=config.model if Path(config.model).is_dir() else None, recipe_hash=ctx.recipe_hash)
     if config.record_in_model and Path(config.model).is_dir():
         update_metrics(config.model, {"eval": results})

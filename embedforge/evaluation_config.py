@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from embedforge.configs import check, opt
 
@@ -25,7 +26,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         from embedforge.configs import ConfigError
-        from embedforge.evaluation import parse_task
 
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.truncate_dim is None or self.truncate_dim > 0, "truncate_dim", "must be positive")
@@ -35,3 +35,36 @@ class EvalConfig:
                 parse_task(task)
             except ValueError as exc:
                 raise ConfigError(f"tasks: {exc}", key="tasks") from None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A parsed task spec: a built-in name, or ``sts:FILE``, ``retrieval:FOLDER[:split]``, ``classification:FILE``."""
+
+    kind: str
+    name: str
+    path: str | None = None
+    split: str | None = None
+
+
+BUILTIN_TASKS = {
+    "stsb-dev": Task("sts", "stsb-dev"),
+    "sick-trial": Task("sts", "sick-trial"),
+    "scifact-dev": Task("retrieval", "scifact-dev"),
+    "banking77": Task("classification", "banking77"),
+}
+
+
+def parse_task(spec: str) -> Task:
+    if spec in BUILTIN_TASKS:
+        return BUILTIN_TASKS[spec]
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("sts", "retrieval", "classification") or not rest:
+        raise ValueError(
+            f"unknown task {spec!r}: use a built-in ({', '.join(BUILTIN_TASKS)}) or sts:FILE, "
+            "retrieval:FOLDER[:split], classification:FILE"
+        )
+    split = None
+    if kind == "retrieval" and ":" in rest and not Path(rest).exists():
+        rest, split = rest.rsplit(":", 1)
+    return Task(kind, spec, rest, split)

@@ -9,20 +9,19 @@ empty one) is ever replaced, one run at a time (see :mod:`embedforge.outputs`).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import enum
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from embedforge import __version__
+# atomic output directories live in embedforge.outputs; importable from here as before
+from embedforge.outputs import Existing, atomic_dir  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -32,74 +31,6 @@ logger = logging.getLogger(__name__)
 LINEAGE_FILE = "embedforge.json"
 #: The lineage stage :func:`update_metrics` records in a directory embedforge did not write (it stays foreign).
 EXTERNAL_STAGE = "external"
-
-
-class Existing(str, enum.Enum):
-    """What :func:`atomic_dir` does with an output that is already there."""
-
-    REPLACE = "replace"  # replace it if embedforge wrote it (checked up front), under the output's lock
-    KEEP = "keep"  # a shared cache entry: another process that finished it first wins; no lock, no check
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
-               existing: Existing = Existing.REPLACE) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
-
-    Before the block: the output is locked (:func:`embedforge.outputs.output_lock`), leftovers of killed saves
-    beside it are cleaned, and it is checked (:func:`embedforge.outputs.check_output`: only an output embedforge
-    wrote, an empty directory or a missing path may be replaced; with ``stage="eval"`` only an earlier eval
-    output). On an exception the temporary directory is removed and ``out_dir`` is left as it was; a full
-    disk becomes :class:`embedforge.outputs.DiskFullError`. On success the files get the umask's permissions, an
-    existing ``out_dir`` is moved aside, the new one renamed into place, and the old one deleted.
-    """
-    from embedforge.outputs import check_output, clean_leftovers, output_lock
-
-    out = Path(out_dir).expanduser().resolve()
-    if existing == Existing.KEEP:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(out, locked=False)
-        with _writing(out, keep=True) as tmp:
-            yield tmp
-        return
-    with output_lock(out):
-        clean_leftovers(out)
-        check_output(out, stage=stage)
-        with _writing(out, keep=False) as tmp:
-            yield tmp
-
-
-@contextlib.contextmanager
-def _writing(out: Path, *, keep: bool) -> Iterator[Path]:
-    """The temporary directory, its cleanup on failure, and the final swap into ``out``."""
-    from embedforge.outputs import disk_full, fix_modes, is_disk_full, make_temp_dir, temp_prefix
-
-    tmp = make_temp_dir(out)
-    try:
-        yield tmp
-        fix_modes(tmp)
-        if keep and out.exists():
-            logger.info("%s was completed by another process meanwhile; keeping that one", out)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        old = None
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:
-                old.rename(out)
-            raise
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            raise disk_full(out, exc) from exc
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -166,6 +97,22 @@ def make_lineage(
     }
 
 
+def write_lineage(directory: str | os.PathLike[str], lineage: dict[str, Any] | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """Write ``embedforge.json`` into ``directory`` and return the record written.
+
+    Give a record built by :func:`make_lineage`, or :func:`make_lineage`'s keyword arguments to build it here. The
+    one writer of the lineage file: :func:`save_model` calls it for model directories, and stages whose output is
+    not a sentence-transformers model (export, eval) call it inside their own :func:`atomic_dir` block.
+    """
+    if lineage is None:
+        lineage = make_lineage(**fields)
+    elif fields:
+        raise TypeError(f"write_lineage: give a lineage record or its fields, not both ({', '.join(fields)})")
+    (Path(directory) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    return lineage
+
+
 def save_model(
     model: SentenceTransformer,
     out_dir: str | os.PathLike[str],
@@ -177,18 +124,29 @@ def save_model(
     parent: str | os.PathLike[str] | None = None,
     recipe_hash: str | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+    folders: dict[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
-    """Save ``model`` as a sentence-transformers directory with lineage, atomically. Returns the directory."""
+    """Save ``model`` as a sentence-transformers directory with lineage, atomically. Returns the directory.
+
+    ``files`` (name -> text) and ``folders`` (name -> a folder copied in) are side files the stage adds beside the
+    model, e.g. ``weight_quantization.json`` or a kept adapter in ``adapter/``; they land in the same atomic rename.
+    The lineage is built (a parent's lineage read) before anything is written.
+    """
+    import shutil
+
     from embedforge.modelcard import finish_model_dir
 
-    lineage = make_lineage(
-        stage=stage, source=source, config=config, metrics=metrics, parent=parent,
-        recipe_hash=recipe_hash, extra=extra,
-    )
     out = Path(out_dir)
+    lineage = make_lineage(stage=stage, source=source, config=config, metrics=metrics, parent=parent,
+                           recipe_hash=recipe_hash, extra=extra)
     with atomic_dir(out) as tmp:
         model.save(str(tmp), safe_serialization=True)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        for name, folder in (folders or {}).items():
+            shutil.copytree(folder, tmp / name)
+        write_lineage(tmp, lineage)
         finish_model_dir(tmp, model, name=out.name)  # shipped module code, legacy configs, model card
     logger.info("saved %s model to %s", stage, out)
     return out

@@ -1,6 +1,7 @@
 """Output safety: which directories embedforge may replace, one writer per output, and cleanup after a crash.
 
-Every stage writes its result through :func:`embedforge.model.atomic_dir`, which uses the pieces here:
+Every stage writes its result through :func:`atomic_dir` (defined at the end of this module and re-exported by
+:mod:`embedforge.model`), which uses the pieces here:
 
 - :func:`check_output` refuses an output location embedforge must not replace: a file, the current directory, a
   non-empty directory without an ``embedforge.json`` that embedforge wrote, or (for ``eval``) a directory that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import enum
 import errno
 import hashlib
 import json
@@ -432,3 +434,70 @@ def disk_full(out: Path, exc: BaseException) -> DiskFullError:
     return DiskFullError(f"{out}: no space left on the device while writing it ({free} in {out.parent}); "
                          "nothing was replaced: free space there or choose another output directory, then run "
                          "again")
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+class Existing(str, enum.Enum):
+    """What :func:`atomic_dir` does with an output that is already there."""
+
+    REPLACE = "replace"  # replace it if embedforge wrote it (checked up front), under the output's lock
+    KEEP = "keep"  # a shared cache entry: another process that finished it first wins; no lock, no check
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
+               existing: Existing = Existing.REPLACE) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
+
+    Before the block: the output is locked (:func:`output_lock`), leftovers of killed saves
+    beside it are cleaned, and it is checked (:func:`check_output`: only an output embedforge
+    wrote, an empty directory or a missing path may be replaced; with ``stage="eval"`` only an earlier eval
+    output). On an exception the temporary directory is removed and ``out_dir`` is left as it was; a full
+    disk becomes :class:`DiskFullError`. On success the files get the umask's permissions, an
+    existing ``out_dir`` is moved aside, the new one renamed into place, and the old one deleted.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if existing == Existing.KEEP:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out, locked=False)
+        with _writing(out, keep=True) as tmp:
+            yield tmp
+        return
+    with output_lock(out):
+        clean_leftovers(out)
+        check_output(out, stage=stage)
+        with _writing(out, keep=False) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _writing(out: Path, *, keep: bool) -> Iterator[Path]:
+    """The temporary directory, its cleanup on failure, and the final swap into ``out``."""
+    tmp = make_temp_dir(out)
+    try:
+        yield tmp
+        fix_modes(tmp)
+        if keep and out.exists():
+            logger.info("%s was completed by another process meanwhile; keeping that one", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = None
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(out, exc) from exc
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Pre-flight: check every input and output of the stages about to run, before the first one starts.
 
 A recipe's stages can take hours, and a stage reads its data only after it has built its model, so a bad line in
-the data of stage 2 would otherwise surface after stage 1 and a model load. :func:`check_recipe` (called by
-:func:`embedforge.recipe.run_recipe`) looks at all the stages that will run, in order:
+the data of stage 2 would otherwise surface after stage 1 and a model load. :func:`check_stages` (called by
+:func:`embedforge.recipe.check_recipe` from ``run_recipe``) looks at all the stages that will run, in order:
 
 1. data: every file a stage names (training data, texts, calibration sets, evaluation tasks) is opened and read
    through :mod:`embedforge.data`'s loaders with the columns the stage will ask for, so a bad JSON line, a missing
@@ -63,18 +63,6 @@ class _Plan:
 
     produced: dict[Path, float] = field(default_factory=dict)  # out -> estimated bytes of the model written there
     needed: dict[int, tuple[Path, float, list[str]]] = field(default_factory=dict)  # st_dev -> (dir, bytes, stages)
-
-
-def stages_to_run(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[Stage]:
-    """The stages :func:`~embedforge.recipe.run_recipe` runs: its plan (``--only``, ``--force``, stale outputs)."""
-    from embedforge.recipe import plan_recipe
-
-    return [plan.stage for plan in plan_recipe(recipe, force=force, only=only) if plan.run]
-
-
-def check_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> None:
-    """Check the inputs and outputs of every stage that will run; raise on the first problem, before any work."""
-    check_stages(stages_to_run(recipe, force=force, only=only))
 
 
 def check_stages(stages: list[Stage]) -> None:
@@ -289,7 +277,7 @@ def _check_beir(folder: str, split: str, where: str, plan: _Plan) -> None:
 def _check_task(spec: Any, where: str, plan: _Plan) -> None:
     if not isinstance(spec, str):
         return
-    from embedforge.evaluation import parse_task
+    from embedforge.evaluation_config import parse_task
 
     try:
         task = parse_task(spec)

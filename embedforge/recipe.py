@@ -640,10 +640,6 @@ def single_stage(kind: str, values: dict[str, Any], out: str | os.PathLike[str],
     return validate_recipe(doc, {}, source)
 
 
-#: Stages whose runners take part in multi-process training (every rank runs them); the rest run on rank 0 only.
-DISTRIBUTED_STAGES = frozenset({"mntp", "simcse", "contrastive"})
-
-
 @dataclass
 class StagePlan:
     """Whether a stage will run, and why."""
@@ -712,6 +708,15 @@ def _wait_for(st: Stage, inputs: list[str], rank: int, poll_s: float = 2.0) -> N
         time.sleep(poll_s)
 
 
+def check_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> None:
+    """Pre-flight the stages :func:`run_recipe` would run (its plan: ``--only``, ``--force``, stale outputs): their
+    data, models and outputs (:func:`embedforge.preflight.check_stages`); raise on the first problem, before any
+    work."""
+    from embedforge.preflight import check_stages
+
+    check_stages([plan.stage for plan in plan_recipe(recipe, force=force, only=only) if plan.run])
+
+
 def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
@@ -724,7 +729,6 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     directory embedforge did not write, is refused before any work rather than after hours of training.
     """
     from embedforge.outputs import check_output, clean_leftovers, output_lock
-    from embedforge.preflight import check_recipe
 
     _check_only(recipe, only)
     check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before anything is written
@@ -746,7 +750,7 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
     :mod:`embedforge.preflight` on the data, models and outputs of every stage that will run). An ``OSError`` of a stage (disk full,
     permission denied) is raised as a one-line :class:`~embedforge.errors.RunError` naming the stage and path.
     """
-    from embedforge.convert.train_model import release_memory
+    from embedforge.training.memory import release_memory
     from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
     done: list[tuple[Stage, str]] = []
@@ -757,7 +761,7 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
         if only and st.name not in only:
             continue
         inputs = stage_inputs(st, [s.out for s in recipe.stages[:i]])
-        if world > 1 and rank != 0 and st.stage not in DISTRIBUTED_STAGES:
+        if world > 1 and rank != 0 and not stage_registry.is_distributed(st.stage):
             # Under torchrun only rank 0 runs single-process stages; the others wait for its finished output.
             _wait_for(st, inputs, rank)
             done.append((st, "waited"))

@@ -70,7 +70,7 @@ def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
 
 def dequantize_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     """Dequantize a GGUF checkpoint to a safetensors directory once; later calls return the cached copy."""
-    from embedforge.model import Existing, atomic_dir
+    from embedforge.outputs import Existing, atomic_dir
 
     out = _gguf_cache_dir(gguf, Path(cache_dir or default_cache_dir()))
     if (out / "config.json").is_file():

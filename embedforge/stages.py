@@ -8,31 +8,53 @@ imported only when a stage actually runs. A bad registration fails at import of 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-# stage name -> ("module:ConfigClass", "module:runner")
-STAGES: dict[str, tuple[str, str]] = {
-    "eval": ("embedforge.evaluation_config:EvalConfig", "embedforge.evaluation:run_stage"),
+class StageEntry(NamedTuple):
+    """One registered stage: where its config class and runner live, and whether it runs under torchrun."""
+
+    config: str
+    """``module:ConfigClass`` (a torch-free module)."""
+    runner: str
+    """``module:function`` called as ``run(config, out_dir, ctx)``."""
+    distributed: bool = False
+    """True: under torchrun every rank runs the stage (it trains with one process per device); False: rank 0 runs
+    it while the other ranks wait for its output."""
+
+
+STAGES: dict[str, StageEntry] = {
+    "eval": StageEntry("embedforge.evaluation_config:EvalConfig", "embedforge.evaluation:run_stage"),
     # convert/ (owner: convert workflow)
-    "convert": ("embedforge.convert.config:ConvertConfig", "embedforge.convert.pipeline:run_convert"),
-    "mntp": ("embedforge.convert.train_config:MntpConfig", "embedforge.convert.training:run_mntp"),
-    "simcse": ("embedforge.convert.train_config:SimcseConfig", "embedforge.convert.training:run_simcse"),
-    "contrastive": ("embedforge.convert.train_config:ContrastiveConfig", "embedforge.convert.training:run_contrastive"),
+    "convert": StageEntry("embedforge.convert.config:ConvertConfig", "embedforge.convert.pipeline:run_convert"),
+    "mntp": StageEntry("embedforge.convert.train_config:MntpConfig", "embedforge.convert.training:run_mntp",
+                       distributed=True),
+    "simcse": StageEntry("embedforge.convert.train_config:SimcseConfig", "embedforge.convert.training:run_simcse",
+                         distributed=True),
+    "contrastive": StageEntry("embedforge.convert.train_config:ContrastiveConfig",
+                              "embedforge.convert.training:run_contrastive", distributed=True),
     # distill/
-    "distill": ("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
+    "distill": StageEntry("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
     # compress/ (also: embedding quantizer / learned binarizer training)
-    "binarizer": ("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer"),
-    "compress": ("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run"),
+    "binarizer": StageEntry("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer"),
+    "compress": StageEntry("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run"),
     # export/
-    "export": ("embedforge.export.config:ExportConfig", "embedforge.export.pipeline:run"),
+    "export": StageEntry("embedforge.export.config:ExportConfig", "embedforge.export.pipeline:run"),
 }
 
 
-def register(name: str, config_path: str, runner_path: str) -> None:
+def register(name: str, config_path: str, runner_path: str, *, distributed: bool = False) -> None:
     """Add a stage (used by plug-ins; the built-in ones are listed in ``STAGES``)."""
-    if name in STAGES and STAGES[name] != (config_path, runner_path):
+    entry = StageEntry(config_path, runner_path, distributed)
+    if name in STAGES and tuple(STAGES[name]) != tuple(entry):
         raise ValueError(f"stage {name!r} is already registered as {STAGES[name]}")
-    STAGES[name] = (config_path, runner_path)
+    STAGES[name] = entry
+
+
+def is_distributed(name: str) -> bool:
+    """Whether every torchrun rank runs stage ``name`` (see :attr:`StageEntry.distributed`); unknown or plain
+    ``(config, runner)`` registrations are single-process."""
+    entry = STAGES.get(name)
+    return bool(entry is not None and len(entry) > 2 and entry[2])
 
 
 def _import(path: str) -> Any:

@@ -107,7 +107,7 @@ class ToyConfig:
 
 
 def toy_runner(config: ToyConfig, out_dir: Path, ctx) -> None:
-    from embedforge.convert.train_guard import NanLossError, TrainingInterrupted
+    from embedforge.training.guard import NanLossError, TrainingInterrupted
 
     if config.fail == "nan":
         raise NanLossError("the training loss became nan at step 3; stopped before applying it. "

@@ -10,7 +10,7 @@ import pytest
 
 from embedforge.model import (
     LINEAGE_FILE, atomic_dir, config_hash, is_complete, load_model, make_lineage, read_lineage, save_model,
-    update_metrics,
+    update_metrics, write_lineage,
 )
 from embedforge.testing import sample_texts
 
@@ -41,6 +41,30 @@ def test_lineage_chains_parents(tiny_st_dir: Path, tmp_path: Path) -> None:
 
 def _mark(directory: Path, stage: str = "convert") -> None:
     (directory / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage=stage, source="x")))
+
+
+def test_save_model_writes_side_files_and_folders_in_the_same_save(tiny_st_dir: Path, tmp_path: Path) -> None:
+    """Stages with side files (compress's quantization plan, a kept adapter) save through save_model too."""
+    side = tmp_path / "adapter-src"
+    side.mkdir()
+    (side / "adapter_config.json").write_text("{}")
+    out = save_model(load_model(tiny_st_dir), tmp_path / "m", stage="compress", source="x",
+                     extra={"adapter": "adapter"}, files={"plan.json": '{"a": 1}\n'}, folders={"adapter": side})
+    assert (out / "plan.json").read_text() == '{"a": 1}\n'
+    assert (out / "adapter" / "adapter_config.json").read_text() == "{}"
+    assert read_lineage(out)["stage"] == "compress" and read_lineage(out)["extra"] == {"adapter": "adapter"}
+    assert (side / "adapter_config.json").is_file()  # copied, not moved: the caller owns its folder
+    assert (out / "README.md").is_file()  # still finished as a model directory
+
+
+def test_write_lineage_builds_or_writes_a_record(tmp_path: Path) -> None:
+    written = write_lineage(tmp_path, stage="export", source="src", config={"b": 2}, metrics={"m": 1.0})
+    on_disk = json.loads((tmp_path / LINEAGE_FILE).read_text())
+    assert on_disk == written and on_disk["stage"] == "export" and on_disk["config_hash"] == config_hash({"b": 2})
+    record = make_lineage(stage="eval", source="s")
+    assert write_lineage(tmp_path, record) is record and read_lineage(tmp_path)["stage"] == "eval"
+    with pytest.raises(TypeError, match="not both"):
+        write_lineage(tmp_path, record, stage="x")
 
 
 def test_atomic_dir_leaves_old_output_on_failure(tmp_path: Path) -> None:

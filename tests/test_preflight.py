@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from embedforge import preflight, stages
+from embedforge import stages
 from embedforge.configs import ConfigError, opt
 from embedforge.data import DataError
 from embedforge.errors import EmbedforgeError, OutputError, RunError, UsageError
 from embedforge.model import LINEAGE_FILE, make_lineage
-from embedforge.recipe import load_recipe, run_recipe
+from embedforge.recipe import check_recipe, load_recipe, run_recipe
 from embedforge.sources import SourceError
 
 
@@ -91,16 +91,16 @@ def test_missing_columns_are_found_with_the_columns_the_stage_reads(tmp_path: Pa
     recipe = load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data)))
     with pytest.raises(DataError, match=r"^stage 'tune': data\[0\]: .*pairs\.jsonl: missing column\(s\) 'anchor', "
                                         r"'positive'; the file has 'query', 'doc'"):
-        preflight.check_recipe(recipe)
+        check_recipe(recipe)
     data.write_text('{"anchor": "a", "positive": "b"}\n')  # pairs without negatives are fine for contrastive
-    preflight.check_recipe(recipe)
+    check_recipe(recipe)
 
 
 def test_a_data_mapping_without_a_path_is_refused(tmp_path: Path) -> None:
     second = ("  - name: tune\n    stage: contrastive\n    model: ${stages.first.out}\n"
               f"    out: {tmp_path / 'runs' / 'tuned'}\n    data: [{{columns: {{anchor: q}}}}]\n")
     with pytest.raises(DataError, match=r"^stage 'tune': data\[0\]: a data mapping needs a path"):
-        preflight.check_recipe(load_recipe(_recipe(tmp_path, second)))
+        check_recipe(load_recipe(_recipe(tmp_path, second)))
 
 
 def test_eval_task_files_are_read_before_work(tmp_path: Path) -> None:
@@ -121,12 +121,12 @@ def test_model_directories_must_hold_a_model_unless_an_earlier_stage_writes_them
     empty.mkdir()
     recipe = load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data, model=str(empty))))
     with pytest.raises(SourceError, match=rf"^stage 'tune': model: {empty} holds no model \(no config\.json"):
-        preflight.check_recipe(recipe)
+        check_recipe(recipe)
     # the first stage's output does not exist yet, but the run makes it: no error
-    preflight.check_recipe(load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data))))
+    check_recipe(load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data))))
     # with --only the first stage does not run, so its output must already be there
     with pytest.raises(SourceError, match=r"stage 'tune': model: model directory not found: .*runs/first"):
-        preflight.check_recipe(load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data))), only=["tune"])
+        check_recipe(load_recipe(_recipe(tmp_path, _contrastive(tmp_path, data))), only=["tune"])
 
 
 def test_stages_that_will_be_skipped_are_not_checked(tmp_path: Path) -> None:
@@ -149,9 +149,9 @@ def test_max_seq_length_beyond_the_model_positions_is_refused(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"^stage 'onnx': max_seq_length: 512 exceeds the model's "
                                           r"max_position_embeddings 128 \(.*config\.json\); set max_seq_length "
                                           r"to at most 128$"):
-        preflight.check_recipe(load_recipe(_recipe(tmp_path, base + "    max_seq_length: 512\n")))
-    preflight.check_recipe(load_recipe(_recipe(tmp_path, base + "    max_seq_length: 128\n")))
-    preflight.check_recipe(load_recipe(_recipe(tmp_path, base)))  # the stage's own default is not checked
+        check_recipe(load_recipe(_recipe(tmp_path, base + "    max_seq_length: 512\n")))
+    check_recipe(load_recipe(_recipe(tmp_path, base + "    max_seq_length: 128\n")))
+    check_recipe(load_recipe(_recipe(tmp_path, base)))  # the stage's own default is not checked
 
 
 def test_an_unwritable_output_folder_is_refused_before_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +178,7 @@ def test_an_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "first").write_text("not a folder")
     with pytest.raises(OutputError, match=r"stage 'first': out: .*runs/first is a file"):
-        preflight.check_recipe(load_recipe(_recipe(tmp_path, "")))
+        check_recipe(load_recipe(_recipe(tmp_path, "")))
 
 
 def test_too_little_free_space_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +195,7 @@ def test_too_little_free_space_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_error_classes_carry_their_exit_codes() -> None:
-    from embedforge.convert.train_guard import NanLossError, TrainingInterrupted
+    from embedforge.training.guard import NanLossError, TrainingInterrupted
     from embedforge.export.graph import ExportError
     from embedforge.export.parity import ParityError
     from embedforge.recipe import RecipeError

@@ -162,6 +162,23 @@ def test_under_torchrun_other_ranks_wait_for_rank_zero(tmp_path: Path, monkeypat
         run_recipe(recipe)
 
 
+def test_training_stages_are_marked_distributed_in_the_registry() -> None:
+    """Whether a stage runs on every torchrun rank is the registry's ``distributed`` flag, not a list in recipe.py."""
+    assert {name for name in stages.STAGES if stages.is_distributed(name)} == {"mntp", "simcse", "contrastive"}
+    assert not stages.is_distributed("toy")  # a plain (config, runner) pair is single-process
+
+
+def test_a_registered_distributed_stage_runs_on_every_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(stages.STAGES, "toy")
+    stages.register("toy", f"{__name__}:ToyConfig", f"{__name__}:toy_runner", distributed=True)
+    path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert [s for _, s in run_recipe(load_recipe(path))] == ["ran", "ran"]
+    assert [name for name, _ in RUNS] == ["first", "second"]  # rank 1 ran both stages itself
+    assert (tmp_path / "runs" / "second" / "result.txt").is_file()
+
+
 class _Model:
     """Stands for a loaded model: it refers to itself, as a SentenceTransformer does, so only the cycle
     collector frees it."""

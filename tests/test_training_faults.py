@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from embedforge.configs import StageContext
-from embedforge.convert.train_guard import NanLossError, TrainingInterrupted
+from embedforge.training.guard import NanLossError, TrainingInterrupted
 from embedforge.testing import sample_texts, sigterm_at
 
 FAST = dict(batch_size=4, max_steps=3, save_steps=2, logging_steps=1, max_seq_length=32, learning_rate=5e-3,
@@ -213,7 +213,7 @@ def test_changed_learning_rate_starts_over_instead_of_resuming(
     assert (tmp_path / "out.ckpt" / "checkpoint-2" / "embedforge-train.json").is_file()
 
     second = _convert_config("contrastive", embedder_dir, files, learning_rate=1e-7, max_steps=4, save_steps=100)
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         run_contrastive(second, out, StageContext())
     lines = [r.getMessage() for r in caplog.records if "training config changed" in r.getMessage()]
     assert len(lines) == 1 and "(learning_rate: 0.001 -> 1e-07); starting over" in lines[0]
@@ -237,7 +237,7 @@ def test_distill_changed_settings_start_over(bert_dir: Path, files: dict[str, Pa
     with pytest.raises(TrainingInterrupted):
         run(DistillConfig(**common, learning_rate=1e-3), tmp_path / "s",
             StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         run(DistillConfig(**common, learning_rate=1e-7), tmp_path / "s", StageContext(**ctx))
     assert any("(learning_rate: 0.001 -> 1e-07); starting over" in r.getMessage() for r in caplog.records)
     assert read_lineage(tmp_path / "s")["metrics"]["distill"]["resumed_from_step"] == 0
@@ -283,7 +283,7 @@ def test_cut_off_checkpoint_is_skipped_for_the_previous_one(
     # The step-2 save was cut off (killed, or "[enforce fail at inline_container.cc:672]" on a full disk).
     (ckpt / "checkpoint-2" / "trainer_state.json").unlink()
     (ckpt / "checkpoint-2" / "embedforge-train.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         run_contrastive(cfg, out, StageContext())
     lines = [r.getMessage() for r in caplog.records if "incomplete" in r.getMessage()]
     assert len(lines) == 1 and "checkpoint-2 (no trainer_state.json); resuming from checkpoint-1" in lines[0]
@@ -304,7 +304,7 @@ def test_distill_skips_a_cut_off_checkpoint(bert_dir: Path, files: dict[str, Pat
         run(cfg, tmp_path / "s", StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
     partial = tmp_path / "s.ckpt" / "checkpoint-2"
     (partial / "trainer_state.json").unlink()  # cut off while being written
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         run(cfg, tmp_path / "s", StageContext(**ctx))
     assert any("checkpoint-2 (no trainer_state.json); starting over" in r.getMessage() for r in caplog.records)
     stats = read_lineage(tmp_path / "s")["metrics"]["distill"]
@@ -412,7 +412,7 @@ def test_resume_point_restarts_when_the_input_model_was_remade(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """Same config, but the model directory it names was written again (an earlier stage rerun with --force)."""
     from embedforge.convert.train_config import ContrastiveConfig
-    from embedforge.convert.train_guard import resume_point, training_settings, write_record
+    from embedforge.training.guard import resume_point, training_settings, write_record
 
     model = tmp_path / "embedder"
     model.mkdir()
@@ -427,7 +427,7 @@ def test_resume_point_restarts_when_the_input_model_was_remade(tmp_path: Path,
     assert resume_point(ckpt.parent, training_settings(ContrastiveConfig(**{**cfg.__dict__, "save_steps": 7,
                                                                              "logging_steps": 3}))) == str(ckpt)
     (model / "embedforge.json").write_text(json.dumps({"stage": "convert", "created": "2026-02-02T00:00:00+00:00"}))
-    with caplog.at_level(logging.WARNING, logger="embedforge.convert.train_guard"):
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         assert resume_point(ckpt.parent, training_settings(cfg)) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"training config changed since the checkpoint in {ckpt} (model_created: \"2026-01-01T00:00:00+00:00\" -> "

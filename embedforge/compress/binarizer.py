@@ -78,12 +78,12 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
     Returns the binarizer (eval mode, ``output="float"``) and a history dict with the first/last losses.
     ``init`` continues from an existing binarizer (resume). A NaN or infinite loss stops training before the
     optimizer applies it, and non-finite weights are refused at the end
-    (:class:`~embedforge.convert.train_guard.NanLossError`).
+    (:class:`~embedforge.training.guard.NanLossError`).
     """
     import torch
     from tqdm.auto import tqdm
 
-    from embedforge.convert.train_guard import check_loss, check_weights
+    from embedforge.training.guard import check_loss, check_weights
 
     from embedforge.modules.binarizer import LearnedBinarizer
 

@@ -83,19 +83,12 @@ def _vectors(model: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
 
 def _save(model: Any, out_dir: Path, *, source: str, config: Any, ctx: StageContext, metrics: dict[str, Any],
           extra: dict[str, Any], files: dict[str, str], stage: str = "compress") -> None:
-    """Model dir + lineage + side files, all in one atomic rename."""
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
-    from embedforge.modelcard import finish_model_dir
+    """Model dir + lineage + side files, all in one atomic rename (:func:`embedforge.model.save_model`)."""
+    from embedforge.model import save_model
 
-    lineage = make_lineage(stage=stage, source=source, config=config, metrics=metrics, parent=source
-                           if Path(source).is_dir() else None, recipe_hash=ctx.recipe_hash, extra=extra)
-    with atomic_dir(out_dir) as tmp:
-        model.save(str(tmp), safe_serialization=True)
-        for name, content in files.items():
-            (tmp / name).write_text(content)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-        finish_model_dir(tmp, model, name=Path(out_dir).name)  # shipped head code, legacy configs, model card
-    logger.info("saved compressed model to %s", out_dir)
+    save_model(model, out_dir, stage=stage, source=source, config=config, metrics=metrics,
+               parent=source if Path(source).is_dir() else None, recipe_hash=ctx.recipe_hash, extra=extra,
+               files=files)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -113,7 +106,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
-    from embedforge.convert.train_guard import training_settings
+    from embedforge.training.guard import training_settings
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)

@@ -197,13 +197,13 @@ def heal(student: Any, texts: Sequence[str], teacher_vectors: np.ndarray, *, ste
     steps (``heal.safetensors``, no pickle) and a rerun continues from there, but only if the checkpoint carries
     the same ``signature`` (a config hash, or a mapping of the training settings, whose changed key is then
     logged); otherwise it starts over. A NaN or infinite loss stops the run before the optimizer applies it
-    (:class:`~embedforge.convert.train_guard.NanLossError`). Returns the mean loss of the first and last 10 steps.
+    (:class:`~embedforge.training.guard.NanLossError`). Returns the mean loss of the first and last 10 steps.
     """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from embedforge.convert.train_guard import (SignalCheckpoint, TrainingInterrupted, check_loss, check_weights,
+    from embedforge.training.guard import (SignalCheckpoint, TrainingInterrupted, check_loss, check_weights,
                                                 describe_change)
 
     if len(texts) != len(teacher_vectors):

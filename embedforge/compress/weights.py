@@ -13,42 +13,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from embedforge.errors import UsageError
+# the primitives load_model needs live in embedforge.modules.weight_quant; re-exported for compress and scripts
+from embedforge.modules.weight_quant import (  # noqa: F401
+    WEIGHT_QUANT_FILE, WeightQuantError, quantize_quanto, require_bnb, require_quanto,
+)
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_QUANT_FILE = "weight_quantization.json"
-
-
-class WeightQuantError(UsageError, RuntimeError):
-    """Weight quantization cannot run here; the message says what to install or which hardware is needed."""
-
-
-def require_bnb() -> None:
-    """Raise :class:`WeightQuantError` unless bitsandbytes can run (CUDA device + package installed)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise WeightQuantError(
-            "bitsandbytes 8-bit/4-bit weights need a CUDA GPU, and none is visible here "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}). "
-            "On CPU use weights: quanto-int8 instead.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise WeightQuantError("bitsandbytes is not installed: pip install 'embedforge[gpu]' "
-                               "(or pip install bitsandbytes)")
-
-
-def require_quanto() -> None:
-    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
-        raise WeightQuantError("optimum-quanto is not installed: pip install optimum-quanto")
-
 
 def bnb_config(bits: int, compute_dtype: str = "bfloat16") -> Any:
     """A transformers ``BitsAndBytesConfig`` for 8-bit (LLM.int8) or 4-bit (NF4, double quantization)."""
@@ -71,24 +47,6 @@ def load_bnb(path: str | os.PathLike[str], bits: int = 8, *, device: str = "cuda
     require_bnb()
     return load_embedder(os.fspath(path), device=device,
                          model_kwargs={"quantization_config": bnb_config(bits, compute_dtype)})
-
-
-def quantize_quanto(model: Any, weights: str = "int8") -> dict[str, Any]:
-    """Quantize the Linear weights of a SentenceTransformer's backbone with optimum-quanto, in place."""
-    require_quanto()
-    from optimum.quanto import freeze, qint8, quantize
-
-    if weights != "int8":
-        raise ValueError(f"quanto weights must be int8 (int4 breaks under inference_mode), not {weights!r}")
-    qtype = qint8
-    from embedforge.compress.pruning import backbone
-
-    hf = backbone(model)
-    quantize(hf, weights=qtype)
-    freeze(hf)
-    n_q = sum(1 for m in hf.modules() if type(m).__name__.startswith("QLinear"))
-    logger.info("quanto %s: %d linear layers quantized", weights, n_q)
-    return {"method": "quanto", "weights": weights, "quantized_linear_layers": n_q}
 
 
 def weight_bytes(model: Any) -> int:

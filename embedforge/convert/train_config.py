@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from embedforge.configs import check, choice, opt
+from embedforge.training.precision import Precision
 
 
 class AdapterMode(str, enum.Enum):
@@ -28,12 +30,14 @@ class Quantization(str, enum.Enum):
     NF4 = "4bit"
 
 
-class Precision(str, enum.Enum):
-    """Compute precision: ``auto`` = bf16 autocast where the device supports it, else fp32."""
+def data_name(spec: str | dict[str, Any]) -> str:
+    """A short, stable name for a data spec (the built-in name or the file's stem)."""
+    from embedforge.data import BUILTINS
 
-    AUTO = "auto"
-    FP32 = "fp32"
-    BF16 = "bf16"
+    path = spec if isinstance(spec, str) else str(spec.get("name") or spec.get("path", "data"))
+    if path in BUILTINS:
+        return path
+    return Path(path).stem.replace(".", "_") or "data"
 
 
 def _data_help(kind: str) -> str:
@@ -203,8 +207,6 @@ class ContrastiveConfig(TrainOptions):
 
     def _check_prompt_names(self) -> None:
         """Every prompt is a string for a data set of this stage (a misspelt name would silently go unused)."""
-        from embedforge.convert.training import data_name
-
         names = {data_name(s) for s in [*self.data, *self.stage2_data]}
         for name, prompt in self.prompts.items():
             check(isinstance(prompt, str), f"prompts.{name}", "must be a string (the instruction)")

@@ -8,23 +8,22 @@ back on).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedforge.convert.train_config import AdapterMode, Precision, Quantization, TrainOptions
+from embedforge.convert.train_config import AdapterMode, Quantization, TrainOptions
+from embedforge.modules.loading import ADAPTER_DIR  # the model format names the kept adapter's folder
+# the memory helpers moved to embedforge.training.memory; re-exported for scripts that import them from here
+from embedforge.training.memory import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_gpu  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 GPU_EXTRA = "pip install 'embedforge[gpu]'"
 
 
@@ -101,17 +100,6 @@ def truncate_layers(model: Any, keep: int) -> None:
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[:keep]
     logger.info("kept the first %d of %d decoder layers", keep, len(layers))
-
-
-def use_bf16(precision: Precision) -> bool:
-    """Resolve the precision option: ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
-    import torch
-
-    if precision == Precision.BF16:
-        return True
-    if precision == Precision.FP32:
-        return False
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def require_qlora() -> None:
@@ -250,67 +238,21 @@ def load_with_adapter(path: str | os.PathLike[str], *, device: str | None = None
     return model
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def release_memory() -> None:
-    """Free models nobody refers to any more, and hand cached CUDA blocks back.
-
-    A SentenceTransformer holds reference cycles, so ``del model`` alone does not free it: only the cycle collector
-    does. Without this a finished stage's model stays allocated while the next one loads or trains (a 1B fp32 model
-    is about 4 GiB). Torch is not imported here: where nothing imported it, nothing is on a GPU.
-    """
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def reset_peak_gpu() -> None:
-    """Start a new peak-memory window on the current CUDA device (no-op without CUDA)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gpu_mb() -> float | None:
-    """Peak memory torch allocated on the current CUDA device since :func:`reset_peak_gpu`, in MiB (None without
-    CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 def save_trained(
     model: Any, out_dir: Path, *, stage: str, config: Any, parent: str | None, ctx: Any,
     adapter: Path | None = None, train_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trained embedder (and, with ``adapter: keep``, its adapter in ``adapter/``) atomically."""
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage, read_lineage
-    from embedforge.modelcard import finish_model_dir
+    from embedforge.model import read_lineage, save_model
 
     model.eval()
     source = (read_lineage(parent).get("source") if parent else None) or config.model
     extra: dict[str, Any] = {"train": train_stats or {}}
     if adapter is not None:
         extra["adapter"] = ADAPTER_DIR
-    lineage = make_lineage(stage=stage, source=source, config=config, parent=parent,
-                           recipe_hash=getattr(ctx, "recipe_hash", None), extra=extra)
-    with atomic_dir(out_dir) as tmp:
-        model.save(os.fspath(tmp), safe_serialization=True)
-        if adapter is not None:
-            shutil.copytree(adapter, tmp / ADAPTER_DIR)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-        finish_model_dir(tmp, model, name=Path(out_dir).name)  # shipped head code, legacy configs, model card
+    save_model(model, out_dir, stage=stage, source=source, config=config, parent=parent,
+               recipe_hash=getattr(ctx, "recipe_hash", None), extra=extra,
+               folders={ADAPTER_DIR: adapter} if adapter is not None else None)
     if adapter is not None:
         shutil.rmtree(adapter, ignore_errors=True)
-    logger.info("saved the %s model to %s", stage, out_dir)
     return out_dir

@@ -8,7 +8,7 @@ processes unchanged::
     torchrun --nproc_per_node 4 -m embedforge.cli run recipe.yaml
 
 Checkpoints go to ``<out_dir>.ckpt/`` every ``save_steps`` and on SIGTERM / Ctrl-C; a rerun resumes from the
-newest one. A NaN loss stops the run before it touches the weights (:mod:`.train_guard`).
+newest one. A NaN loss stops the run before it touches the weights (:mod:`embedforge.training.guard`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedforge.configs import StageContext
 from embedforge.data import max_chars_for
-from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig, TrainOptions
+from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig, TrainOptions, data_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -32,16 +32,6 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def data_name(spec: str | dict[str, Any]) -> str:
-    """A short, stable name for a data spec (the built-in name or the file's stem)."""
-    path = spec if isinstance(spec, str) else str(spec.get("name") or spec.get("path", "data"))
-    from embedforge.data import BUILTINS
-
-    if path in BUILTINS:
-        return path
-    return Path(path).stem.replace(".", "_") or "data"
 
 
 def load_texts(specs: list[str | dict[str, Any]], limit: int | None, max_chars: int | None = None) -> Dataset:
@@ -108,7 +98,7 @@ def steps_for(rows: int, config: TrainOptions, max_steps: int | None = None) -> 
 def _common_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
     import torch
 
-    from embedforge.convert.train_model import use_bf16
+    from embedforge.training.precision import use_bf16
 
     bf16 = use_bf16(config.precision)
     return dict(
@@ -136,10 +126,10 @@ def _common_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate
 
 def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], config: TrainOptions, where: str,
                  **phase: Any) -> dict[str, Any]:
-    """Train under the shared guards (:func:`~embedforge.convert.train_guard.guarded_train`): resume only from a
+    """Train under the shared guards (:func:`~embedforge.training.guard.guarded_train`): resume only from a
     checkpoint made with the same settings, stop on NaN or a signal; returns wall time and final loss."""
-    from embedforge.convert.train_guard import guarded_train, training_settings
-    from embedforge.convert.train_model import peak_gpu_mb, reset_peak_gpu
+    from embedforge.training.guard import guarded_train, training_settings
+    from embedforge.training.memory import peak_gpu_mb, reset_peak_gpu
 
     reset_peak_gpu()
     start = time.perf_counter()
@@ -159,7 +149,7 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], confi
 def _st_trainer(model: Any, args: Any, train: Any, loss: Any) -> Any:
     from sentence_transformers import SentenceTransformerTrainer
 
-    from embedforge.convert.train_guard import GuardedTrainerMixin
+    from embedforge.training.guard import GuardedTrainerMixin
 
     class Trainer(GuardedTrainerMixin, SentenceTransformerTrainer):
         pass
@@ -189,8 +179,9 @@ def _ckpt_dir(out_dir: Path) -> Path:
 
 def _finish(model: Any, out_dir: Path, config: TrainOptions, parent: str | None, ctx: StageContext, stage: str,
             stats: dict[str, Any]) -> None:
-    from embedforge.convert.train_guard import check_weights, last_checkpoint
-    from embedforge.convert.train_model import finish_adapter, peak_rss_mb, save_trained
+    from embedforge.training.guard import check_weights, last_checkpoint
+    from embedforge.convert.train_model import finish_adapter, save_trained
+    from embedforge.training.memory import peak_rss_mb
 
     check_weights(model, stage, last_checkpoint(_ckpt_dir(out_dir)))  # never publish NaN weights
     backbone_dir = parent
@@ -294,7 +285,7 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``mntp``: LoRA masked next-token prediction under bidirectional attention; LoRA merged at the end."""
     from transformers import Trainer, TrainingArguments
 
-    from embedforge.convert.train_guard import GuardedTrainerMixin
+    from embedforge.training.guard import GuardedTrainerMixin
     from embedforge.convert.train_model import add_lora, backbone_of, load_start_model
 
     out_dir = Path(out_dir)
@@ -454,7 +445,7 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
     from embedforge.convert.train_model import load_start_model, preflight, prepare_for_training
 
     preflight(config)                                                                     # 0. refuse early
-    from embedforge.convert.embedder import check_model_prompts
+    from embedforge.modules.prompts import check_model_prompts
 
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from embedforge.configs import check, choice, opt
-from embedforge.convert.train_config import Precision
+from embedforge.training.precision import Precision
 
 
 class StudentKind(str, enum.Enum):

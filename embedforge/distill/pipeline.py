@@ -142,14 +142,14 @@ def _limit_length(model: Any, length: Any) -> Any:
 def train_student(student: Any, config: DistillConfig, texts: list[str], targets: np.ndarray,
                   checkpoint_dir: Path, callbacks: Sequence[Any] = (), where: str = "distill") -> dict[str, Any]:
     """Train ``student`` on the teacher targets with SentenceTransformerTrainer under the shared training guards
-    (:mod:`embedforge.convert.train_guard`): it stops on a NaN loss before applying it, checkpoints on SIGTERM /
+    (:mod:`embedforge.training.guard`): it stops on a NaN loss before applying it, checkpoints on SIGTERM /
     Ctrl-C, and resumes only from a complete checkpoint made with the same training settings."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from embedforge.convert.train_guard import NanGuardMixin, guarded_train, training_settings
-    from embedforge.convert.train_model import use_bf16
+    from embedforge.training.guard import NanGuardMixin, guarded_train, training_settings
+    from embedforge.training.precision import use_bf16
     from embedforge.distill.losses import JasperStellaLoss, LossWeights
     from embedforge.distill.matryoshka import DistillObjective
 
@@ -218,7 +218,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
 
 def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
-    from embedforge.convert.train_guard import check_weights, last_checkpoint
+    from embedforge.training.guard import check_weights, last_checkpoint
     from embedforge.data import max_chars_for
     from embedforge.model import is_complete, save_model
 

@@ -186,7 +186,7 @@ def _load_teacher(teacher: str, settings: EncodeSettings, device: str | None) ->
     model.max_seq_length = settings.max_seq_length
     model.eval()
     if settings.prompt:  # a prompt the teacher's pooling would cut one token too far: refuse before encoding
-        from embedforge.convert.embedder import check_prompt_tokens, pools_without_prompt
+        from embedforge.modules.prompts import check_prompt_tokens, pools_without_prompt
 
         if pools_without_prompt(model):
             check_prompt_tokens(model[0].tokenizer, settings.prompt, "teacher_prompt")

@@ -136,7 +136,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     from embedforge.export import graph as G
     from embedforge.export import layouts, parity, precision, serving
     from embedforge.export.encoder import OnnxEncoder
-    from embedforge.model import LINEAGE_FILE, atomic_dir, make_lineage
+    from embedforge.model import atomic_dir, write_lineage
 
     start = time.perf_counter()
     # 1. load and describe the model
@@ -315,12 +315,11 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "SERVING.md").write_text(serving.serving_markdown(manifest), encoding="utf-8")
         layouts.copy_readme(model_dir, tmp)
-        lineage = make_lineage(
-            stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,
+        write_lineage(
+            tmp, stage="export", source=config.model, config=config, parent=model_dir, recipe_hash=recipe_hash,
             metrics={name: info["parity"] for name, info in graphs.items()},
             extra={"files": files, "seconds": round(time.perf_counter() - start, 1)},
         )
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
     logger.info("export of %s written to %s in %.0f s", config.model, out_dir, time.perf_counter() - start)
     return Path(out_dir)
 

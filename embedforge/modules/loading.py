@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedforge.errors import UsageError
+from embedforge.modules.weight_quant import WEIGHT_QUANT_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # where ``adapter: keep`` saves the LoRA adapter (embedforge.convert.train_model)
-WEIGHT_QUANT_FILE = "weight_quantization.json"  # written by compress (embedforge.compress.weights)
+ADAPTER_DIR = "adapter"  # where ``adapter: keep`` saves the LoRA adapter (convert's training stages)
 WEIGHT_QUANT_METHODS = ("quanto", "bitsandbytes")
 
 
@@ -49,7 +49,7 @@ def saved_extras(path: str | os.PathLike[str]) -> SavedExtras:
     Raises :class:`~embedforge.errors.UsageError` when the lineage records a side file that is missing or one this
     version cannot apply, so a damaged directory never loads silently as a different model.
     """
-    from embedforge.model import LINEAGE_FILE
+    from embedforge.outputs import LINEAGE_FILE
 
     root = Path(path)
     lineage_file = root / LINEAGE_FILE
@@ -109,7 +109,7 @@ def load_saved(
     if extras.adapter is not None:
         apply_adapter(model, extras.adapter, merge=merge_adapter)
     if method == "quanto" and weight_quantization:
-        from embedforge.compress.weights import quantize_quanto
+        from embedforge.modules.weight_quant import quantize_quanto
 
         quantize_quanto(model, (extras.weight_quantization or {}).get("weights", "int8"))
     _warn_merging_prompts(model, path)
@@ -119,7 +119,7 @@ def load_saved(
 def _warn_merging_prompts(model: SentenceTransformer, path: str | os.PathLike[str]) -> None:
     """Warn about a saved prompt that pools wrongly (models saved before embedforge refused such prompts)."""
     from embedforge.configs import ConfigError
-    from embedforge.convert.embedder import check_model_prompts
+    from embedforge.modules.prompts import check_model_prompts
 
     try:
         check_model_prompts(model, dict(getattr(model, "prompts", None) or {}), "prompts")
@@ -130,7 +130,7 @@ def _warn_merging_prompts(model: SentenceTransformer, path: str | os.PathLike[st
 
 def _bnb_device(path: str | os.PathLike[str], device: str | None) -> str:
     """The device for a model with bitsandbytes weights; a clear error where bitsandbytes cannot run."""
-    from embedforge.compress.weights import WeightQuantError, require_bnb
+    from embedforge.modules.weight_quant import WeightQuantError, require_bnb
 
     try:
         require_bnb()
@@ -213,7 +213,7 @@ def fix_weighted_mean_padding(model: SentenceTransformer) -> SentenceTransformer
     Pooling by weighted mean never needs left padding, and right padding gives the same vectors on every version,
     so the tokenizer is switched and a warning says so.
     """
-    from embedforge.convert.embedder import weighted_mean_handles_left_padding
+    from embedforge.modules.prompts import weighted_mean_handles_left_padding
 
     tokenizer = getattr(model[0], "tokenizer", None) if len(model) else None
     weighted = any(_pools_weighted_mean(m) for m in model)

@@ -225,7 +225,9 @@ def test_left_padded_weighted_mean_loads_right_padded_on_an_old_sentence_transfo
 
     if weighted_mean_handles_left_padding():  # the installed version pools left padding right: kept
         assert load_model(tmp_path)[0].tokenizer.padding_side == "left"
-    monkeypatch.setattr(embedder_module, "weighted_mean_handles_left_padding", lambda: False)
+    import embedforge.modules.prompts as prompts_module
+
+    monkeypatch.setattr(prompts_module, "weighted_mean_handles_left_padding", lambda: False)
     old = load_model(tmp_path)
     assert old[0].tokenizer.padding_side == "right"
     np.testing.assert_allclose(_encode(old, TEXTS), alone, atol=2e-5)

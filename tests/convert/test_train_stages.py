@@ -149,7 +149,7 @@ def test_mntp_updates_the_backbone_and_keeps_it_bidirectional(
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path) -> None:
-    from embedforge.convert.train_guard import TrainingInterrupted
+    from embedforge.training.guard import TrainingInterrupted
     from embedforge.convert.training import run_contrastive
     from embedforge.model import read_lineage
 
@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from embedforge.convert import losses
-    from embedforge.convert.train_guard import NanLossError
+    from embedforge.training.guard import NanLossError
     from embedforge.convert.training import run_contrastive
 
     original = losses.FilteredInfoNCELoss.compute_loss_from_embeddings

@@ -95,7 +95,7 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
 
 
 def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
-    from embedforge.convert.train_guard import TrainingInterrupted
+    from embedforge.training.guard import TrainingInterrupted
     from embedforge.distill import pipeline
     from embedforge.testing import sigterm_at
 
