@@ -260,6 +260,11 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
+            from embedforge.backbone import old_key_hint
+
+            moved = old_key_hint(key, value) if "layers" in fields else None
+            if moved:
+                raise ConfigError(f"{full}: {moved}", key=full)
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{full}: unknown key for {cls.__name__}{hint}; valid keys: {', '.join(fields)}",

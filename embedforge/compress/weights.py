@@ -81,9 +81,9 @@ def quantize_quanto(model: Any, weights: str = "int8") -> dict[str, Any]:
     if weights != "int8":
         raise ValueError(f"quanto weights must be int8 (int4 breaks under inference_mode), not {weights!r}")
     qtype = qint8
-    from embedforge.compress.pruning import backbone
+    from embedforge.backbone import hf_model
 
-    hf = backbone(model)
+    hf = hf_model(model)
     quantize(hf, weights=qtype)
     freeze(hf)
     n_q = sum(1 for m in hf.modules() if type(m).__name__.startswith("QLinear"))
