@@ -232,3 +232,38 @@ def test_keep_layers_refuses_unsorted_or_missing_indices() -> None:
         with pytest.raises(ValueError, match="sorted unique indices in \\[0, 4\\)"):
             keep_layers(model, bad)
     assert model.config.num_hidden_layers == 4 and len(model.layers) == 4
+
+
+@pytest.mark.parametrize("spec", [2, [1, 3]])
+def test_qlora_merge_reload_is_cut_like_the_trained_model(spec: Any, tmp_path) -> None:
+    """finish_adapter merges a QLoRA adapter into a full-precision reload of the source: that reload gets the same
+    cut as the trained model, layer_types and layer_idx included (its old inline copy kept layer_types whole)."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from embedforge.backbone import apply_layers
+    from embedforge.convert.train_config import SimcseConfig
+    from embedforge.convert.train_model import add_lora, backbone_of, finish_adapter, set_backbone
+    from embedforge.testing import sample_texts, tiny_decoder
+
+    extra = _per_layer_types("qwen3")
+    types = extra["layer_types"]
+    path = tiny_decoder("qwen3", tmp_path / "qwen3", num_hidden_layers=4, **extra)
+    model = SentenceTransformer(modules=[Transformer(str(path), max_seq_length=32), Pooling(32, "mean")],
+                                device="cpu")
+    backbone_of(model).config.is_causal = False  # as convert leaves it
+    kept = apply_layers(model, spec)["kept_layers"]
+    texts = sample_texts()[:4]
+    before = model.encode(texts)
+    config = SimcseConfig(model=str(path), lora_r=4, quantization="4bit", layers=spec)
+    torch.manual_seed(0)
+    set_backbone(model, add_lora(backbone_of(model), config))  # LoRA starts at zero: merging changes nothing
+    assert finish_adapter(model, config, source_backbone=str(path)) is None
+    merged = backbone_of(model)
+    assert merged.config.num_hidden_layers == 2 and len(merged.layers) == 2
+    assert merged.config.layer_types == [types[k] for k in kept]
+    assert [layer.self_attn.layer_idx for layer in merged.layers] == [0, 1]
+    np.testing.assert_allclose(model.encode(texts), before, atol=1e-5)
