@@ -267,3 +267,28 @@ def test_qlora_merge_reload_is_cut_like_the_trained_model(spec: Any, tmp_path) -
     assert merged.config.layer_types == [types[k] for k in kept]
     assert [layer.self_attn.layer_idx for layer in merged.layers] == [0, 1]
     np.testing.assert_allclose(model.encode(texts), before, atol=1e-5)
+
+
+def test_a_selection_the_model_lacks_is_refused_before_any_work(tmp_path) -> None:
+    """``embedforge run``: a distill stage asking for more layers than the teacher's config.json lists stops at
+    pre-flight, exit 2, one line naming the stage, the key and the layer count; nothing is written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 6,
+                                                     "max_position_embeddings": 128}))
+    out = tmp_path / "runs" / "student"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - name: small\n    stage: distill\n    model: {teacher}\n    out: {out}\n"
+                      "    student: layers\n    layers: {spread: 9}\n")
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 2, result.output
+    message = (f"stage 'small': layers.spread: 9 layers asked but the model ({teacher}) has 6; "
+               "use at most 6")
+    assert message in result.output
+    assert not out.exists() and not (tmp_path / "runs").exists()

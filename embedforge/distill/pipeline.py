@@ -198,6 +198,11 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     # 1. texts
     texts = load_texts(config.texts, limit=config.text_limit, max_chars=max_chars_for(config.max_seq_length),
                        min_texts=2, purpose="distillation")
+    if config.student == StudentKind.LAYERS:  # before the teachers encode anything
+        from embedforge.preflight import check_layers_fit
+        from embedforge.sources import resolve_source
+
+        check_layers_fit(os.fspath(resolve_source(config.model)), config.layers)
 
     # 2. teacher vectors
     targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))

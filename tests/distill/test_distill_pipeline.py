@@ -267,3 +267,18 @@ def test_rotation_needs_a_head():
     with pytest.raises(ConfigError) as err:
         DistillConfig(model="t", layers=1, batching="sorted")
     assert err.value.key == "batching"
+
+
+def test_run_refuses_missing_teacher_layers_before_encoding(bert_teacher, texts_file, tmp_path, monkeypatch):
+    """The layer selection is checked against the teacher before its vectors are computed (the long part)."""
+    from embedforge.configs import ConfigError, StageContext
+    from embedforge.distill import pipeline
+
+    monkeypatch.setattr(pipeline, "teacher_vectors", lambda *a, **k: pytest.fail("encoded before the check"))
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 3], max_seq_length=32)
+    out = tmp_path / "student"
+    with pytest.raises(ConfigError) as err:
+        pipeline.run(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
+    assert str(err.value) == (f"layers: layer index 3 is out of range for the model ({bert_teacher}), which has 3 "
+                              "layers (0..2, or -3..-1)")
+    assert not out.exists()
