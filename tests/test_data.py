@@ -138,3 +138,15 @@ def test_load_texts_refusals_name_the_sources(tmp_path: Path) -> None:
     other = _jsonl(tmp_path / "other.jsonl", [{"query": "a", "doc": "b"}])
     with pytest.raises(DataError, match=r"other.jsonl: missing column\(s\) 'text'; the file has 'query', 'doc'"):
         load_texts(str(other))
+
+
+def test_export_calibration_texts_come_from_load_texts(tmp_path: Path) -> None:
+    """Static int8 calibration reads its texts like every other stage: a pairs file gives its sentences."""
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.pipeline import _calibration_texts
+
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"anchor": "a cat", "positive": "a small cat"},
+                                          {"anchor": "a dog", "positive": "a cat"}])
+    config = ExportConfig(model="m", calibration_data=str(pairs), calibration_size=3)
+    assert _calibration_texts(config, ["probe"]) == ["a cat", "a dog", "a small cat"]
+    assert _calibration_texts(ExportConfig(model="m"), ["probe"]) == ["probe"]
