@@ -30,7 +30,7 @@ LayerSpec = Union[int, list[int], dict[str, int]]
 
 LAYERS_HELP = ("transformer layers to keep: N (the first N), [i, j, ...] (0-based, negative from the end), "
                "{every: K} (every K-th layer: K-1, 2K-1, ...) or {spread: N} (N evenly spaced, first and last "
-               "included); unset keeps all")
+               "included)")
 
 MAPPING_FORMS = ("every", "spread")
 

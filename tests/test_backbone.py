@@ -292,3 +292,13 @@ def test_a_selection_the_model_lacks_is_refused_before_any_work(tmp_path) -> Non
                "use at most 6")
     assert message in result.output
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_recipes_explain_spells_the_layers_type() -> None:
+    from embedforge.distill.config import DistillConfig
+    from embedforge.recipe import describe_config
+
+    row = next(r for r in describe_config(DistillConfig) if r["key"] == "layers")
+    assert row["type"] == "int | list[int] | dict[str, int] | None"
+    assert "{every: K}" in row["help"] and "{spread: N}" in row["help"]
+    assert next(r for r in describe_config(DistillConfig) if r["key"] == "text_limit")["type"] == "int | None"

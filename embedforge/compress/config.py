@@ -38,7 +38,7 @@ class CompressConfig:
     """Shrink a model directory: layers, vocabulary, weights; optionally attach an embedding quantizer."""
 
     model: str = opt(help="model directory (or alias) to compress")
-    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + " (layer pruning)")
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + "; unset: no layer pruning")
     heal_steps: int = opt(0, help="healing distillation steps towards the unpruned model's vectors (0: none)")
     heal_data: str = opt("texts", help="texts for healing: a built-in name, a data file or beir:FOLDER")
     heal_limit: int = opt(2000, help="at most this many healing texts")

@@ -104,7 +104,7 @@ class ConvertConfig:
     zero_init_heads: bool = opt(
         True, help="trainable heads start as mean pooling (zero output projections); False = random (NV-Embed)"
     )
-    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + " (fewer layers: a cheaper zero-shot embedder)")
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + "; unset keeps all (fewer: a cheaper embedder)")
     dtype: DType = opt(DType.FLOAT32, help="float32 | bfloat16 | float16 | auto")
     attn_implementation: AttnImplementation = opt(
         AttnImplementation.AUTO, help="auto | eager | sdpa | flex_attention | flash_attention_2"

@@ -59,7 +59,7 @@ class TrainOptions:
     )
     precision: Precision = opt(Precision.AUTO, help="auto | fp32 | bf16 (bf16 autocast)")
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass to save memory")
-    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + ", before training (a faster, smaller embedder)")
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + ", before training; unset keeps all")
     max_seq_length: int | None = opt(None, help="truncate inputs to this many tokens (default: the model's)")
     learning_rate: float = opt(2e-4, help="peak learning rate (linear warmup, then linear decay)")
     warmup_ratio: float = opt(0.05, help="fraction of the steps spent warming up")
