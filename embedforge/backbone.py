@@ -127,8 +127,9 @@ def select_layers(n_total: int, spec: LayerSpec | None, *, key: str = "layers", 
         return sorted({round(i * (n_total - 1) / (n - 1)) for i in range(n)})
     bad = [i for i in spec if not -n_total <= i < n_total]
     if bad:
-        raise ConfigError(f"{key}: layer index {_flow(bad[0] if len(bad) == 1 else bad)} is out of range for the "
-                          f"model{where}, which has {n_total} layers (0..{n_total - 1}, or -{n_total}..-1)", key=key)
+        named = f"layer index {bad[0]} is" if len(bad) == 1 else f"layer indices {_flow(bad)} are"
+        raise ConfigError(f"{key}: {named} out of range for the model{where}, which has {n_total} layers "
+                          f"(0..{n_total - 1}, or -{n_total}..-1)", key=key)
     chosen = [i % n_total for i in spec]
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"{key}: {_flow(list(spec))} names the same layer twice for a model with {n_total} "

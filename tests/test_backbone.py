@@ -36,6 +36,7 @@ def test_select_layers_table(n_total: int, spec: Any, expected: list[int]) -> No
     (7, "layers: 7 layers asked but the model (m) has 6; use at most 6"),
     ([0, 6], "layers: layer index 6 is out of range for the model (m), which has 6 layers (0..5, or -6..-1)"),
     ([-7], "layers: layer index -7 is out of range for the model (m), which has 6 layers (0..5, or -6..-1)"),
+    ([6, 9], "layers: layer indices [6, 9] are out of range for the model (m), which has 6 layers (0..5, or -6..-1)"),
     ([5, -1], "layers: [5, -1] names the same layer twice for a model with 6 layers (m)"),
     ({"every": 7}, "layers.every: 7 keeps no layer of the model (m), which has 6; use at most 6"),
     ({"spread": 7}, "layers.spread: 7 layers asked but the model (m) has 6; use at most 6"),
