@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from embedforge.errors import UsageError
 
@@ -358,6 +358,87 @@ def load_data(spec: DataSpec | dict[str, Any] | str, kind: DataKind | str | None
     elif kind is not None:
         spec.kind = DataKind(kind)
     return Dataset.from_dict(load_records(spec, max_chars=max_chars))
+
+
+# ---------------------------------------------------------------------------------------------- texts
+
+TextSource = Union[str, dict[str, Any]]
+"""Where :func:`load_texts` reads: a built-in name, a data file, a data spec mapping or ``beir:FOLDER[:split]``."""
+
+
+def load_texts(sources: TextSource | Sequence[TextSource], *, limit: int | None = None, max_chars: int | None = None,
+               min_texts: int = 1, purpose: str = "this stage") -> list[str]:
+    """The one text gatherer: every non-blank text of ``sources``, stripped, de-duplicated in first-seen order.
+
+    A source is a built-in data set name, a data file, a data spec mapping (``{path, kind, columns, ...}``; kind
+    ``texts`` unless given) or ``beir:FOLDER[:split]`` (its corpus, then its queries). Every text column is read:
+    a file with a ``text`` column gives that, a pairs / triplets / scored file its sentences, column by column.
+    ``limit`` caps the number of texts in all, counted after de-duplication. Texts longer than ``max_chars``
+    characters are cut while loading (see :func:`max_chars_for`). Fewer than ``min_texts`` texts is a
+    :class:`DataError` naming the sources.
+    """
+    listed: list[TextSource] = [sources] if isinstance(sources, (str, dict)) else list(sources)
+    seen: dict[str, None] = {}
+    for source in listed:
+        if limit is not None and len(seen) >= limit:
+            break
+        for text in _source_texts(source, max_chars):
+            text = text.strip()
+            if text:
+                seen.setdefault(text, None)
+                if limit is not None and len(seen) >= limit:
+                    break
+    texts = list(seen)
+    names = ", ".join(_source_name(s) for s in listed) or "(no sources)"
+    if len(texts) < min_texts:
+        raise DataError(f"{names}: {len(texts)} non-empty text(s) found and {purpose} needs at least {min_texts}; "
+                        "name data with a 'text' column, or pairs / triplets")
+    logger.info("%d unique texts from %s", len(texts), names)
+    return texts
+
+
+def _source_name(source: TextSource) -> str:
+    if isinstance(source, dict):
+        return str(source.get("name") or source.get("path", "data"))
+    return source
+
+
+def _source_texts(source: TextSource, max_chars: int | None) -> Iterator[str]:
+    """The texts of one source, column by column (no de-duplication)."""
+    if isinstance(source, str) and source.startswith("beir:"):
+        folder, _, split = source[len("beir:"):].partition(":")
+        beir = load_beir(folder, split or "test", max_chars=max_chars)
+        yield from beir.corpus.values()
+        yield from beir.queries.values()
+        return
+    if isinstance(source, dict):
+        fields = {k: v for k, v in source.items() if k != "name"}
+        fields.setdefault("kind", DataKind.TEXTS)
+        records = load_data(fields, max_chars=max_chars).to_dict()
+    elif source in BUILTINS:
+        records = cut_texts(BUILTINS[source][1](), max_chars, source)
+    else:
+        records = _any_text_columns(source, max_chars)
+    for values in records.values():
+        if values and isinstance(values[0], str):
+            yield from (v for v in values if isinstance(v, str))
+
+
+def _any_text_columns(path: str, max_chars: int | None) -> dict[str, list[Any]]:
+    """A file's ``text`` column, else its triplet, pair or scored-pair sentences (the first layout it has)."""
+    try:
+        return load_records(DataSpec(path=path, kind=DataKind.TEXTS), max_chars=max_chars)
+    except DataError as exc:
+        if "missing column" not in str(exc):
+            raise
+        no_text = exc
+    for kind in (DataKind.TRIPLETS, DataKind.PAIRS, DataKind.SCORED):
+        try:
+            return load_records(DataSpec(path=path, kind=kind), max_chars=max_chars)
+        except DataError as exc:
+            if "missing column" not in str(exc):
+                raise
+    raise no_text
 
 
 # --------------------------------------------------------------------------------------------------- BEIR

@@ -14,7 +14,7 @@ the data of stage 2 would otherwise surface after stage 1 and a model load. :fun
    and the file system must have room for an estimate of what the stages write (the input model's weight bytes
    times a per-stage factor, see :data:`SIZE_FACTOR`).
 4. ``max_seq_length``, when a recipe sets it, must not exceed the model's ``max_position_embeddings`` when the
-   model's ``config.json`` is on local disk.
+   model's ``config.json`` is on local disk; a ``layers`` selection must fit the layers that config lists.
 
 Anything an earlier stage of the same run produces is not checked (it does not exist yet). Every error names the
 stage, the key and the path, and is a :class:`~embedforge.errors.UsageError` subclass (exit status 2).
@@ -75,6 +75,7 @@ def check_stages(stages: list[Stage]) -> None:
         for key, value, mode in _data_values(st):
             _check_data(value, mode, f"{where}: {key}", plan)
         _check_max_seq_length(st, where, plan)
+        _check_layers(st, where, plan)
         size = _check_output(st, where, plan)
         plan.produced[st.out] = size
     _check_free_space(plan)
@@ -397,3 +398,34 @@ def _check_max_seq_length(st: Stage, where: str, plan: _Plan) -> None:
                 raise ConfigError(f"{where}: max_seq_length: {value} exceeds the model's {key} {limit} "
                                   f"({config_file}); set max_seq_length to at most {limit}", key="max_seq_length")
             return
+
+
+def _check_layers(st: Stage, where: str, plan: _Plan) -> None:
+    spec = getattr(st.config, "layers", None)
+    model = getattr(st.config, "model", None)
+    if spec is None or not isinstance(model, str) or _produced(_local(model), plan) is not None:
+        return
+    try:
+        check_layers_fit(model, spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}", key=exc.key) from None
+
+
+def check_layers_fit(model: str, spec: Any) -> None:
+    """Refuse a ``layers`` selection the model lacks, read from its ``config.json`` (nothing when not on disk)."""
+    config_file = model_config_path(model)
+    if config_file is None:
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    text = config.get("text_config")
+    n_layers = config.get("num_hidden_layers", text.get("num_hidden_layers") if isinstance(text, dict) else None)
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+        return
+    from embedforge.backbone import select_layers
+
+    select_layers(n_layers, spec, source=model)

@@ -183,7 +183,13 @@ def load_yaml(text: str, source: str = "<recipe>") -> tuple[Any, dict[str, int]]
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is typing.Union:  # typing.Union[...] (a named alias such as LayerSpec) reads like A | B
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -260,6 +266,11 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
+            from embedforge.backbone import old_key_hint
+
+            moved = old_key_hint(key, value) if "layers" in fields else None
+            if moved:
+                raise ConfigError(f"{full}: {moved}", key=full)
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{full}: unknown key for {cls.__name__}{hint}; valid keys: {', '.join(fields)}",

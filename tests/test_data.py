@@ -89,3 +89,64 @@ def test_beir_folder(tmp_path: Path) -> None:
     assert beir.queries == {"q1": "first?"} and beir.qrels == {"q1": {"d2": 1}}
     with pytest.raises(DataError, match="qrels/test.tsv: file not found"):
         load_beir(tmp_path, "test")
+
+
+# ----------------------------------------------------------------------------- load_texts, the one gatherer
+
+
+def test_load_texts_reads_every_layout_strips_and_deduplicates(tmp_path: Path) -> None:
+    from embedforge.data import load_texts
+
+    texts = _jsonl(tmp_path / "t.jsonl", [{"text": " one "}, {"text": "two"}, {"text": "one"}])
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"anchor": "two", "positive": "three"}])
+    triplets = _jsonl(tmp_path / "tr.jsonl", [{"anchor": "four", "positive": "five", "negative": "six"}])
+    scored = _jsonl(tmp_path / "s.jsonl", [{"sentence1": "seven", "sentence2": "eight", "score": 1.0}])
+    got = load_texts([str(texts), str(pairs), str(triplets), str(scored)])
+    assert got == ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    assert load_texts({"path": str(pairs), "kind": "pairs", "name": "ignored"}) == ["two", "three"]
+
+
+def test_load_texts_limit_counts_unique_texts_over_all_sources(tmp_path: Path) -> None:
+    """One meaning of a text limit: at most N texts in all, after de-duplication (not N rows per data set)."""
+    from embedforge.data import load_texts
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in ["x", "x", "y"]])
+    b = _jsonl(tmp_path / "b.jsonl", [{"text": t} for t in ["z", "w"]])
+    assert load_texts([str(a), str(b)], limit=3) == ["x", "y", "z"]
+    assert load_texts([str(a), str(b)], limit=1) == ["x"]
+    assert load_texts([str(a), str(b)]) == ["x", "y", "z", "w"]
+
+
+def test_load_texts_reads_a_beir_folder_and_builtins(tmp_path: Path) -> None:
+    from embedforge.data import load_texts
+
+    _jsonl(tmp_path / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "body one"}, {"_id": "d2", "text": "two"}])
+    _jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first?"}])
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    assert load_texts(f"beir:{tmp_path}:dev") == ["T body one", "two", "first?"]
+
+
+def test_load_texts_refusals_name_the_sources(tmp_path: Path) -> None:
+    from embedforge.data import load_texts
+
+    one = _jsonl(tmp_path / "one.jsonl", [{"text": "a"}, {"text": " a"}])
+    with pytest.raises(DataError) as err:
+        load_texts([str(one)], min_texts=2, purpose="distillation")
+    assert str(err.value) == (f"{one}: 1 non-empty text(s) found and distillation needs at least 2; name data "
+                              "with a 'text' column, or pairs / triplets")
+    other = _jsonl(tmp_path / "other.jsonl", [{"query": "a", "doc": "b"}])
+    with pytest.raises(DataError, match=r"other.jsonl: missing column\(s\) 'text'; the file has 'query', 'doc'"):
+        load_texts(str(other))
+
+
+def test_export_calibration_texts_come_from_load_texts(tmp_path: Path) -> None:
+    """Static int8 calibration reads its texts like every other stage: a pairs file gives its sentences."""
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.pipeline import _calibration_texts
+
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"anchor": "a cat", "positive": "a small cat"},
+                                          {"anchor": "a dog", "positive": "a cat"}])
+    config = ExportConfig(model="m", calibration_data=str(pairs), calibration_size=3)
+    assert _calibration_texts(config, ["probe"]) == ["a cat", "a dog", "a small cat"]
+    assert _calibration_texts(ExportConfig(model="m"), ["probe"]) == ["probe"]

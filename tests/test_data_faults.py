@@ -261,6 +261,7 @@ def test_stages_pass_the_text_bound_to_their_loaders(tmp_path: Path, monkeypatch
     """distill, contrastive, simcse and mntp load their data with max_chars from the token limit."""
     import embedforge.convert.train_model as TM
     import embedforge.convert.training as T
+    import embedforge.data as D
     import embedforge.distill.pipeline as DP
     from embedforge.configs import StageContext
     from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
@@ -278,9 +279,9 @@ def test_stages_pass_the_text_bound_to_their_loaders(tmp_path: Path, monkeypatch
         max_seq_length = 40
         tokenizer = None
 
-    monkeypatch.setattr(DP, "gather_texts", stop("distill"))
+    monkeypatch.setattr(D, "load_texts", stop("distill"))  # distill imports it when it runs
     with pytest.raises(_Stop):
-        DP.run(DistillConfig(model="t", texts=["x.jsonl"], first_layers=1, max_seq_length=24), tmp_path / "d", StageContext())
+        DP.run(DistillConfig(model="t", texts=["x.jsonl"], layers=1, max_seq_length=24), tmp_path / "d", StageContext())
     monkeypatch.setattr(TM, "load_start_model", lambda config: (FakeModel(), None))
     monkeypatch.setattr(T, "load_pairs", stop("contrastive"))
     with pytest.raises(_Stop):
@@ -296,20 +297,18 @@ def test_stages_pass_the_text_bound_to_their_loaders(tmp_path: Path, monkeypatch
 
 
 def test_stage_loaders_cut_long_texts(tmp_path: Path) -> None:
-    from embedforge.compress.pipeline import load_texts as compress_texts
-    from embedforge.convert.training import load_pairs, load_texts
-    from embedforge.distill.pipeline import gather_texts
+    from embedforge.convert.training import load_pairs
+    from embedforge.data import load_texts
 
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"anchor": "a" * 50, "positive": "b" * 50}) + "\n"
                  + json.dumps({"anchor": "c" * 50, "positive": "d"}) + "\n")
-    assert gather_texts([str(f)], max_chars=5) == ["aaaaa", "ccccc", "bbbbb", "d"]
+    assert load_texts([str(f)], max_chars=5) == ["aaaaa", "ccccc", "bbbbb", "d"]
     assert load_pairs(str(f), None, False, max_chars=5)["anchor"] == ["aaaaa", "ccccc"]
-    assert load_texts([{"path": str(f), "kind": "pairs"}], None, max_chars=5)["text"] == [
-        "aaaaa", "ccccc", "bbbbb", "d"]
+    assert load_texts([{"path": str(f), "kind": "pairs"}], max_chars=5) == ["aaaaa", "ccccc", "bbbbb", "d"]
     t = tmp_path / "t.jsonl"
     t.write_text(json.dumps({"text": "e" * 50}) + "\n")
-    assert compress_texts(str(t), max_chars=7) == ["eeeeeee"]
+    assert load_texts(str(t), max_chars=7) == ["eeeeeee"]
 
 
 def test_evaluate_refuses_truncate_dim_beyond_the_model(tiny_st_dir: Path, tmp_path: Path,

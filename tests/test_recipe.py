@@ -247,11 +247,11 @@ def test_every_float_spelling_is_a_float(tmp_path: Path, spelling: str, value: f
 
 
 def test_text_is_not_a_float(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"rate: expected float or NoneType, got 'abc'"):
+    with pytest.raises(ConfigError, match=r"rate: expected float or None, got 'abc'"):
         build_config(ToyConfig, {"model": "m", "rate": "abc"})
     res = _cli("run", str(_write(tmp_path, RECIPE.format(base=tmp_path / "runs"))), "second.rate=abc")
     assert res.exit_code == 2
-    assert _error_line(res.output).endswith("stage 'second': rate: expected float or NoneType, got 'abc'")
+    assert _error_line(res.output).endswith("stage 'second': rate: expected float or None, got 'abc'")
     assert not (tmp_path / "runs").exists()
 
 

@@ -125,7 +125,7 @@ def test_distill_stops_on_divergence(bert_dir: Path, files: dict[str, Path], tmp
     from embedforge.distill.config import DistillConfig
     from embedforge.distill.pipeline import run
 
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], first_layers=1, batch_size=8,
+    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
                         max_steps=6, save_steps=100, learning_rate=HUGE_LR, max_seq_length=32)
     with pytest.raises(NanLossError) as err:
         run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
@@ -151,7 +151,7 @@ def test_distill_refuses_nan_weights_even_when_the_loss_stayed_finite(
         return stats
 
     monkeypatch.setattr(pipeline, "train_student", train_then_break)
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], first_layers=1, batch_size=8,
+    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
                         max_steps=2, save_steps=100, max_seq_length=32)
     with pytest.raises(NanLossError, match=r"trained weights are NaN or infinite") as err:
         pipeline.run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
@@ -162,7 +162,7 @@ def test_compress_heal_stops_on_divergence(bert_dir: Path, files: dict[str, Path
     from embedforge.compress.config import CompressConfig
     from embedforge.compress.pipeline import run
 
-    cfg = CompressConfig(model=str(bert_dir), num_layers=2, heal_steps=6, heal_data=str(files["texts"]),
+    cfg = CompressConfig(model=str(bert_dir), layers={"spread": 2}, heal_steps=6, heal_data=str(files["texts"]),
                          heal_batch_size=8, heal_lr=HUGE_LR, max_seq_length=32)
     with pytest.raises(NanLossError) as err:
         run(cfg, tmp_path / "small", StageContext())
@@ -231,7 +231,7 @@ def test_distill_changed_settings_start_over(bert_dir: Path, files: dict[str, Pa
     from embedforge.distill.pipeline import run
     from embedforge.model import read_lineage
 
-    common = dict(model=str(bert_dir), texts=[str(files["texts"])], first_layers=1, batch_size=8, max_steps=4,
+    common = dict(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8, max_steps=4,
                   save_steps=100, max_seq_length=32)
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
@@ -297,7 +297,7 @@ def test_distill_skips_a_cut_off_checkpoint(bert_dir: Path, files: dict[str, Pat
     from embedforge.distill.pipeline import run
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], first_layers=1, batch_size=8,
+    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
                         max_steps=3, save_steps=100, max_seq_length=32)
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
@@ -336,7 +336,7 @@ def test_planted_pickle_in_the_heal_checkpoint_never_runs(bert_dir: Path, files:
     ckpt = tmp_path / "small.ckpt"
     ckpt.mkdir()
     torch.save({"model": _Planted(marker), "signature": None}, ckpt / "heal.pt")
-    cfg = CompressConfig(model=str(bert_dir), num_layers=2, heal_steps=3, heal_data=str(files["texts"]),
+    cfg = CompressConfig(model=str(bert_dir), layers={"spread": 2}, heal_steps=3, heal_data=str(files["texts"]),
                          heal_batch_size=8, max_seq_length=32)
     run(cfg, tmp_path / "small", StageContext())
     assert not marker.exists(), "a pickle from the checkpoint folder was executed"
@@ -365,14 +365,15 @@ def test_heal_checkpoints_on_sigterm_resumes_and_restarts_on_changed_settings(
     from safetensors import safe_open
     from sentence_transformers import SentenceTransformer
 
-    from embedforge.compress.pruning import heal, prune_layers
+    from embedforge.backbone import keep_layers
+    from embedforge.compress.pruning import heal
 
     texts = sample_texts()
     teacher = np.random.default_rng(0).standard_normal((len(texts), 32)).astype(np.float32)
 
     def pruned() -> Any:
         model = SentenceTransformer(str(bert_dir), device="cpu")
-        prune_layers(model, [0])
+        keep_layers(model, [0])
         return model
 
     settings = {"heal_lr": 1e-3}

@@ -25,7 +25,7 @@ from bench._common import write_results
 
 def _texts(n: int) -> list[str]:
     from embedforge.data import builtin
-    from embedforge.distill.pipeline import gather_texts
+    from embedforge.data import load_texts as gather_texts
 
     texts = gather_texts(["stsb-train", "sick-train", "snli-triplets", "scifact-train-pairs"])
     bodies = [t.strip() for t in builtin("newsgroups-pairs")["positive"] if len(t.strip()) > 200]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from embedforge.convert.embedder import build_embedder
-    from embedforge.convert.train_model import truncate_layers
+    from embedforge.backbone import apply_layers as truncate_layers  # layers: N keeps the first N
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)

@@ -97,7 +97,7 @@ def _zero_shot(pooling: str, bidirectional: bool, truncate: bool = False
                ) -> Callable[[argparse.Namespace, Path], tuple[Any, dict]]:
     def make(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
         from embedforge.convert.embedder import build_embedder
-        from embedforge.convert.train_model import truncate_layers
+        from embedforge.backbone import apply_layers as truncate_layers  # layers: N keeps the first N
 
         model = build_embedder("smollm2-135m", pooling=pooling, bidirectional=bidirectional,
                                max_seq_length=args.max_len, prompts={"query": SCIFACT_QUERY})
@@ -114,7 +114,7 @@ def _convert(args: argparse.Namespace, work: Path, pooling: str, bidirectional: 
     """The zero-shot starting point of a tuned variant, truncated to ``--keep-layers``, saved once; with
     ``instruction`` SciFact queries carry ``SCIFACT_QUERY`` (excluded from pooling)."""
     from embedforge.convert.embedder import build_embedder
-    from embedforge.convert.train_model import truncate_layers
+    from embedforge.backbone import apply_layers as truncate_layers  # layers: N keeps the first N
     from embedforge.model import is_complete, save_model
 
     out = work / (f"start-{pooling}-{'bi' if bidirectional else 'causal'}-L{args.keep_layers}"
@@ -225,7 +225,7 @@ def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
     searches (no SciFact dev query or relevance label is read).
     """
     from embedforge.data import builtin
-    from embedforge.distill.pipeline import gather_texts
+    from embedforge.data import load_texts as gather_texts
 
     corpus = getattr(args, "kd_corpus", 0)
     out = work / (f"kd-texts-{args.kd_long}.jsonl" if not corpus else f"kd-texts-{args.kd_long}-scifact{corpus}.jsonl")
@@ -287,7 +287,8 @@ def _teacher_time(config: Any, work: Path) -> dict[str, Any]:
     the cache, so a rerun that finds the vectors cached still reports what computing them cost."""
     import torch
 
-    from embedforge.distill.pipeline import gather_texts, teacher_vectors
+    from embedforge.data import load_texts as gather_texts
+    from embedforge.distill.pipeline import teacher_vectors
 
     record = work / f"teacher-time-{Path(config.texts[0]).stem}.json"
     if record.is_file():
@@ -333,7 +334,8 @@ def _distilled_sup(args: argparse.Namespace, work: Path, name: str, base: str = 
 
 def _head_only(args: argparse.Namespace, work: Path) -> tuple[Any, dict]:
     """Ablation: the zero-shot backbone with only the least-squares head to the teacher space (no training)."""
-    from embedforge.distill.pipeline import build_student, gather_texts, teacher_vectors
+    from embedforge.data import load_texts as gather_texts
+    from embedforge.distill.pipeline import build_student, teacher_vectors
 
     start = _convert(args, work, "mean", False)
     config = _distill_config(args, work, start, 1)

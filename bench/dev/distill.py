@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_steps=args.max_steps, target_rotation=args.rotation, batching=args.batching,
                         full_dim_weight=args.full_dim_weight)
     specs = {
-        "layers2": dict(keep_layers=[int(i) for i in args.keep_layers.split(",")], **layer_common),
-        "layers3": dict(keep_layers=[1, 3, 5], **layer_common),
+        "layers2": dict(layers=[int(i) for i in args.keep_layers.split(",")], **layer_common),
+        "layers3": dict(layers=[1, 3, 5], **layer_common),
         "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
                        batch_size=256, warmup_ratio=0.0),
     }

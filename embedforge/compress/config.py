@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
 
 
@@ -37,17 +38,15 @@ class CompressConfig:
     """Shrink a model directory: layers, vocabulary, weights; optionally attach an embedding quantizer."""
 
     model: str = opt(help="model directory (or alias) to compress")
-    keep_layers: list[int] | None = opt(None, help="indices of transformer layers to keep (0-based; negative ok)")
-    num_layers: int | None = opt(None, help="keep this many layers, evenly spaced, always the first and last "
-                                            "(alternative to keep_layers)")
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + "; unset: no layer pruning")
     heal_steps: int = opt(0, help="healing distillation steps towards the unpruned model's vectors (0: none)")
-    heal_data: str = opt("texts", help="texts for healing: a built-in name or a file with a 'text' column")
+    heal_data: str = opt("texts", help="texts for healing: a built-in name, a data file or beir:FOLDER")
     heal_limit: int = opt(2000, help="at most this many healing texts")
     heal_lr: float = opt(5e-5, help="learning rate of the healing distillation")
     heal_batch_size: int = opt(32, help="texts per healing step")
     max_seq_length: int = opt(128, help="token limit during healing")
     vocab_corpus: str | None = opt(None, help="prune the vocabulary to the tokens this corpus uses "
-                                              "(built-in name or file with a 'text' column)")
+                                              "(a built-in name, a data file or beir:FOLDER)")
     vocab_limit: int | None = opt(None, help="read at most this many corpus texts for vocabulary pruning")
     weights: WeightQuant = opt(WeightQuant.NONE, help="weight quantization: none, quanto-int8, bnb-8bit, bnb-4bit")
     embedding_precision: EmbeddingPrecision = opt(
@@ -62,15 +61,10 @@ class CompressConfig:
         self.weights = choice(WeightQuant, self.weights, "weights")
         self.embedding_precision = choice(EmbeddingPrecision, self.embedding_precision, "embedding_precision")
         check(bool(self.model), "model", "name the model directory to compress")
-        check(not (self.keep_layers is not None and self.num_layers is not None), "keep_layers",
-              "give keep_layers or num_layers, not both")
-        if self.keep_layers is not None:
-            check(len(self.keep_layers) > 0, "keep_layers", "keep at least one layer")
-            check(len(set(self.keep_layers)) == len(self.keep_layers), "keep_layers", "indices must be unique")
-        check(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
+        check_layers(self.layers)
         check(self.heal_steps >= 0, "heal_steps", "must be >= 0")
-        check(self.heal_steps == 0 or self.keep_layers is not None or self.num_layers is not None, "heal_steps",
-              "healing only makes sense after layer pruning (set keep_layers or num_layers)")
+        check(self.heal_steps == 0 or self.layers is not None, "heal_steps",
+              "healing only makes sense after layer pruning (set layers)")
         check(self.heal_lr > 0, "heal_lr", "must be positive")
         check(self.heal_batch_size > 0, "heal_batch_size", "must be positive")
         check(self.heal_limit > 0, "heal_limit", "must be positive")
@@ -85,7 +79,7 @@ class BinarizerConfig:
     """Train the learned multi-bit binarizer (BEBR) on the model's vectors and append it to the model."""
 
     model: str = opt(help="model directory (or alias) whose vectors the binarizer learns")
-    data: str = opt("texts", help="training texts: a built-in name or a file with a 'text' column "
+    data: str = opt("texts", help="training texts: a built-in name, a data file or beir:FOLDER "
                                   "(keep evaluation queries out)")
     limit: int = opt(20000, help="at most this many training texts")
     bits: int = opt(2, help="bit levels per dimension (the code has bits x dim bits)")

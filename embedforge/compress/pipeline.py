@@ -25,7 +25,7 @@ import numpy as np
 
 from embedforge.compress.config import BinarizerConfig, CompressConfig, EmbeddingPrecision, WeightQuant
 from embedforge.configs import ConfigError, StageContext
-from embedforge.data import max_chars_for
+from embedforge.data import load_texts, max_chars_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,29 +41,6 @@ FALLBACK_PROBES = [
     "Vaccination reduced hospital admissions among older adults.",
     "My card was charged twice for the same purchase.",
 ]
-
-
-def load_texts(spec: str, limit: int | None = None, max_chars: int | None = None) -> list[str]:
-    """Unique texts from a built-in data set, a file (``text`` column) or ``beir:FOLDER[:split]`` (corpus+queries).
-
-    Texts longer than ``max_chars`` characters are cut while loading (the model would not read the rest).
-    """
-    from embedforge.data import BUILTINS, builtin, load_beir, load_data
-
-    if spec.startswith("beir:"):
-        folder, _, split = spec[5:].partition(":")
-        beir = load_beir(folder, split or "test", max_chars=max_chars)
-        texts = list(beir.corpus.values()) + list(beir.queries.values())
-    else:
-        ds = (builtin(spec, max_chars=max_chars) if spec in BUILTINS
-              else load_data(spec, kind="texts", max_chars=max_chars))
-        cols = [c for c in ("text", "anchor", "positive", "negative", "sentence1", "sentence2")
-                if c in ds.column_names]
-        texts = [t for c in cols for t in ds[c]]
-    unique = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t.strip()))
-    if not unique:
-        raise ValueError(f"{spec}: no texts found")
-    return unique[:limit] if limit else unique
 
 
 def _load(spec: str, device: str | None = None) -> Any:
@@ -102,7 +79,8 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     """Compress ``config.model`` into ``out_dir`` (see the module docstring for the steps)."""
     import torch
 
-    from embedforge.compress.pruning import count_parameters, heal, prune_layers
+    from embedforge.backbone import keep_layers
+    from embedforge.compress.pruning import count_parameters, heal
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
@@ -119,17 +97,18 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     metrics: dict[str, Any] = {"params_before": count_parameters(model), "weight_bytes_before": weight_bytes(model)}
     extra: dict[str, Any] = {}
     max_chars = max_chars_for(getattr(model, "max_seq_length", None))
-    corpus = load_texts(config.vocab_corpus, config.vocab_limit, max_chars) if config.vocab_corpus else None
+    corpus = (load_texts(config.vocab_corpus, limit=config.vocab_limit, max_chars=max_chars,
+                         purpose="vocabulary pruning") if config.vocab_corpus else None)
     heal_texts: list[str] = []
     teacher: np.ndarray | None = None
     if pruning and config.heal_steps:
-        heal_texts = load_texts(config.heal_data, config.heal_limit, max_chars)
+        heal_texts = load_texts(config.heal_data, limit=config.heal_limit, max_chars=max_chars, purpose="healing")
         teacher = _vectors(model, heal_texts, config.heal_batch_size)
     probe = (corpus or heal_texts or FALLBACK_PROBES)[:PROBE_TEXTS]
     probe_before = _vectors(model, probe)
     # 2. layer pruning + healing
     if keep is not None:
-        extra["layer_pruning"] = prune_layers(model, keep)
+        extra["layer_pruning"] = keep_layers(model, keep)
         if teacher is not None:
             metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
                                 batch_size=config.heal_batch_size, max_seq_length=config.max_seq_length,
@@ -161,7 +140,8 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
         precision = config.embedding_precision.value
         calib_vectors = None
         if precision in ("int8", "uint8"):
-            calib_vectors = _vectors(model, load_texts(config.calibration_data, config.calibration_limit, max_chars))
+            calib_vectors = _vectors(model, load_texts(config.calibration_data, limit=config.calibration_limit,
+                                                        max_chars=max_chars, purpose="calibration"))
         quantizer = EmbeddingQuantizer.calibrate(precision, calib_vectors, truncate_dim=config.truncate_dim)
         files[QUANTIZATION_FILE] = json.dumps(quantizer.to_dict(), indent=2) + "\n"
         extra["embedding_quantization"] = {"precision": precision, "truncate_dim": config.truncate_dim,
@@ -180,7 +160,7 @@ def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None
 
     Returns the layer indices to keep when the config prunes layers.
     """
-    from embedforge.compress.pruning import backbone, layer_list, resolve_keep
+    from embedforge.backbone import count_layers, select_layers
 
     if config.heal_steps:
         from embedforge.modules.loading import check_max_seq_length
@@ -190,16 +170,9 @@ def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None
     if config.truncate_dim is not None and dim is not None and config.truncate_dim > dim:
         raise ConfigError(f"truncate_dim: {config.truncate_dim} is larger than the model's {dim} dimensions "
                           f"({config.model}); use at most {dim} or leave it unset", key="truncate_dim")
-    if config.keep_layers is None and config.num_layers is None:
+    if config.layers is None:
         return None
-    n_layers = len(layer_list(backbone(model))[2])
-    if config.num_layers is not None and config.num_layers > n_layers:
-        raise ConfigError(f"num_layers: {config.num_layers} is more than the model has ({config.model} has "
-                          f"{n_layers} layers); use at most {n_layers}", key="num_layers")
-    try:
-        return resolve_keep(n_layers, config.keep_layers, config.num_layers)
-    except ValueError as exc:
-        raise ConfigError(f"keep_layers: {exc} ({config.model})", key="keep_layers") from None
+    return select_layers(count_layers(model), config.layers, source=config.model)
 
 
 def _code_width(precision: str, dim: int, truncate_dim: int | None) -> int:
@@ -232,7 +205,8 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     if find_binarizer(model) is not None:
         raise ValueError(f"{config.model} already ends in a binarizer")
     # 1. teacher vectors, cached so a rerun skips the encoding
-    texts = load_texts(config.data, config.limit, max_chars_for(getattr(model, "max_seq_length", None)))
+    max_chars = max_chars_for(getattr(model, "max_seq_length", None))
+    texts = load_texts(config.data, limit=config.limit, max_chars=max_chars, purpose="binarizer training")
     cache = Path(f"{out_dir}.ckpt")
     cache.mkdir(parents=True, exist_ok=True)
     vec_file = cache / f"vectors-{len(texts)}.npy"

@@ -1,4 +1,4 @@
-"""Layer pruning with a short healing distillation, for any sentence-transformers model with a HF backbone.
+"""The healing distillation that follows layer pruning (the cut itself is :func:`embedforge.backbone.keep_layers`).
 
 Dropping transformer layers is the cheapest structural compression: a 30-layer decoder keeping 15 layers halves
 encode time. The pruned model drifts from the original, so :func:`heal` distills it back towards the unpruned
@@ -17,110 +17,6 @@ from typing import Any, Sequence
 import numpy as np
 
 logger = logging.getLogger(__name__)
-
-
-def backbone(model: Any) -> Any:
-    """The HF ``PreTrainedModel`` inside a SentenceTransformer (its first module's ``auto_model``)."""
-    first = model[0]
-    hf = getattr(first, "auto_model", None)
-    if hf is None:
-        raise TypeError(f"the first module ({type(first).__name__}) has no Hugging Face model to compress")
-    return hf
-
-
-def layer_list(hf_model: Any) -> tuple[Any, str, Any]:
-    """Find the ``nn.ModuleList`` of transformer blocks: returns (parent module, attribute name, list).
-
-    Looks for a ModuleList whose length equals ``config.num_hidden_layers`` (``encoder.layer`` in BERT, ``layers``
-    in Llama-style decoders, ...), preferring the shallowest one.
-    """
-    import torch.nn as nn
-
-    n = getattr(hf_model.config, "num_hidden_layers", None)
-    best: tuple[int, Any, str, Any] | None = None
-    for name, module in hf_model.named_modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == n:
-                depth = name.count(".") + (1 if name else 0)
-                if best is None or depth < best[0]:
-                    best = (depth, module, attr, child)
-    if best is None:
-        raise TypeError(f"{type(hf_model).__name__}: no list of {n} transformer layers found")
-    return best[1], best[2], best[3]
-
-
-def resolve_keep(n_layers: int, keep_layers: Sequence[int] | None = None, num_layers: int | None = None) -> list[int]:
-    """Sorted 0-based indices of the layers to keep (negative indices count from the end)."""
-    if keep_layers is not None:
-        keep = sorted({k % n_layers if -n_layers <= k < n_layers else _bad(k, n_layers) for k in keep_layers})
-    elif num_layers is not None:
-        if num_layers >= n_layers:
-            return list(range(n_layers))
-        if num_layers == 1:
-            return [0]
-        keep = sorted({round(i * (n_layers - 1) / (num_layers - 1)) for i in range(num_layers)})
-    else:
-        return list(range(n_layers))
-    if not keep:
-        raise ValueError("keep at least one layer")
-    return keep
-
-
-def _bad(index: int, n_layers: int) -> int:
-    raise ValueError(f"layer index {index} is out of range for a model with {n_layers} layers")
-
-
-def prune_layers(model: Any, keep: Sequence[int]) -> dict[str, Any]:
-    """Keep only the layers ``keep`` (in order) of the model's backbone, in place; returns a summary.
-
-    Updates ``config.num_hidden_layers``, per-layer config lists (``layer_types``) and each attention block's
-    ``layer_idx`` so the saved directory reloads as the smaller architecture.
-    """
-    import torch.nn as nn
-
-    hf = backbone(model)
-    parent, attr, layers = layer_list(hf)
-    n = len(layers)
-    keep = list(keep)
-    if any(k < 0 or k >= n for k in keep) or len(set(keep)) != len(keep):
-        raise ValueError(f"keep must hold unique indices in [0, {n}), got {keep}")
-    heads = _remap_layer_heads(model, n, keep)
-    setattr(parent, attr, nn.ModuleList([layers[k] for k in keep]))
-    for head, new_layers in heads:
-        head.layers = new_layers
-        head.num_hidden_states = len(keep) + 1
-    cfg = hf.config
-    cfg.num_hidden_layers = len(keep)
-    for key in ("layer_types",):
-        values = getattr(cfg, key, None)
-        if isinstance(values, list) and len(values) == n:
-            setattr(cfg, key, [values[k] for k in keep])
-    for new_idx, layer in enumerate(getattr(parent, attr)):
-        for sub in layer.modules():
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = new_idx
-    logger.info("kept %d of %d layers: %s", len(keep), n, keep)
-    return {"layers_before": n, "layers_after": len(keep), "kept_layers": keep}
-
-
-def _remap_layer_heads(model: Any, n_layers: int, keep: list[int]) -> list[tuple[Any, list[int]]]:
-    """New hidden-state indices for pooling heads that read several layers (``layers`` + ``num_hidden_states``).
-
-    Hidden state 0 is the embedding output and state ``i`` the output of layer ``i - 1``; a head can follow the
-    pruning only if every layer it reads is kept. Checked before anything is modified.
-    """
-    out = []
-    for module in model.modules():
-        states = getattr(module, "num_hidden_states", None)
-        layers = getattr(module, "layers", None)
-        if states != n_layers + 1 or not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-            continue
-        missing = [h for h in layers if h > 0 and (h - 1) not in keep]
-        if missing:
-            raise ValueError(f"{type(module).__name__} reads hidden states {missing} (outputs of layers "
-                             f"{[h - 1 for h in missing]}), which the pruning drops; keep those layers")
-        out.append((module, [0 if h == 0 else keep.index(h - 1) + 1 for h in layers]))
-    return out
 
 
 def count_parameters(model: Any) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
 
 
@@ -103,9 +104,7 @@ class ConvertConfig:
     zero_init_heads: bool = opt(
         True, help="trainable heads start as mean pooling (zero output projections); False = random (NV-Embed)"
     )
-    keep_layers: int | None = opt(
-        None, help="keep only the first N decoder layers (a smaller, cheaper embedder)"
-    )
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + "; unset keeps all (fewer: a cheaper embedder)")
     dtype: DType = opt(DType.FLOAT32, help="float32 | bfloat16 | float16 | auto")
     attn_implementation: AttnImplementation = opt(
         AttnImplementation.AUTO, help="auto | eager | sdpa | flex_attention | flash_attention_2"
@@ -123,8 +122,8 @@ class ConvertConfig:
         self.padding_side = choice(PaddingSide, self.padding_side, "padding_side")
         check(bool(self.model), "model", "name the LLM to convert")
         check(self.max_seq_length > 0, "max_seq_length", "must be positive")
-        check(self.keep_layers is None or self.keep_layers > 0, "keep_layers", "must be positive")
-        check(self.keep_layers is None or self.pooling != PoolingMode.MULTI_LAYER, "keep_layers",
+        check_layers(self.layers)
+        check(self.layers is None or self.pooling != PoolingMode.MULTI_LAYER, "layers",
               "cannot be combined with multi_layer pooling (its head is sized to the layers)")
         check(self.latent_count > 0, "latent_count", "must be positive")
         check(self.latent_heads > 0, "latent_heads", "must be positive")

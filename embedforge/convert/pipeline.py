@@ -16,7 +16,7 @@ def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None
     """Recipe stage ``convert``.
 
     1. build the embedder (:func:`embedforge.convert.embedder.build_embedder_from_config`), cut to its first
-       ``keep_layers`` decoder layers if asked;
+       ``layers`` decoder layers if asked (:func:`embedforge.backbone.apply_layers`);
     2. optionally score it on ``config.eval_tasks``;
     3. save it with lineage (``stage="convert"``) to ``out_dir``, atomically.
     """
@@ -24,10 +24,11 @@ def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None
     from embedforge.model import save_model
 
     model = build_embedder_from_config(config)
-    if config.keep_layers is not None:
-        from embedforge.convert.train_model import truncate_layers
+    kept = None
+    if config.layers is not None:
+        from embedforge.backbone import apply_layers
 
-        truncate_layers(model, config.keep_layers)
+        kept = apply_layers(model, config.layers, source=config.model)
     metrics: dict[str, Any] = {}
     if config.eval_tasks:
         from embedforge.evaluation import evaluate
@@ -37,7 +38,8 @@ def run_convert(config: ConvertConfig, out_dir: Path, ctx: StageContext) -> None
         "pooling": config.pooling.value,
         "bidirectional": config.bidirectional,
         "embedding_dimension": model.get_embedding_dimension(),
-        "keep_layers": config.keep_layers,
+        "layers": config.layers,
+        "kept_layers": kept["kept_layers"] if kept else None,
     }
     save_model(
         model, out_dir, stage="convert", source=config.model, config=config, metrics=metrics,

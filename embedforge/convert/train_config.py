@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
 from embedforge.training.precision import Precision
 
@@ -62,9 +63,7 @@ class TrainOptions:
     )
     precision: Precision = opt(Precision.AUTO, help="auto | fp32 | bf16 (bf16 autocast)")
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass to save memory")
-    keep_layers: int | None = opt(
-        None, help="keep only the first N decoder layers before training (a faster, smaller embedder)"
-    )
+    layers: LayerSpec | None = opt(None, help=LAYERS_HELP + ", before training; unset keeps all")
     max_seq_length: int | None = opt(None, help="truncate inputs to this many tokens (default: the model's)")
     learning_rate: float = opt(2e-4, help="peak learning rate (linear warmup, then linear decay)")
     warmup_ratio: float = opt(0.05, help="fraction of the steps spent warming up")
@@ -79,7 +78,10 @@ class TrainOptions:
     save_total_limit: int = opt(2, help="checkpoints kept on disk")
     logging_steps: int = opt(10, help="log the loss every N steps")
     seed: int = opt(0, help="random seed")
-    data_limit: int | None = opt(None, help="use at most this many rows of each data set")
+    data_limit: int | None = opt(
+        None, help="contrastive: at most this many rows of each data set; mntp / simcse: at most this many "
+                   "distinct texts in all"
+    )
     trust_remote_code: bool = opt(False, help="allow the model's own Python code")
 
     def _check_common(self) -> None:
@@ -99,7 +101,7 @@ class TrainOptions:
         check(self.save_steps > 0, "save_steps", "must be positive")
         check(self.save_total_limit > 0, "save_total_limit", "must be positive")
         check(self.logging_steps > 0, "logging_steps", "must be positive")
-        check(self.keep_layers is None or self.keep_layers > 0, "keep_layers", "must be positive")
+        check_layers(self.layers)
         check(self.max_seq_length is None or self.max_seq_length > 1, "max_seq_length", "must be > 1")
         check(self.data_limit is None or self.data_limit > 0, "data_limit", "must be positive")
         check(

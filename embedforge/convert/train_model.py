@@ -47,8 +47,10 @@ def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | N
         model = build_embedder(config.model, pooling="mean", bidirectional=True,
                                trust_remote_code=config.trust_remote_code)
         parent = None
-    if config.keep_layers is not None:
-        truncate_layers(model, config.keep_layers)
+    if config.layers is not None:
+        from embedforge.backbone import apply_layers
+
+        apply_layers(model, config.layers, source=config.model)
     if config.max_seq_length is not None:
         from embedforge.modules.loading import check_max_seq_length
 
@@ -74,32 +76,6 @@ def set_backbone(model: Any, backbone: Any) -> None:
         first.auto_model = backbone
 
 
-def _layer_list(backbone: Any) -> Any:
-    import torch
-
-    base = getattr(backbone, "base_model", backbone)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(backbone).__name__}: cannot find its decoder layers (.layers)")
-    return base, layers
-
-
-def truncate_layers(model: Any, keep: int) -> None:
-    """Keep only the first ``keep`` decoder layers of the embedder's backbone (in place)."""
-    from embedforge.modules.multilayer import MultiLayerPooling
-
-    if any(isinstance(m, MultiLayerPooling) for m in model):
-        raise ValueError("keep_layers cannot be used with multi-layer pooling (its head is sized to the layers)")
-    backbone = backbone_of(model)
-    base, layers = _layer_list(backbone)
-    if keep > len(layers):
-        raise ValueError(f"keep_layers={keep} but the model has only {len(layers)} layers")
-    base.layers = layers[:keep]
-    cfg = backbone.config
-    cfg.num_hidden_layers = keep
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[:keep]
-    logger.info("kept the first %d of %d decoder layers", keep, len(layers))
 
 
 def require_qlora() -> None:
@@ -202,10 +178,10 @@ def finish_adapter(model: Any, config: TrainOptions, source_backbone: str | None
         with tempfile.TemporaryDirectory() as tmp:
             wrapper.save_pretrained(tmp)
             full = AutoModel.from_pretrained(source_backbone)
-            if config.keep_layers is not None:
-                base, layers = _layer_list(full)
-                base.layers = layers[: config.keep_layers]
-                full.config.num_hidden_layers = config.keep_layers
+            if config.layers is not None:
+                from embedforge.backbone import apply_layers
+
+                apply_layers(full, config.layers, source=source_backbone)  # the same cut as the trained model
             full.config.is_causal = wrapper.get_base_model().config.is_causal
             wrapper = PeftModel.from_pretrained(full, tmp)
     if config.adapter == AdapterMode.MERGE:

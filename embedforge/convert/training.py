@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedforge.configs import StageContext
-from embedforge.data import max_chars_for
+from embedforge.data import load_texts, max_chars_for
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig, TrainOptions, data_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,27 +34,11 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------- data
 
 
-def load_texts(specs: list[str | dict[str, Any]], limit: int | None, max_chars: int | None = None) -> Dataset:
-    """Unlabeled texts (column ``text``) from text data sets, or every text column of pair / triplet data.
-
-    Texts longer than ``max_chars`` characters are cut while loading (see ``embedforge.data.max_chars_for``)."""
+def _text_dataset(specs: list[str | dict[str, Any]], limit: int | None, max_chars: int | None) -> Dataset:
+    """The stage's texts (:func:`embedforge.data.load_texts`) as a one-column ``text`` data set."""
     from datasets import Dataset
 
-    from embedforge.data import BUILTINS, DataKind, load_data
-
-    texts: list[str] = []
-    for spec in specs:
-        kind = BUILTINS[spec][0] if isinstance(spec, str) and spec in BUILTINS else DataKind.TEXTS
-        if isinstance(spec, dict):
-            spec = {k: v for k, v in spec.items() if k != "name"}
-            kind = spec.pop("kind", kind)
-        ds = load_data(spec, kind, max_chars=max_chars)
-        part = [t for col in ds.column_names if isinstance(ds[0][col], str) for t in ds[col]]
-        texts.extend(part[:limit] if limit else part)
-    unique = list(dict.fromkeys(t for t in texts if t.strip()))
-    if not unique:
-        raise ValueError("no texts to train on")
-    return Dataset.from_dict({"text": unique})
+    return Dataset.from_dict({"text": load_texts(specs, limit=limit, max_chars=max_chars, purpose="training")})
 
 
 def load_pairs(spec: str | dict[str, Any], limit: int | None, hard_negatives: bool,
@@ -291,7 +275,7 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
     max_len = config.max_seq_length or model.max_seq_length
-    texts = load_texts(config.data, config.data_limit, max_chars_for(max_len))            # 2. data
+    texts = _text_dataset(config.data, config.data_limit, max_chars_for(max_len))         # 2. data
     tokenizer = _copy_tokenizer(model)
     collator = mntp_collator(tokenizer, config)
     tokenized = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_len,
@@ -376,7 +360,7 @@ def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
-    texts = load_texts(config.data, config.data_limit,                                    # 2. (text, text) pairs
+    texts = _text_dataset(config.data, config.data_limit,                                 # 2. (text, text) pairs
                        max_chars_for(config.max_seq_length or model.max_seq_length))
     pairs = texts.map(lambda b: {"anchor": b["text"], "positive": b["text"]}, batched=True,
                       remove_columns=["text"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
 from embedforge.training.precision import Precision
 
@@ -63,13 +64,7 @@ class DistillConfig:
     text_limit: int | None = opt(None, help="use at most this many texts (after de-duplication)")
     student: StudentKind = opt(StudentKind.LAYERS, help="layers | static | model")
     student_model: str | None = opt(None, help="student=model only: HF model or sentence-transformers directory")
-    keep_layers: list[int] = opt(
-        factory=list, help="student=layers: 0-based teacher layers to keep, e.g. [1, 3, 5]"
-    )
-    layer_stride: int | None = opt(
-        None, help="student=layers: keep every k-th layer (layers k-1, 2k-1, ...; the last one when k divides n)"
-    )
-    first_layers: int | None = opt(None, help="student=layers: keep the first n layers")
+    layers: LayerSpec | None = opt(None, help="student=layers (required there): the teacher's " + LAYERS_HELP)
     static_dims: int | None = opt(
         None, help="student=static: PCA dimensions of the token table (default: the teacher's dimension)"
     )
@@ -148,16 +143,11 @@ class DistillConfig:
         if self.student == StudentKind.MODEL:
             check(bool(self.student_model), "student_model", "student=model needs student_model")
         if self.student == StudentKind.LAYERS:
-            chosen = sum([bool(self.keep_layers), self.layer_stride is not None, self.first_layers is not None])
-            check(chosen == 1, "keep_layers",
-                  "student=layers needs exactly one of keep_layers, layer_stride, first_layers")
-            check(all(i >= 0 for i in self.keep_layers), "keep_layers", "layer indices are 0-based, >= 0")
-            check(len(set(self.keep_layers)) == len(self.keep_layers), "keep_layers", "repeated layer")
-            check(self.layer_stride is None or self.layer_stride >= 1, "layer_stride", "must be >= 1")
-            check(self.first_layers is None or self.first_layers >= 1, "first_layers", "must be >= 1")
+            check(self.layers is not None, "layers",
+                  "student=layers needs the teacher layers to keep, e.g. layers: 2, [1, 3, 5] or {every: 2}")
+            check_layers(self.layers)
         else:
-            check(not self.keep_layers and self.layer_stride is None and self.first_layers is None,
-                  "keep_layers", "layer selection only applies to student=layers")
+            check(self.layers is None, "layers", "layer selection only applies to student=layers")
         check(self.static_dims is None or self.static_dims > 0, "static_dims", "must be positive")
         check(self.static_sif is None or 0 < self.static_sif < 1, "static_sif", "must be in (0, 1)")
         check(self.max_seq_length > 0, "max_seq_length", "must be positive")

@@ -33,39 +33,6 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def gather_texts(specs: Sequence[str], limit: int | None = None, max_chars: int | None = None) -> list[str]:
-    """Every non-empty text of the listed data sets (built-in names or files), de-duplicated, in order.
-
-    All string columns of a set are used (a pairs file gives its anchors and its positives). Texts longer than
-    ``max_chars`` characters are cut while loading.
-    """
-    from embedforge.data import BUILTINS, DataKind, builtin, load_data
-
-    seen: dict[str, None] = {}
-    for spec in specs:
-        if spec in BUILTINS:
-            ds = builtin(spec, max_chars=max_chars)
-        else:
-            try:
-                ds = load_data(spec, DataKind.TEXTS, max_chars=max_chars)
-            except Exception:  # noqa: BLE001 - a pairs/triplets file: read it with its own columns
-                ds = load_data(spec, max_chars=max_chars)
-        for column in ds.column_names:
-            values = ds[column]
-            if values and isinstance(values[0], str):
-                for text in values:
-                    text = text.strip()
-                    if text:
-                        seen.setdefault(text, None)
-    texts = list(seen)
-    if limit is not None:
-        texts = texts[:limit]
-    if len(texts) < 2:
-        raise ValueError(f"need at least 2 training texts, found {len(texts)} in {list(specs)}")
-    logger.info("distill: %d unique texts from %s", len(texts), ", ".join(specs))
-    return texts
-
-
 def teacher_vectors(config: DistillConfig, texts: list[str], cache_dir: Path) -> tuple[np.ndarray, list[Any]]:
     """The combined teacher targets for ``texts`` (computed once per teacher, then read from the cache)."""
     from embedforge.distill.teacher import EncodeSettings, teacher_targets
@@ -109,9 +76,9 @@ def build_student(config: DistillConfig, teacher_dim: int, texts: list[str], tar
         teacher_path = resolve_source(config.model)
         teacher = load_model(teacher_path)
         if config.student == StudentKind.LAYERS:
-            n_layers = teacher[0].auto_model.config.num_hidden_layers
-            keep = students.select_layers(n_layers, keep=config.keep_layers, stride=config.layer_stride,
-                                          first=config.first_layers)
+            from embedforge.backbone import count_layers, select_layers
+
+            keep = select_layers(count_layers(teacher), config.layers, source=config.model)
             student = students.layer_student(teacher, keep)
         else:
             student = students.static_student(teacher, dims=config.static_dims, sif=config.static_sif,
@@ -219,7 +186,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
 def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
     from embedforge.training.guard import check_weights, last_checkpoint
-    from embedforge.data import max_chars_for
+    from embedforge.data import load_texts, max_chars_for
     from embedforge.model import is_complete, save_model
 
     out_dir = Path(out_dir)
@@ -229,7 +196,13 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     start = time.perf_counter()
 
     # 1. texts
-    texts = gather_texts(config.texts, config.text_limit, max_chars_for(config.max_seq_length))
+    texts = load_texts(config.texts, limit=config.text_limit, max_chars=max_chars_for(config.max_seq_length),
+                       min_texts=2, purpose="distillation")
+    if config.student == StudentKind.LAYERS:  # before the teachers encode anything
+        from embedforge.preflight import check_layers_fit
+        from embedforge.sources import resolve_source
+
+        check_layers_fit(os.fspath(resolve_source(config.model)), config.layers)
 
     # 2. teacher vectors
     targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))

@@ -20,71 +20,19 @@ from embedforge.evaluation import l2_normalize
 
 logger = logging.getLogger(__name__)
 
-_LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
-
-
 # ---------------------------------------------------------------------------------------- layer subsets
 
 
-def select_layers(n_layers: int, *, keep: Sequence[int] = (), stride: int | None = None,
-                  first: int | None = None) -> list[int]:
-    """0-based layers to keep: an explicit list, every ``stride``-th layer (k-1, 2k-1, ...) or the first n."""
-    if keep:
-        chosen = sorted(int(i) for i in keep)
-    elif stride is not None:
-        chosen = list(range(stride - 1, n_layers, stride))
-    elif first is not None:
-        chosen = list(range(first))
-    else:
-        raise ValueError("say which layers to keep (keep, stride or first)")
-    if not chosen:
-        raise ValueError(f"the selection keeps no layer of {n_layers}")
-    bad = [i for i in chosen if i < 0 or i >= n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist; the teacher has layers 0..{n_layers - 1}")
-    return chosen
-
-
-def find_layer_list(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The ``ModuleList`` that holds a transformers backbone's layers, with its parent and attribute name."""
-    n = backbone.config.num_hidden_layers
-    found = []
-    for name, module in backbone.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES:
-            found.append(name)
-    if not found:
-        raise ValueError(f"{type(backbone).__name__}: no list of {n} layers found")
-    name = min(found, key=lambda x: x.count("."))  # the outermost one
-    parent_name, _, attr = name.rpartition(".")
-    parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    return parent, attr, getattr(parent, attr)
-
-
-def prune_layers(backbone: nn.Module, keep: Sequence[int]) -> None:
-    """Keep only the layers ``keep`` of a transformers backbone, in place, and make its config agree."""
-    parent, attr, layers = find_layer_list(backbone)
-    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
-    config = backbone.config
-    if isinstance(getattr(config, "layer_types", None), (list, tuple)):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    config.num_hidden_layers = len(keep)
-    # Attention modules remember their position (for caches and per-layer attention types): renumber them.
-    for new_index, layer in enumerate(getattr(parent, attr)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-
-
 def layer_student(teacher: Any, keep: Sequence[int]) -> Any:
-    """A copy of the teacher ``SentenceTransformer`` that keeps only the transformer layers ``keep``."""
-    student = copy.deepcopy(teacher)
-    transformer = student[0]
-    backbone = getattr(transformer, "auto_model", None)
+    """A copy of the teacher ``SentenceTransformer`` that keeps only the transformer layers ``keep``
+    (sorted 0-based indices, see :func:`embedforge.backbone.select_layers`)."""
+    from embedforge.backbone import keep_layers
+
+    backbone = getattr(teacher[0], "auto_model", None)
     if backbone is None or not hasattr(backbone, "config"):
         raise ValueError("a layer student needs a teacher whose first module is a transformers model")
-    before = backbone.config.num_hidden_layers
-    prune_layers(backbone, keep)
-    logger.info("layer student: kept layers %s of %d", list(keep), before)
+    student = copy.deepcopy(teacher)
+    keep_layers(student, keep)
     return student
 
 

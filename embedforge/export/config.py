@@ -80,7 +80,7 @@ class ExportConfig:
         False, help="also write onnx/model_qdq_int8.onnx: static QDQ int8 calibrated on calibration_data texts"
     )
     calibration_data: str | None = opt(
-        None, help="texts for static int8 calibration: a file for embedforge.data or a built-in name (e.g. 'texts'); "
+        None, help="texts for static int8 calibration: a built-in name (e.g. 'texts'), a data file or beir:FOLDER; "
         "None: the built-in probe sentences"
     )
     calibration_size: int = opt(256, help="number of calibration texts for static int8")

@@ -116,11 +116,10 @@ def _size_mb(path: Path) -> float:
 def _calibration_texts(config: ExportConfig, probes: list[str], max_chars: int | None = None) -> list[str]:
     if config.calibration_data is None:
         return probes
-    from embedforge.data import load_data
+    from embedforge.data import load_texts
 
-    ds = load_data(config.calibration_data, "texts", max_chars=max_chars)
-    texts = list(ds["text"])
-    return texts[: config.calibration_size]
+    return load_texts(config.calibration_data, limit=config.calibration_size, max_chars=max_chars,
+                      purpose="static int8 calibration")
 
 
 def _read_probe_file(path: str | None) -> list[str]:

@@ -29,10 +29,10 @@ def test_enums_are_converted_at_the_boundary():
 @pytest.mark.parametrize(("kwargs", "key"), [
     ({"weights": "int3"}, "weights"),
     ({"embedding_precision": "fp8"}, "embedding_precision"),
-    ({"keep_layers": [0, 1], "num_layers": 2}, "keep_layers"),
-    ({"keep_layers": [1, 1]}, "keep_layers"),
+    ({"layers": {"spread": 2, "every": 2}}, "layers"),
+    ({"layers": [1, 1]}, "layers"),
     ({"heal_steps": 10}, "heal_steps"),  # healing without pruning
-    ({"num_layers": 0}, "num_layers"),
+    ({"layers": {"spread": 0}}, "layers.spread"),
     ({"truncate_dim": 0}, "truncate_dim"),
 ])
 def test_compress_config_errors_name_the_key(kwargs, key):

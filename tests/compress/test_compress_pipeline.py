@@ -30,14 +30,16 @@ def _bert(tmp_path: Path, layers: int = 4) -> Path:
 
 
 def test_compress_prune_heal_vocab_int8(tmp_path, texts_file):
-    from embedforge.compress.pipeline import load_texts, run
+    from embedforge.compress.pipeline import run
+    from embedforge.data import load_texts
     from embedforge.compress.quantization import EmbeddingQuantizer
     from embedforge.compress.weights import load_compressed
     from embedforge.model import read_lineage
 
     src = _bert(tmp_path)
     out = tmp_path / "out"
-    cfg = CompressConfig(model=str(src), num_layers=2, heal_steps=6, heal_data=str(texts_file), heal_batch_size=8,
+    cfg = CompressConfig(model=str(src), layers={"spread": 2}, heal_steps=6, heal_data=str(texts_file),
+                         heal_batch_size=8,
                          vocab_corpus=str(texts_file), embedding_precision="int8",
                          calibration_data=str(texts_file))
     run(cfg, out, StageContext(stage_name="compress"))
@@ -57,7 +59,8 @@ def test_compress_prune_heal_vocab_int8(tmp_path, texts_file):
 
 
 def test_compress_vocab_only_is_lossless_on_corpus(tmp_path, texts_file):
-    from embedforge.compress.pipeline import load_texts, run
+    from embedforge.compress.pipeline import run
+    from embedforge.data import load_texts
     from embedforge.modules import load_embedder
 
     src = _bert(tmp_path, layers=2)
@@ -128,13 +131,14 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"num_layers": 9}, "num_layers: 9 is more than the model has ({src} has 2 layers); use at most 2"),
-    ({"keep_layers": [0, 5]}, "keep_layers: layer index 5 is out of range for a model with 2 layers ({src})"),
+    ({"layers": {"spread": 9}}, "layers.spread: 9 layers asked but the model ({src}) has 2; use at most 2"),
+    ({"layers": [0, 5]}, "layers: layer index 5 is out of range for the model ({src}), which has 2 layers "
+                         "(0..1, or -2..-1)"),
     ({"embedding_precision": "binary", "truncate_dim": 4096},
      "truncate_dim: 4096 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
     ({"embedding_precision": "int8", "truncate_dim": 33, "calibration_data": "unused.jsonl"},
      "truncate_dim: 33 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
-    ({"num_layers": 1, "heal_steps": 2, "heal_data": "unused.jsonl", "max_seq_length": 1024},
+    ({"layers": {"spread": 1}, "heal_steps": 2, "heal_data": "unused.jsonl", "max_seq_length": 1024},
      "max_seq_length: 1024 is more than {src} can read (its position embeddings cover 128 tokens); use at most 128"),
 ])
 def test_compress_refuses_what_the_model_does_not_have(tmp_path, texts_file, monkeypatch, settings, message):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedforge.compress.pruning import backbone, count_parameters, heal, layer_list, prune_layers, resolve_keep
+from embedforge.backbone import hf_model, keep_layers, layer_list
+from embedforge.compress.pruning import count_parameters, heal
 from embedforge.compress.vocab import prune_vocabulary, saved_size
 from embedforge.testing import sample_texts
 
@@ -44,14 +45,6 @@ def _bert_st(tmp_path: Path, layers: int = 4):
     return SentenceTransformer(str(tiny_bert_st(tmp_path / "bert", layers=layers)), device="cpu")
 
 
-def test_resolve_keep():
-    assert resolve_keep(30, num_layers=4) == [0, 10, 19, 29]
-    assert resolve_keep(6, keep_layers=[0, -1, 2]) == [0, 2, 5]
-    assert resolve_keep(6) == list(range(6))
-    with pytest.raises(ValueError, match="out of range"):
-        resolve_keep(6, keep_layers=[7])
-
-
 @pytest.mark.parametrize("kind", ["bert", "llama", "qwen3"])
 def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
     from sentence_transformers import SentenceTransformer
@@ -64,13 +57,13 @@ def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
     model = _bert_st(tmp_path) if kind == "bert" else _decoder_st(tmp_path, kind)
     texts = sample_texts()
     n_before = count_parameters(model)
-    original_state = {k: v.clone() for k, v in backbone(model).state_dict().items()}
-    config = copy.deepcopy(backbone(model).config)
-    _, _, layers = layer_list(backbone(model))
+    original_state = {k: v.clone() for k, v in hf_model(model).state_dict().items()}
+    config = copy.deepcopy(hf_model(model).config)
+    _, _, layers = layer_list(hf_model(model))
     assert len(layers) == 4
-    info = prune_layers(model, [0, 3])
+    info = keep_layers(model, [0, 3])
     assert info == {"layers_before": 4, "layers_after": 2, "kept_layers": [0, 3]}
-    assert backbone(model).config.num_hidden_layers == 2
+    assert hf_model(model).config.num_hidden_layers == 2
     assert count_parameters(model) < n_before
     out = model.encode(texts, convert_to_numpy=True)
     # Independent check: a fresh 2-layer model from the config, with layers 0 and 3's weights renamed to 0 and 1.
@@ -90,20 +83,20 @@ def test_prune_layers_equals_manual_forward_and_reloads(tmp_path, kind):
     feats = model[0].tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = manual(**feats).last_hidden_state
-        got = backbone(model)(**feats).last_hidden_state
+        got = hf_model(model)(**feats).last_hidden_state
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
     model.save(str(tmp_path / "pruned"))
     again = SentenceTransformer(str(tmp_path / "pruned"), device="cpu")
-    assert backbone(again).config.num_hidden_layers == 2
+    assert hf_model(again).config.num_hidden_layers == 2
     np.testing.assert_allclose(again.encode(texts, convert_to_numpy=True), out, atol=1e-5)
 
 
 def test_pruned_layers_are_the_kept_originals(tmp_path):
     model = _decoder_st(tmp_path)
-    _, _, layers = layer_list(backbone(model))
+    _, _, layers = layer_list(hf_model(model))
     originals = [layers[1], layers[2]]
-    prune_layers(model, [1, 2])
-    _, _, now = layer_list(backbone(model))
+    keep_layers(model, [1, 2])
+    _, _, now = layer_list(hf_model(model))
     assert list(now) == originals
     assert [m.self_attn.layer_idx for m in now] == [0, 1]
 
@@ -118,7 +111,7 @@ def test_healing_moves_pruned_model_towards_teacher(tmp_path):
     model = _bert_st(tmp_path)
     texts = sample_texts()
     teacher = _targets(len(texts))
-    prune_layers(model, [0])
+    keep_layers(model, [0])
 
     def dist() -> float:
         s = model.encode(texts, convert_to_numpy=True)
@@ -142,7 +135,7 @@ def test_heal_resumes_from_checkpoint(tmp_path, monkeypatch):
 
     def pruned(name: str):
         m = SentenceTransformer(str(base), device="cpu")
-        prune_layers(m, [0])
+        keep_layers(m, [0])
         return m
 
     straight = pruned("a")
@@ -184,7 +177,7 @@ def test_vocab_pruning_keeps_corpus_outputs_and_shrinks(tmp_path, kind):
     model.save(str(tmp_path / "orig"))
     info = prune_vocabulary(model, corpus)
     assert info["vocab_after"] < info["vocab_before"]
-    assert backbone(model).get_input_embeddings().weight.shape[0] == info["vocab_after"]
+    assert hf_model(model).get_input_embeddings().weight.shape[0] == info["vocab_after"]
     assert len(model[0].tokenizer) == info["vocab_after"]
     np.testing.assert_allclose(model.encode(corpus, convert_to_numpy=True), before, atol=1e-5)
     # Token by token: the new ids name the same strings as the old ones.
@@ -207,9 +200,9 @@ def test_multilayer_head_follows_layer_pruning(tmp_path):
     head = MultiLayerPooling(32, 5, layers=[2, 4])
     model.append(head)
     with pytest.raises(ValueError, match="layers \\[1\\]"):
-        prune_layers(model, [0, 3])
-    assert backbone(model).config.num_hidden_layers == 4  # nothing changed after the refusal
-    prune_layers(model, [1, 3])
+        keep_layers(model, [0, 3])
+    assert hf_model(model).config.num_hidden_layers == 4  # nothing changed after the refusal
+    keep_layers(model, [1, 3])
     assert head.layers == [1, 2] and head.num_hidden_states == 3
 
 

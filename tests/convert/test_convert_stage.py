@@ -31,10 +31,10 @@ def test_config_checks_name_the_key() -> None:
     assert err.value.key == "echo_template"
     with pytest.raises(ConfigError, match="max_seq_length"):
         ConvertConfig(model="m", max_seq_length=0)
-    with pytest.raises(ConfigError, match="keep_layers"):
-        ConvertConfig(model="m", keep_layers=0)
-    with pytest.raises(ConfigError, match="keep_layers: cannot be combined with multi_layer"):
-        ConvertConfig(model="m", pooling="multi_layer", keep_layers=2)
+    with pytest.raises(ConfigError, match="layers: keep at least one layer, got 0"):
+        ConvertConfig(model="m", layers=0)
+    with pytest.raises(ConfigError, match="layers: cannot be combined with multi_layer"):
+        ConvertConfig(model="m", pooling="multi_layer", layers=2)
     assert ConvertConfig(model="m", pooling="last_token").pooling == PoolingMode.LAST_TOKEN
     assert ConvertConfig(model="m", pooling="Weighted-Mean").pooling == PoolingMode.WEIGHTED_MEAN
 
@@ -101,7 +101,7 @@ def test_run_convert_with_a_trainable_head(tiny_llama_dir: Path, tmp_path: Path)
     np.testing.assert_allclose(loaded.encode(texts), build_embedder_from_config(cfg).encode(texts), atol=1e-6)
 
 
-def test_keep_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_first_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """convert (causal, first layer only) -> distill (``student: model``) from another embedder's vectors: the
     student keeps one causal layer, gains a fitted head to the teacher's space and gets closer to the teacher."""
     import torch
@@ -113,11 +113,11 @@ def test_keep_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path:
     from embedforge.modules import load_embedder
 
     student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
-    run_convert(ConvertConfig(model=str(tiny_llama_dir), bidirectional=False, keep_layers=1, max_seq_length=32),
+    run_convert(ConvertConfig(model=str(tiny_llama_dir), bidirectional=False, layers=1, max_seq_length=32),
                 student_dir, StageContext())
     run_convert(ConvertConfig(model=str(tiny_llama_dir), pooling="weightedmean", max_seq_length=32, seed=3),
                 teacher_dir, StageContext())
-    assert read_lineage(student_dir)["extra"]["keep_layers"] == 1
+    assert read_lineage(student_dir)["extra"]["kept_layers"] == [0]
     start = load_embedder(student_dir)
     assert start[0].auto_model.config.num_hidden_layers == 1 and len(start[0].auto_model.layers) == 1
 

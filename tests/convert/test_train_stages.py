@@ -94,7 +94,7 @@ def test_contrastive_two_stages_prompts_filtering_and_truncation(
     cfg = ContrastiveConfig(
         model=str(embedder_dir), data=[str(data_files["pairs"])],
         stage2_data=[str(data_files["triplets"]), str(data_files["pairs"])], stage2_max_steps=2,
-        prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, keep_layers=1,
+        prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, layers=1,
         gradient_checkpointing=True, **FAST,
     )
     run_contrastive(cfg, tmp_path / "out", StageContext())

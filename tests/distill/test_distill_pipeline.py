@@ -16,7 +16,7 @@ from embedforge.distill.config import DistillConfig, StudentKind
 
 
 def test_config_imports_without_torch():
-    code = "import sys, embedforge.distill.config as c; c.DistillConfig(model='x', first_layers=1); " \
+    code = "import sys, embedforge.distill.config as c; c.DistillConfig(model='x', layers=1); " \
            "assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -24,18 +24,20 @@ def test_config_imports_without_torch():
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"first_layers": 2, "layer_stride": 2}, "keep_layers"),
-        ({}, "keep_layers"),
-        ({"student": "static", "first_layers": 2}, "keep_layers"),
+        ({"layers": {"every": 2, "spread": 2}}, "layers"),
+        ({"layers": {"first": 2}}, "layers"),
+        ({"layers": [1, 1]}, "layers"),
+        ({}, "layers"),
+        ({"student": "static", "layers": 2}, "layers"),
         ({"student": "model"}, "student_model"),
         ({"student": "nope"}, "student"),
-        ({"first_layers": 1, "teacher_weights": [1.0, 2.0]}, "teacher_weights"),
-        ({"first_layers": 1, "batch_size": 1}, "batch_size"),
-        ({"first_layers": 1, "layer_dims": [[0, 8]]}, "layer_dims"),
+        ({"layers": 1, "teacher_weights": [1.0, 2.0]}, "teacher_weights"),
+        ({"layers": 1, "batch_size": 1}, "batch_size"),
+        ({"layers": 1, "layer_dims": [[0, 8]]}, "layer_dims"),
         ({"student": "static", "layer_dims": [[1, 8]]}, "layer_dims"),
-        ({"first_layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
-        ({"first_layers": 1, "full_dim_weight": 0.0}, "full_dim_weight"),
-        ({"first_layers": 1, "precision": "fp16"}, "precision"),
+        ({"layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
+        ({"layers": 1, "full_dim_weight": 0.0}, "full_dim_weight"),
+        ({"layers": 1, "precision": "fp16"}, "precision"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
@@ -65,7 +67,7 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
 
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], keep_layers=[0, 2], batch_size=16,
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2], batch_size=16,
                         max_steps=4, save_steps=2, matryoshka_dims=[16, 8], layer_dims=[[1, 8]], shard_size=40,
                         max_seq_length=32)
     out = tmp_path / "student"
@@ -99,7 +101,7 @@ def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
     from embedforge.distill import pipeline
     from embedforge.testing import sigterm_at
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], first_layers=1, batch_size=16,
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=1, batch_size=16,
                         max_steps=4, save_steps=100, shard_size=64)
     out = tmp_path / "student"
     cache = tmp_path / "cache"
@@ -207,11 +209,14 @@ def test_cli_distill_command(bert_teacher, texts_file, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cli-student"
     result = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), f"texts=[{texts_file}]",
-                                       "first_layers=1", "max_steps=2", "batch_size=8", "matryoshka_dims=[16]"])
+                                       "layers=1", "max_steps=2", "batch_size=8", "matryoshka_dims=[16]"])
     assert result.exit_code == 0, result.output
     assert read_lineage(out)["extra"]["matryoshka_dims"] == [32, 16]
-    bad = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "first_layers=0"])
-    assert bad.exit_code != 0 and "first_layers" in bad.output
+    bad = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "layers=0"])
+    assert bad.exit_code == 2 and "layers: keep at least one layer, got 0" in bad.output
+    old = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "first_layers=1"])
+    assert old.exit_code == 2, old.output
+    assert "first_layers: no longer a key; did you mean 'layers'? (write layers: 1)" in old.output
 
 
 def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_path):
@@ -223,10 +228,12 @@ def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_pa
     from embedforge.distill.matryoshka import pca_rotation
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], keep_layers=[0, 2], batch_size=16,
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2], batch_size=16,
                         max_steps=3, save_steps=100, matryoshka_dims=[8], target_rotation="pca",
                         batching="length", max_seq_length=32)
-    texts = pipeline.gather_texts(cfg.texts)
+    from embedforge.data import load_texts
+
+    texts = load_texts(cfg.texts)
     targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
     rotated, rotation = pipeline.rotate_targets(cfg, targets)
     np.testing.assert_allclose(rotated, targets @ pca_rotation(targets), atol=1e-6)
@@ -245,8 +252,23 @@ def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_pa
 
 def test_rotation_needs_a_head():
     with pytest.raises(ConfigError) as err:
-        DistillConfig(model="t", first_layers=1, target_rotation="pca", projection="never")
+        DistillConfig(model="t", layers=1, target_rotation="pca", projection="never")
     assert err.value.key == "target_rotation"
     with pytest.raises(ConfigError) as err:
-        DistillConfig(model="t", first_layers=1, batching="sorted")
+        DistillConfig(model="t", layers=1, batching="sorted")
     assert err.value.key == "batching"
+
+
+def test_run_refuses_missing_teacher_layers_before_encoding(bert_teacher, texts_file, tmp_path, monkeypatch):
+    """The layer selection is checked against the teacher before its vectors are computed (the long part)."""
+    from embedforge.configs import ConfigError, StageContext
+    from embedforge.distill import pipeline
+
+    monkeypatch.setattr(pipeline, "teacher_vectors", lambda *a, **k: pytest.fail("encoded before the check"))
+    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 3], max_seq_length=32)
+    out = tmp_path / "student"
+    with pytest.raises(ConfigError) as err:
+        pipeline.run(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
+    assert str(err.value) == (f"layers: layer index 3 is out of range for the model ({bert_teacher}), which has 3 "
+                              "layers (0..2, or -3..-1)")
+    assert not out.exists()

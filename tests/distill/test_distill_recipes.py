@@ -31,6 +31,6 @@ def test_recipe_errors_name_the_key(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - stage: distill\n    out: /tmp/x\n    model: minilm-l6\n    student: layers\n"
-                   "    layer_stride: 2\n    relative_margin: -1\n")
+                   "    layers: {every: 2}\n    relative_margin: -1\n")
     with pytest.raises(RecipeError, match=r"bad.yaml:7: .*relative_margin"):
         load_recipe(bad)

@@ -15,26 +15,6 @@ def _load(path):
     return SentenceTransformer(str(path), device="cpu")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "expected"),
-    [
-        ({"keep": [4, 0]}, [0, 4]),
-        ({"stride": 2}, [1, 3, 5]),
-        ({"stride": 3}, [2, 5]),
-        ({"first": 2}, [0, 1]),
-    ],
-)
-def test_select_layers(kwargs, expected):
-    assert students.select_layers(6, **kwargs) == expected
-
-
-def test_select_layers_rejects_missing_layers():
-    with pytest.raises(ValueError, match="do not exist"):
-        students.select_layers(3, keep=[0, 3])
-    with pytest.raises(ValueError, match="no layer"):
-        students.select_layers(3, stride=4)
-
-
 def test_bert_layer_student_keeps_the_chosen_layers_and_round_trips(bert_teacher, texts, tmp_path):
     teacher = _load(bert_teacher)
     student = students.layer_student(teacher, [0, 2])
@@ -103,7 +83,9 @@ def test_first_layers_decoder_student_reproduces_teacher_states(tmp_path, texts)
     teacher.config.is_causal = False
     student = AutoModel.from_pretrained(path)
     student.config.is_causal = False
-    students.prune_layers(student, [0, 1])
+    from embedforge.backbone import keep_layers
+
+    keep_layers(student, [0, 1])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
