@@ -1,9 +1,52 @@
-"""Markdown tables of metrics, and a bar chart helper.
+"""Run reports: what each stage of a run recorded, as markdown, a self-contained HTML page and PNG plots.
 
-:func:`metrics_table` is what ``embedforge eval`` prints and what the ``eval`` stage writes to ``report.md``;
-:func:`table` also makes the markdown tables of ``bench/eval_check.py`` and ``bench/convert_zeroshot.py``.
-:func:`bar_plot` saves a PNG bar chart of a mapping of scores; nothing in embedforge or ``bench/`` calls it, it is
-there for your own reports (it needs matplotlib, imported when called).
+``embedforge run RECIPE --run-dir DIR`` writes every stage's output to ``DIR/<stage name>`` and records the run in
+``DIR/run.json``; at the end (and by ``embedforge report DIR`` at any time, without rerunning anything)
+:func:`build_report` reads the records below and writes ``DIR/report.md``, ``DIR/report.html`` (every image
+embedded as base64: it opens offline) and ``DIR/plots/*.png``. A plot whose data is absent is skipped with a note
+saying what is missing; nothing here fails because a stage recorded less.
+
+Records the report reads (the contract between the stages and this module)
+-------------------------------------------------------------------------
+
+``DIR/run.json`` (written by :mod:`embedforge.recipe` while the run goes)::
+
+    {"format": "embedforge-run/1", "recipe": "recipes/quickstart.yaml", "recipe_name": "quickstart",
+     "recipe_hash": "...", "status": "running" | "complete" | "failed" | "interrupted",
+     "started": ISO-8601, "finished": ISO-8601 | null, "error": "one line" | null,
+     "stages": [{"name": "embedder", "stage": "convert", "out": "/abs/DIR/embedder",
+                 "status": "pending" | "running" | "ran" | "skipped" | "failed",
+                 "reason": "why it ran or was skipped", "started": ..., "finished": ..., "seconds": 12.3,
+                 "peak_rss_mb": 812.0, "peak_gpu_mb": null}]}
+
+Each stage's ``out/embedforge.json`` (lineage, :func:`embedforge.model.make_lineage`): ``stage``, ``source``,
+``parents[].path``, ``config_hash``, ``metrics``, and for training stages ``extra.train`` with
+``loss_history: [[step, loss], ...]`` (the trainer's logged losses; a stage with several phases has
+``extra.train.stages.<phase>.loss_history``). The report draws one loss curve per training stage (and phase).
+
+An eval stage's ``out/metrics.json``, in one of two forms:
+
+1. plain (what ``embedforge eval`` writes): ``{task: {metric: value, ..., "seconds": s}}``; the artifact is the
+   model the eval's ``embedforge.json`` names as ``source``, called by the eval stage's name; its size on disk is
+   measured by the report, its dimension is the eval config's ``truncate_dim``.
+2. artifacts (one eval out scoring several artifacts)::
+
+    {"artifacts": [{"name": "onnx-int8",          # unique label shown in plots and tables
+                    "kind": "pytorch" | "onnx" | "binary" | ...,   # free text, shown in the table
+                    "path": "/abs/path/of/the/artifact",           # optional
+                    "size_mb": 131.2,                # size on disk in MiB (optional: measured from path)
+                    "throughput": 85.0,              # texts per second as measured (optional)
+                    "dim": 256 | null,               # Matryoshka dimension evaluated (null: full width)
+                    "precision": "float" | "binary", # of the vectors compared (default "float")
+                    "results": {task: {metric: value, ...}}}]}
+
+The quality of an artifact is the mean over its tasks of each task's headline metric
+(:func:`embedforge.evaluation.main_score`: Spearman for STS, nDCG@10 for retrieval, accuracy for classification),
+times 100. Quality vs Matryoshka dimension uses the artifacts (or plain evals) that name a ``dim``, one line per
+``precision``. An export stage's ``out/manifest.json`` ``graphs.<name>.size_mb`` fills the artifact table's size of
+ONNX artifacts that do not give one.
+
+:func:`table` and :func:`metrics_table` also make the markdown tables of ``embedforge eval`` and ``bench/``.
 """
 
 from __future__ import annotations
