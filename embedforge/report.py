@@ -357,7 +357,9 @@ def _task_label(task: str) -> str:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def _missing(stages: list[dict[str, Any]]) -> list[str]:
@@ -446,9 +448,10 @@ def build_report(run_dir: str | os.PathLike[str]) -> RunReport:
         old.unlink()
 
     blocks: list[Block] = [Block("h1", f"Run report: {run.get('recipe_name') or root.name}")]
+    error = f" Error: {run['error']}" if run.get("error") else ""
     blocks.append(Block("p", f"Recipe `{run.get('recipe')}` (hash {str(run.get('recipe_hash') or '')[:12]}), "
                              f"status **{run.get('status')}**, started {run.get('started')}, finished "
-                             f"{run.get('finished') or '-'}." + (f" Error: {run['error']}" if run.get("error") else "")))
+                             f"{run.get('finished') or '-'}.{error}"))
     plots: list[Path] = []
 
     def plot(name: str, draw: Any, data: Any, caption: str) -> None:
@@ -481,8 +484,9 @@ def build_report(run_dir: str | os.PathLike[str]) -> RunReport:
         plot("matryoshka", plot_matryoshka, dims, "How much quality each cut of the vector costs: the dimension "
              "where a line flattens is the smallest worth serving; the binary line shows what 1 bit per "
              "dimension keeps.")
+        ordered = sorted(dims, key=lambda a: (a.precision, a.dim or 0))
         blocks.append(Block("table", rows=[{"artifact": a.name, "dim": a.dim, "precision": a.precision,
-                                            "quality": _f(a.quality, 2)} for a in sorted(dims, key=lambda a: (a.precision, a.dim or 0))]))
+                                            "quality": _f(a.quality, 2)} for a in ordered]))
     else:
         blocks.append(Block("note", "No Matryoshka plot: fewer than two evaluated artifacts name a dimension "
                                     "(eval truncate_dim, or artifacts[].dim in metrics.json)."))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from embedforge.cli import main
+from embedforge.configs import opt
 from embedforge.testing import sample_texts
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -232,3 +234,65 @@ def test_report_reads_the_artifacts_form_of_metrics(tmp_path: Path) -> None:
     assert "| binary-64 | 64 | binary | 66.00 |" in md and "| float-256 | 256 | float | 74.00 |" in md
     assert "No loss plot: this run has no training stage." in md
     assert built.summary[1] == "best: pytorch 60.0 (500 MiB); smallest: onnx-int8 59.2 (1 MiB)"
+
+
+def test_export_shows_a_progress_bar_with_an_eta(tiny_st_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Export is one of the long steps: a bar counts the graphs it writes and checks, with the time left."""
+    from embedforge.export.config import ExportConfig
+    from embedforge.export.pipeline import export_model
+
+    cfg = ExportConfig(model=str(tiny_st_dir), fp16=False, int8=["avx2"], last_hidden_state=False, optimize="none")
+    export_model(cfg, tmp_path / "onnx")
+    err = capsys.readouterr().err
+    assert re.search(r"export graphs: 100%\|[^|]*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), err[-500:]
+
+
+@dataclass
+class StepConfig:
+    """A stage used only by these tests: writes a marker, or fails when ``fail`` is set."""
+
+    model: str = opt(help="a name")
+    fail: bool = opt(False, help="raise a RunError instead of writing")
+
+
+def step_runner(config: StepConfig, out_dir: Path, ctx: object) -> None:
+    from embedforge.errors import RunError
+    from embedforge.model import LINEAGE_FILE, make_lineage
+
+    if config.fail:
+        raise RunError(f"stage step: {config.model} diverged; lower the learning rate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage="step", source=config.model, config=config)))
+
+
+def test_a_failed_run_is_recorded_and_still_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedforge import stages
+
+    monkeypatch.setitem(stages.STAGES, "step", (f"{__name__}:StepConfig", f"{__name__}:step_runner"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: steps\nstages:\n"
+                      "  - {name: a, stage: step, out: o/a, model: one}\n"
+                      "  - {name: b, stage: step, out: o/b, model: two, fail: true}\n"
+                      "  - {name: c, stage: step, out: o/c, model: three}\n")
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", str(recipe), "--run-dir", str(run_dir)])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == "Error: stage step: two diverged; lower the learning rate"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"] == "stage step: two diverged; lower the learning rate"
+    assert [s["status"] for s in run["stages"]] == ["ran", "failed", "pending"]
+    assert run["stages"][1]["seconds"] >= 0 and run["stages"][1]["finished"]
+    md = (run_dir / "report.md").read_text()
+    assert "status **failed**" in md and "Error: stage step: two diverged" in md
+    assert f"- stage b (step): failed; no output at {run_dir.resolve() / 'b'}" in md
+    assert f"- stage c (step): not run yet; no output at {run_dir.resolve() / 'c'}" in md
+    assert (run_dir / "plots" / "stages.png").read_bytes().startswith(PNG)
+    # a rerun with the fault fixed skips the stage that completed and keeps its measurements
+    first = run["stages"][0]
+    res = CliRunner().invoke(main, ["run", str(recipe), "--run-dir", str(run_dir), "b.fail=false"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [s["status"] for s in run["stages"]] == ["skipped", "ran", "ran"] and run["status"] == "complete"
+    assert run["stages"][0]["seconds"] == first["seconds"] and run["stages"][0]["peak_rss_mb"] == first["peak_rss_mb"]
+    assert "Nothing: every stage's output is there." in (run_dir / "report.md").read_text()
