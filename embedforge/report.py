@@ -114,6 +114,8 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str = "", ylabel
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS_DIR = "plots"
+#: the plots :func:`build_report` draws (only these are replaced in ``plots/``)
+PLOT_NAMES = ("tradeoff", "matryoshka", "loss", "stages", "lineage")
 #: the headline metric of a task, by the metrics it reports (STS, retrieval, classification)
 HEADLINE = ("spearman", "ndcg@10", "accuracy")
 TRAINING_STAGES = frozenset({"mntp", "simcse", "contrastive", "distill", "binarizer"})
@@ -301,6 +303,9 @@ def plot_matryoshka(artifacts: list[Artifact], path: Path) -> Path:
         points = sorted((a.dim, a.quality) for a in artifacts if a.precision == precision)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=precision)
     ax.set_xscale("log", base=2)
+    ticks = sorted({a.dim for a in artifacts if a.dim})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("dimensions kept")
     ax.set_ylabel("quality (mean headline score)")
     ax.set_title("quality vs Matryoshka dimension")
@@ -342,6 +347,46 @@ def plot_stages(stages: list[dict[str, Any]], path: Path) -> Path:
     ax2.set_xlabel("peak memory (MiB)")
     ax2.invert_yaxis()
     ax2.set_title("memory per stage")
+    return _save(fig, path)
+
+
+def plot_lineage(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Boxes for the outputs (and outside sources), arrows from each one's parent, one column per generation."""
+    plt = _plt()
+    names = [r["stage"] for r in rows]
+    parent = {r["stage"]: str(r["made from"]) for r in rows if r["made from"] not in ("-", None)}
+    depth: dict[str, int] = {}
+
+    def level(node: str, seen: frozenset[str] = frozenset()) -> int:
+        if node not in depth:
+            up = parent.get(node)
+            depth[node] = 0 if up is None or node in seen else level(up, seen | {node}) + 1
+        return depth[node]
+
+    for name in names:
+        level(name)
+    columns: dict[int, list[str]] = {}
+    for node in depth:
+        columns.setdefault(depth[node], []).append(node)
+    where = {node: (col, -i) for col, nodes in columns.items() for i, node in enumerate(nodes)}
+    hashes = {r["stage"]: r["config hash"] for r in rows}
+    tall = max(len(v) for v in columns.values())
+    fig, ax = plt.subplots(figsize=(2.8 * len(columns) + 1, 0.9 * tall + 1))
+    for node, up in parent.items():
+        (x0, y0), (x1, y1) = where[up], where[node]
+        ax.annotate("", xy=(x1 - 0.32, y1), xytext=(x0 + 0.32, y0),
+                    arrowprops={"arrowstyle": "->", "color": "#555"})
+    for node, (x, y) in where.items():
+        label = node if node in hashes else Path(node).name or node
+        if node not in hashes:
+            sub = "\n(source)"
+        else:
+            sub = f"\n{hashes[node]}" if hashes[node] != "-" else ""
+        ax.text(x, y, label + sub, ha="center", va="center", fontsize=8,
+                bbox={"boxstyle": "round", "fc": "#e8f0fb" if node in hashes else "#f3f3f3", "ec": "#4a6fa5"})
+    ax.set_xlim(-0.6, max(columns) + 0.6)
+    ax.set_ylim(-tall + 0.4, 0.6)
+    ax.axis("off")
     return _save(fig, path)
 
 
@@ -410,7 +455,11 @@ def _collect(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str
     if not run or not isinstance(run.get("stages"), list):
         raise UsageError(f"{root}: no readable {RUN_FILE}, so this is not a run directory; run "
                          "`embedforge run RECIPE --run-dir DIR` first")
-    stages = [s for s in run["stages"] if isinstance(s, dict) and s.get("name")]
+    stages = [dict(s) for s in run["stages"] if isinstance(s, dict) and s.get("name")]
+    for s in stages:  # a run directory moved or copied elsewhere: its stages are still DIR/<name>
+        here = root / str(s["name"])
+        if not Path(s.get("out") or "").exists() and here.is_dir():
+            s["out"] = os.fspath(here)
     lineages = {s["name"]: _read_json(Path(s.get("out") or "") / "embedforge.json") for s in stages}
     export_sizes: dict[str, float] = {}
     for s in stages:
@@ -444,8 +493,8 @@ def build_report(run_dir: str | os.PathLike[str]) -> RunReport:
     missing = _missing(stages)
     plots_dir = root / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
-    for old in plots_dir.glob("*.png"):  # plots of an earlier build that may have no data now
-        old.unlink()
+    for name in PLOT_NAMES:  # plots of an earlier build that may have no data now
+        (plots_dir / f"{name}.png").unlink(missing_ok=True)
 
     blocks: list[Block] = [Block("h1", f"Run report: {run.get('recipe_name') or root.name}")]
     error = f" Error: {run['error']}" if run.get("error") else ""
@@ -533,6 +582,9 @@ def build_report(run_dir: str | os.PathLike[str]) -> RunReport:
         rows.append({"stage": s["name"], "type": s.get("stage"), "made from": made_from or "-",
                      "config hash": str(lin.get("config_hash") or "-")[:12], "created": lin.get("created") or "-",
                      "out": s.get("out")})
+    if any(lineages[s["name"]] for s in stages):
+        plot("lineage", plot_lineage, rows, "Read left to right: each box is an output with the hash of the config "
+             "that made it, each arrow points from the model it was made from.")
     blocks.append(Block("table", rows=rows))
 
     blocks.append(Block("h2", "Missing"))

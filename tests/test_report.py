@@ -87,7 +87,7 @@ def test_run_dir_relocates_every_stage(finished_run: tuple[Path, Path, str]) -> 
 def test_report_has_every_plot_as_png_and_a_self_contained_html(finished_run: tuple[Path, Path, str]) -> None:
     _, run_dir, _ = finished_run
     plots = sorted(p.name for p in (run_dir / "plots").iterdir())
-    assert plots == ["loss.png", "matryoshka.png", "stages.png", "tradeoff.png"]
+    assert plots == ["lineage.png", "loss.png", "matryoshka.png", "stages.png", "tradeoff.png"]
     for name in plots:
         data = (run_dir / "plots" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, name
@@ -96,7 +96,7 @@ def test_report_has_every_plot_as_png_and_a_self_contained_html(finished_run: tu
         with Image.open(run_dir / "plots" / name) as img:
             img.verify()
     page = (run_dir / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 5
     # no external reference: every src / href is an inline data URI, no stylesheet or script link
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
     assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
@@ -105,7 +105,7 @@ def test_report_has_every_plot_as_png_and_a_self_contained_html(finished_run: tu
     for name in plots:
         assert f"](plots/{name})" in md
     # each plot has a caption; the tables carry the numbers (loss table, stage table, lineage with config hashes)
-    assert md.count("\n_") >= 4
+    assert md.count("\n_") >= 5
     assert "| curve | steps | first loss |" in md and "| tune |" in md
     tune_hash = json.loads((run_dir / "tune" / "embedforge.json").read_text())["config_hash"][:12]
     assert tune_hash in md and tune_hash in page
@@ -154,7 +154,7 @@ def test_report_of_a_half_finished_run_says_what_is_missing(
     for name, kind in (("tune", "simcse"), ("score", "eval"), ("dim16", "eval"), ("dim8", "eval")):
         assert f"missing: stage {name} ({kind}): not run yet; no output at {run_dir.resolve() / name}" in res.output
     assert "run tiny: complete, 1/5 stages done" in res.output
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["stages.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["lineage.png", "stages.png"]
     md = (run_dir / "report.md").read_text()
     assert "No tradeoff plot" in md and "No Matryoshka plot" in md and "No loss plot" in md
     assert "- stage tune (simcse): not run yet" in md
@@ -227,7 +227,7 @@ def test_report_reads_the_artifacts_form_of_metrics(tmp_path: Path) -> None:
         "stages": [{"name": "evals", "stage": "eval", "out": str(out), "status": "ran", "seconds": 3.0,
                     "peak_rss_mb": 900.0}]}))
     built = build_report(run_dir)
-    assert sorted(p.name for p in built.plots) == ["matryoshka.png", "stages.png", "tradeoff.png"]
+    assert sorted(p.name for p in built.plots) == ["lineage.png", "matryoshka.png", "stages.png", "tradeoff.png"]
     md = built.markdown.read_text()
     assert "| onnx-int8 | onnx | full | float | 1.00 | 120.00 | 59.25 | 79.50 | 39.00 |" in md  # size from path
     assert "| pytorch | pytorch | full | float | 500.00 | 40.00 | 60.00 | 80.00 | 40.00 |" in md
