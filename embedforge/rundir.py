@@ -73,7 +73,7 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 class _PeakSampler:
-    """Samples this process's resident memory on a thread; ``peak_mb`` is the highest value seen."""
+    """Samples the resident memory of this process and its children on a thread; ``peak_mb`` is the highest sum."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
@@ -82,7 +82,13 @@ class _PeakSampler:
         self._thread: threading.Thread | None = None
 
     def _sample(self, process: Any) -> None:
-        rss = process.memory_info().rss / 2**20
+        import psutil
+
+        rss = 0
+        for proc in [process, *process.children(recursive=True)]:  # worker processes (teacher encoding) count
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+        rss /= 2**20
         self.peak_mb = rss if self.peak_mb is None else max(self.peak_mb, rss)
 
     def __enter__(self) -> "_PeakSampler":
@@ -202,6 +208,7 @@ def record_run(run_dir: Path, recipe: Any) -> Iterator[RunRecord]:
     from embedforge.errors import Interrupted, one_line
 
     record = RunRecord(run_dir, recipe)
+    logger.info("run %s: stages write to %s/<stage>; log in %s", recipe.name, run_dir, Path(run_dir) / LOG_FILE)
     try:
         yield record
     except (KeyboardInterrupt, Interrupted) as exc:
