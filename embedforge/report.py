@@ -15,7 +15,7 @@ Records the report reads (the contract between the stages and this module)
      "recipe_hash": "...", "status": "running" | "complete" | "failed" | "interrupted",
      "started": ISO-8601, "finished": ISO-8601 | null, "error": "one line" | null,
      "stages": [{"name": "embedder", "stage": "convert", "out": "/abs/DIR/embedder",
-                 "status": "pending" | "running" | "ran" | "skipped" | "failed",
+                 "status": "pending" | "running" | "ran" | "skipped" | "failed" | "interrupted",
                  "reason": "why it ran or was skipped", "started": ..., "finished": ..., "seconds": 12.3,
                  "peak_rss_mb": 812.0, "peak_gpu_mb": null}]}
 
@@ -414,8 +414,8 @@ def _missing(stages: list[dict[str, Any]]) -> list[str]:
         out = Path(s.get("out") or "")
         if not (out / "embedforge.json").is_file():
             status = s.get("status") or "pending"
-            why = {"pending": "not run yet", "running": "was running when the run stopped",
-                   "failed": "failed"}.get(status, f"{status}, but its output is gone")
+            why = {"pending": "not run yet", "running": "was running when the run stopped", "failed": "failed",
+                   "interrupted": "interrupted"}.get(status, f"{status}, but its output is gone")
             lines.append(f"stage {s['name']} ({s.get('stage')}): {why}; no output at {out}")
     return lines
 

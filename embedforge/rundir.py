@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from embedforge.errors import OutputError
+from embedforge.errors import Interrupted, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,9 @@ class RunRecord:
             with sampler:
                 yield
             status = "ran"
+        except (KeyboardInterrupt, Interrupted):
+            status = "interrupted"
+            raise
         finally:
             cuda = cuda or _cuda()  # the stage may have imported torch itself
             entry.update(status=status, finished=_now(), seconds=round(time.perf_counter() - start, 2),
@@ -205,7 +208,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 @contextlib.contextmanager
 def record_run(run_dir: Path, recipe: Any) -> Iterator[RunRecord]:
     """Record a run in ``run_dir/run.json`` and write its report at the end, whether it succeeded or not."""
-    from embedforge.errors import Interrupted, one_line
+    from embedforge.errors import one_line
 
     record = RunRecord(run_dir, recipe)
     logger.info("run %s: stages write to %s/<stage>; log in %s", recipe.name, run_dir, Path(run_dir) / LOG_FILE)

@@ -254,12 +254,15 @@ class StepConfig:
 
     model: str = opt(help="a name")
     fail: bool = opt(False, help="raise a RunError instead of writing")
+    interrupt: bool = opt(False, help="raise KeyboardInterrupt (Ctrl-C) instead of writing")
 
 
 def step_runner(config: StepConfig, out_dir: Path, ctx: object) -> None:
     from embedforge.errors import RunError
     from embedforge.model import LINEAGE_FILE, make_lineage
 
+    if config.interrupt:
+        raise KeyboardInterrupt
     if config.fail:
         raise RunError(f"stage step: {config.model} diverged; lower the learning rate")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,3 +299,17 @@ def test_a_failed_run_is_recorded_and_still_reported(tmp_path: Path, monkeypatch
     assert [s["status"] for s in run["stages"]] == ["skipped", "ran", "ran"] and run["status"] == "complete"
     assert run["stages"][0]["seconds"] == first["seconds"] and run["stages"][0]["peak_rss_mb"] == first["peak_rss_mb"]
     assert "Nothing: every stage's output is there." in (run_dir / "report.md").read_text()
+
+
+def test_an_interrupted_run_is_recorded_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedforge import stages
+
+    monkeypatch.setitem(stages.STAGES, "step", (f"{__name__}:StepConfig", f"{__name__}:step_runner"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: steps\nstages:\n  - {name: a, stage: step, out: o/a, model: one, interrupt: true}\n")
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", str(recipe), "--run-dir", str(run_dir)])
+    assert res.exit_code == 130
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "interrupted" and run["stages"][0]["status"] == "interrupted"
+    assert f"- stage a (step): interrupted; no output at {run_dir.resolve() / 'a'}" in (run_dir / "report.md").read_text()
