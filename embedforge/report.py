@@ -219,11 +219,13 @@ def _artifacts(stage: dict[str, Any], out: Path, export_sizes: dict[str, float])
             name = str(a.get("name") or f"{stage['name']}[{i}]")
             size = _num(a.get("size_mb"))
             if size is None:
-                size = dir_size_mb(a.get("path")) or export_sizes.get(str(a.get("path")))
+                path = a.get("path")  # an exported graph's size in its manifest counts its external data file
+                size = export_sizes.get(os.fspath(Path(path).resolve())) if path else None
+                size = size if size is not None else dir_size_mb(path)
             dim = a.get("dim")
             found.append(Artifact(name=name, kind=str(a.get("kind") or ""), results=a["results"],
                                   path=a.get("path"), size_mb=size, throughput=_num(a.get("throughput")),
-                                  dim=int(dim) if isinstance(dim, int) else None,
+                                  dim=int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else None,
                                   precision=str(a.get("precision") or "float"), eval_stage=stage["name"]))
         return found
     config = lineage.get("config") or {}
@@ -276,9 +278,10 @@ def plot_tradeoff(artifacts: list[Artifact], path: Path) -> Path:
     panels = 2 if with_tp else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     sized = [a for a in artifacts if a.size_mb is not None and a.quality is not None]
+    color = {a.name: f"C{i % 10}" for i, a in enumerate(artifacts)}  # one colour per artifact in both panels
     ax = axes[0][0]
     for a in sized:
-        ax.scatter(a.size_mb, a.quality, s=40)
+        ax.scatter(a.size_mb, a.quality, s=40, color=color[a.name])
         ax.annotate(a.name, (a.size_mb, a.quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("quality (mean headline score)")
@@ -287,7 +290,7 @@ def plot_tradeoff(artifacts: list[Artifact], path: Path) -> Path:
     if with_tp:
         ax = axes[0][1]
         for a in with_tp:
-            ax.scatter(a.throughput, a.quality, s=40)
+            ax.scatter(a.throughput, a.quality, s=40, color=color[a.name])
             ax.annotate(a.name, (a.throughput, a.quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("throughput (texts / s)")
         ax.set_title("quality vs speed")
@@ -466,7 +469,7 @@ def _collect(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str
         manifest = _read_json(Path(s.get("out") or "") / "manifest.json")
         for info in (manifest.get("graphs") or {}).values():
             if isinstance(info, dict) and _num(info.get("size_mb")) is not None and info.get("file"):
-                export_sizes[os.fspath(Path(s["out"]) / info["file"])] = float(info["size_mb"])
+                export_sizes[os.fspath((Path(s["out"]) / info["file"]).resolve())] = float(info["size_mb"])
     artifacts = [a for s in stages if s.get("stage") == "eval"
                  for a in _artifacts(s, Path(s.get("out") or ""), export_sizes)]
     return run, stages, lineages, artifacts
