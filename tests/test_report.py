@@ -221,16 +221,25 @@ def test_report_reads_the_artifacts_form_of_metrics(tmp_path: Path) -> None:
     arts += [{"name": f"{p}-{d}", "kind": "matryoshka", "dim": d, "precision": p, "size_mb": 500.0,
               "results": {"stsb-dev": {"spearman": 70.0 + d / 64 - (5 if p == "binary" else 0)}}}
              for d in (64, 128, 256) for p in ("float", "binary")]
+    export = run_dir / "export"  # a graph with external data: its manifest size counts both files
+    (export / "onnx").mkdir(parents=True)
+    (export / "onnx" / "model_fp32.onnx").write_bytes(b"x" * 1000)
+    (export / "manifest.json").write_text(json.dumps({"graphs": {"fp32": {"file": "onnx/model_fp32.onnx",
+                                                                          "size_mb": 33.0}}}))
+    arts.append({"name": "onnx-fp32", "kind": "onnx", "path": str(export / "onnx" / "model_fp32.onnx"),
+                 "results": {"stsb-dev": {"spearman": 80.0}, "scifact-dev": {"ndcg@10": 40.0}}})
     (out / "metrics.json").write_text(json.dumps({"artifacts": arts}))
     (run_dir / "run.json").write_text(json.dumps({
         "format": "embedforge-run/1", "recipe_name": "x", "status": "complete",
-        "stages": [{"name": "evals", "stage": "eval", "out": str(out), "status": "ran", "seconds": 3.0,
+        "stages": [{"name": "export", "stage": "export", "out": str(export), "status": "ran", "seconds": 1.0},
+                   {"name": "evals", "stage": "eval", "out": str(out), "status": "ran", "seconds": 3.0,
                     "peak_rss_mb": 900.0}]}))
     built = build_report(run_dir)
     assert sorted(p.name for p in built.plots) == ["lineage.png", "matryoshka.png", "stages.png", "tradeoff.png"]
     md = built.markdown.read_text()
     assert "| onnx-int8 | onnx | full | float | 1.00 | 120.00 | 59.25 | 79.50 | 39.00 |" in md  # size from path
     assert "| pytorch | pytorch | full | float | 500.00 | 40.00 | 60.00 | 80.00 | 40.00 |" in md
+    assert "| onnx-fp32 | onnx | full | float | 33.00 | - | 60.00 | 80.00 | 40.00 |" in md  # from the manifest
     assert "| binary-64 | 64 | binary | 66.00 |" in md and "| float-256 | 256 | float | 74.00 |" in md
     assert "No loss plot: this run has no training stage." in md
     assert built.summary[1] == "best: pytorch 60.0 (500 MiB); smallest: onnx-int8 59.2 (1 MiB)"
