@@ -3,8 +3,12 @@
 ``embedforge run RECIPE --run-dir DIR`` writes every stage's output to ``DIR/<stage name>`` and records the run in
 ``DIR/run.json``; at the end (and by ``embedforge report DIR`` at any time, without rerunning anything)
 :func:`build_report` reads the records below and writes ``DIR/report.md``, ``DIR/report.html`` (every image
-embedded as base64: it opens offline) and ``DIR/plots/*.png``. A plot whose data is absent is skipped with a note
-saying what is missing; nothing here fails because a stage recorded less.
+embedded as base64: it opens offline) and ``DIR/plots/*.png``: ``tradeoff`` (quality per artifact vs size on disk
+and measured throughput), ``matryoshka`` (quality vs dimension, float and binary), ``loss`` (training loss per step
+of every training stage), ``stages`` (time and peak memory per stage) and ``lineage`` (which output came from
+which, with config hashes). Each has a one-line caption and a table with the same numbers. A plot whose data is
+absent is skipped with a note saying what is missing; nothing here fails because a stage recorded less, and the
+stages whose output is not there are listed under "Missing".
 
 Records the report reads (the contract between the stages and this module)
 -------------------------------------------------------------------------
