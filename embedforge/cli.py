@@ -219,12 +219,16 @@ def eval_cmd(model: str, tasks: tuple[str, ...], out: str | None, batch_size: in
 @click.option("--force", is_flag=True, help="rerun stages whose outputs are already complete")
 @click.option("--only", multiple=True, help="run only the named stage(s)")
 @click.option("--dry-run", is_flag=True, help="validate and print the plan, run nothing")
-def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, ...], dry_run: bool) -> None:
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="write every stage to RUN_DIR/<stage name> (whatever the recipe's out keys say), with "
+              "run.json, run.log and report.md / report.html")
+def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, ...], dry_run: bool,
+        run_dir: str | None) -> None:
     """Run a YAML RECIPE; KEY=VALUE overrides (vars.out=..., STAGE.KEY=...) apply first."""
     from embedforge.recipe import RecipeError, load_recipe, parse_overrides, plan_recipe, run_recipe
 
     try:
-        parsed = load_recipe(recipe, parse_overrides(list(overrides)))
+        parsed = load_recipe(recipe, parse_overrides(list(overrides)), run_dir=run_dir)
     except RecipeError as exc:
         raise _usage_error(exc) from None
     if dry_run:
@@ -237,11 +241,34 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, only: tuple[str, .
             click.echo(f"{plan.stage.name} ({plan.stage.stage}) -> {plan.stage.out}: {verdict}: {plan.reason}")
         return
     try:
-        result = run_recipe(parsed, force=force, only=list(only) or None)
+        result = run_recipe(parsed, force=force, only=list(only) or None, run_dir=run_dir)
     except RecipeError as exc:
         raise _usage_error(exc) from None
     for stage, status in result:
         click.echo(f"{stage.name}: {status} -> {stage.out}")
+    if run_dir is not None:
+        _echo_summary(Path(run_dir))
+
+
+def _echo_summary(run_dir: Path) -> None:
+    """The three summary lines of a finished run (the last one says where the report is)."""
+    from embedforge.report import run_summary
+
+    for line in run_summary(run_dir):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir: str) -> None:
+    """(Re)build RUN_DIR/report.md and report.html from what the run's stages recorded; reruns nothing."""
+    from embedforge.report import build_report
+
+    built = build_report(run_dir)
+    for line in built.missing:
+        click.echo(f"missing: {line}")
+    for line in built.summary:
+        click.echo(line)
 
 
 @main.group()

@@ -632,8 +632,13 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
                   stages=built, hash=digest, resolved=resolved)
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, override, substitute and validate a recipe file; nothing runs."""
+def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None, *,
+                run_dir: str | os.PathLike[str] | None = None) -> Recipe:
+    """Read, override, substitute and validate a recipe file; nothing runs.
+
+    With ``run_dir`` every stage writes to ``run_dir/<stage name>`` whatever its ``out`` says
+    (:func:`embedforge.rundir.relocate`).
+    """
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: recipe file not found")
@@ -642,6 +647,10 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         if not isinstance(doc, dict):
             raise RecipeError(f"{p}: a recipe is a mapping")
         _apply_overrides(doc, overrides, str(p))
+    if run_dir is not None and isinstance(doc, dict):
+        from embedforge.rundir import relocate
+
+        relocate(doc, run_dir, str(p))
     return validate_recipe(doc, lines, str(p), recipe_dir=p.parent.resolve())
 
 
@@ -728,7 +737,8 @@ def check_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None 
     check_stages([plan.stage for plan in plan_recipe(recipe, force=force, only=only) if plan.run])
 
 
-def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
+def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None,
+               run_dir: str | os.PathLike[str] | None = None) -> list[tuple[Stage, str]]:
     """Run the stages in order. Returns ``(stage, "ran" | "skipped" | "waited")`` for each stage considered.
 
     A stage is skipped when its output is complete and current: made with the same config from inputs (model
@@ -738,10 +748,19 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     Every output the run may write is locked, cleaned of what killed saves left, and checked first (rank 0
     only: the other ranks of a torchrun job write nothing), so a second run into one of them, or an output
     directory embedforge did not write, is refused before any work rather than after hours of training.
+
+    With ``run_dir`` (load the recipe with the same ``run_dir`` so its stages write there) the run records itself
+    in ``run_dir/run.json`` and ``run_dir/run.log`` and ends, whether it succeeded or not, by writing the report
+    (:func:`embedforge.report.build_report`).
     """
     from embedforge.outputs import check_output, clean_leftovers, output_lock
 
     _check_only(recipe, only)
+    recorded = run_dir is not None and int(os.environ.get("RANK", "0")) == 0
+    if recorded:
+        from embedforge.rundir import check_run_dir, log_to, record_run
+
+        run_dir = check_run_dir(run_dir)  # before anything (a stage's lock file) is written into it
     check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before anything is written
     with contextlib.ExitStack() as held:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -750,10 +769,15 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
                     held.enter_context(output_lock(st.out))
                     clean_leftovers(st.out)
                     check_output(st.out, stage=st.stage)
-        return _run_stages(recipe, force=force, only=only)
+        if not recorded:
+            return _run_stages(recipe, force=force, only=only)
+        held.enter_context(log_to(run_dir))
+        with record_run(run_dir, recipe) as record:
+            return _run_stages(recipe, force=force, only=only, record=record)
 
 
-def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> list[tuple[Stage, str]]:
+def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None = None,
+                record: Any = None) -> list[tuple[Stage, str]]:
     """Run the stages in order, their outputs locked by :func:`run_recipe`; returns what happened to each.
 
     Under torchrun (``WORLD_SIZE`` > 1) the training stages run on every rank; every other stage runs on rank 0
@@ -780,6 +804,8 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
         run, reason = _decide(st, inputs, force, remade)
         if not run:
             logger.info("stage %s: %s is %s; skipping (use --force to redo)", st.name, st.out, reason)
+            if record is not None:
+                record.skipped(st.name, reason)
             done.append((st, "skipped"))
             continue
         logger.info("stage %s (%s) -> %s: running (%s)", st.name, st.stage, st.out, reason)
@@ -788,7 +814,8 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
         ctx = StageContext(recipe_hash=recipe.hash, recipe_path=recipe.path, stage_name=st.name,
                            force=force or reason != NO_OUTPUT)
         try:
-            stage_registry.runner(st.stage)(st.config, st.out, ctx)
+            with record.stage(st.name, reason) if record is not None else contextlib.nullcontext():
+                stage_registry.runner(st.stage)(st.config, st.out, ctx)
         except OSError as exc:  # a full disk, a denied write: one line naming the stage and the path
             raise from_os_error(exc, f"stage {st.name!r}", st.out) from exc
         if rank == 0:

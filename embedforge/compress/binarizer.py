@@ -103,7 +103,8 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
         opt, lambda s: min(1.0, (s + 1) / max(1, hp.steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / hp.steps))
     )
     batch = min(hp.batch_size, n)
-    history: dict[str, Any] = {"steps": hp.steps, "n_vectors": n}
+    history: dict[str, Any] = {"steps": hp.steps, "n_vectors": n, "loss_history": []}
+    every = max(1, hp.steps // 100)  # about 100 points of the loss curve for the run report
     bar = tqdm(range(hp.steps), desc="binarizer", disable=not show_progress)
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch]
@@ -115,6 +116,8 @@ def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *,
         sched.step()
         if step == 0:
             history["first"] = {"loss": float(loss.detach()), **parts}
+        if (step + 1) % every == 0:
+            history["loss_history"].append([step + 1, round(float(loss.detach()), 6)])
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     history["last"] = {"loss": float(loss.detach()), **parts}

@@ -237,7 +237,8 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     codes, _ = binarize(binarizer, vectors[:2])
     model.append(binarizer.to(model.device))
     extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
-                           "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()}}
+                           "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()},
+             "train": {"loss_history": history["loss_history"]}}  # read by the run report
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={},
           stage="binarizer")
     shutil.rmtree(cache, ignore_errors=True)  # finished: the cached vectors are not needed any more

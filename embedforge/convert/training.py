@@ -112,7 +112,7 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], confi
                  **phase: Any) -> dict[str, Any]:
     """Train under the shared guards (:func:`~embedforge.training.guard.guarded_train`): resume only from a
     checkpoint made with the same settings, stop on NaN or a signal; returns wall time and final loss."""
-    from embedforge.training.guard import guarded_train, training_settings
+    from embedforge.training.guard import guarded_train, loss_history, training_settings
     from embedforge.training.memory import peak_gpu_mb, reset_peak_gpu
 
     reset_peak_gpu()
@@ -123,6 +123,7 @@ def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], confi
         "wall_s": round(time.perf_counter() - start, 1),
         "train_loss": float(result.training_loss),
         "resumed_from": resume,
+        "loss_history": loss_history(trainer),
     }
     gpu_mb = peak_gpu_mb()  # training only: loading, quantizing and merging are outside this window
     if gpu_mb is not None:

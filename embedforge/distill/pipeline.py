@@ -115,7 +115,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from embedforge.training.guard import NanGuardMixin, guarded_train, training_settings
+    from embedforge.training.guard import NanGuardMixin, guarded_train, loss_history, training_settings
     from embedforge.training.precision import use_bf16
     from embedforge.distill.losses import JasperStellaLoss, LossWeights
     from embedforge.distill.matryoshka import DistillObjective
@@ -177,6 +177,7 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
         "last_views": objective.last_views,
         "last_terms": loss.last_terms,
         "matryoshka_dims": objective.dims,
+        "loss_history": loss_history(trainer),
     }
 
 
@@ -222,6 +223,7 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     # 5. save
     extra = {
         "matryoshka_dims": stats.pop("matryoshka_dims"),
+        "train": {"loss_history": stats.pop("loss_history")},  # read by the run report
         "layer_dims": [list(p) for p in config.layer_dims],
         "student": config.student.value,
         "teachers": [{"source": t, "weight": w, "cache": os.fspath(r.directory), "dim": r.dim,

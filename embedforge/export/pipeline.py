@@ -153,6 +153,12 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
     common = dict(truncate_dim=config.truncate_dim, normalize=config.normalize, binary=config.binary,
                   exporter=config.exporter, opset=config.opset, attn_implementation=config.attn_implementation)
 
+    from tqdm.auto import tqdm
+
+    # one bar step per graph written and checked (the ETA of a long export); a skipped graph shortens the total
+    planned = (1 + int(config.last_hidden_state and not G.is_static(model)) + int(config.optimize != "none")
+               + int(config.fp16) + len(config.int8) + int(config.blockwise_int8) + int(config.static_int8))
+    bar = tqdm(total=planned, desc="export graphs", unit="graph")
     with atomic_dir(out_dir) as tmp:
         onnx_dir = tmp / "onnx"
         onnx_dir.mkdir()
@@ -175,6 +181,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             if spec_ is not None:
                 entry.update(inputs=spec_.inputs, outputs=spec_.outputs)
             entry.update(parity=result.to_json(), size_mb=_size_mb(onnx_dir / file))
+            bar.update(1)
 
         # 3. fp32 sentence-embedding graph (the one every other graph derives from)
         fp32 = G.export_graph(model, onnx_dir / "model.onnx", example_texts=_TRACE_TEXTS, **common)
@@ -195,6 +202,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
             graphs["last_hidden_state"] = {"file": f"onnx/{tokens_file.name}", "inputs": tok_spec.inputs,
                                            "outputs": tok_spec.outputs, "precision": "fp32",
                                            "parity": result.to_json(), "size_mb": _size_mb(tokens_file)}
+            bar.update(1)
 
         # 5. fused fp32 graph (BERT-like encoders): the base of the quantized graphs
         base = onnx_dir / "model.onnx"
@@ -274,6 +282,8 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
                 "format": "QDQ", "calibration_texts": len(texts), "method": "minmax", "from": base.name,
             })
 
+        bar.total = bar.n  # graphs planned but not made (no fused graph, fp16 of binary codes) are not pending
+        bar.close()
         # 9. manifest, server notes, lineage
         normalized = bool(config.normalize or (pooling["modules"][-1] == "Normalize" and not config.truncate_dim))
         files = {name: info["file"] for name, info in graphs.items()}

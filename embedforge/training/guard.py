@@ -59,6 +59,12 @@ class TrainingInterrupted(Interrupted, RuntimeError):
 # ------------------------------------------------------------------------------------------ settings
 
 
+def loss_history(trainer: Any) -> list[list[float]]:
+    """``[[step, loss], ...]`` of the losses the trainer logged (every ``logging_steps``), for the run report."""
+    return [[int(e["step"]), round(float(e["loss"]), 6)] for e in trainer.state.log_history
+            if isinstance(e, dict) and "loss" in e and "step" in e and math.isfinite(float(e["loss"]))]
+
+
 def training_settings(config: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings a checkpoint depends on: the config's fields as plain JSON values, minus
     :data:`RESUME_SAFE_KEYS`, plus when the input model was made (for an embedforge model directory) and

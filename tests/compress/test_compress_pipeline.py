@@ -120,6 +120,7 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
     lineage = read_lineage(out)
     assert lineage["extra"]["binarizer"]["code_bytes"] == 2 * 32 // 8
     assert "heldout_spearman_learned" in lineage["metrics"]
+    assert [step for step, _ in lineage["extra"]["train"]["loss_history"]] == list(range(1, 41))  # for the report
     model = load_embedder(out)
     assert isinstance(model[-1], LearnedBinarizer)
     texts = sample_texts()
