@@ -772,7 +772,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         if not recorded:
             return _run_stages(recipe, force=force, only=only)
         held.enter_context(log_to(run_dir))
-        with record_run(run_dir, recipe) as record:
+        from embedforge.report import build_report
+
+        with record_run(run_dir, recipe, build_report) as record:
             return _run_stages(recipe, force=force, only=only, record=record)
 
 

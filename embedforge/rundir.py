@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from embedforge.errors import Interrupted, OutputError
+from embedforge.errors import Interrupted, OutputError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ def relocate(doc: dict[str, Any], run_dir: str | os.PathLike[str], source: str) 
     A stage name that is not a plain file name, or that the run directory uses itself, is refused naming the
     stage, since it would become a directory name.
     """
-    from embedforge.recipe import RecipeError
-
     root = Path(run_dir).expanduser().resolve()
     variables = doc.get("vars")
     if isinstance(variables, dict) and "out" in variables:
@@ -55,7 +53,7 @@ def relocate(doc: dict[str, Any], run_dir: str | os.PathLike[str], source: str) 
             continue  # validation reports it with its line
         name = str(raw.get("name") or raw.get("stage"))
         if not _SAFE_NAME.fullmatch(name) or name in RESERVED_NAMES:
-            raise RecipeError(f"{source}: stages[{i}].name: {name!r} cannot name a directory of --run-dir; "
+            raise UsageError(f"{source}: stages[{i}].name: {name!r} cannot name a directory of --run-dir; "
                               "give the stage a name of letters, digits, '.', '_' or '-' (not run.json, run.log, "
                               "report.md, report.html or plots)")
         raw["out"] = os.fspath(root / name)
@@ -206,8 +204,9 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def record_run(run_dir: Path, recipe: Any) -> Iterator[RunRecord]:
-    """Record a run in ``run_dir/run.json`` and write its report at the end, whether it succeeded or not."""
+def record_run(run_dir: Path, recipe: Any, report: Callable[[Path], Any]) -> Iterator[RunRecord]:
+    """Record a run in ``run_dir/run.json`` and write its report at the end (``report(run_dir)``, e.g.
+    :func:`embedforge.report.build_report`), whether it succeeded or not."""
     from embedforge.errors import one_line
 
     record = RunRecord(run_dir, recipe)
@@ -216,24 +215,20 @@ def record_run(run_dir: Path, recipe: Any) -> Iterator[RunRecord]:
         yield record
     except (KeyboardInterrupt, Interrupted) as exc:
         record.finish("interrupted", one_line(str(exc)) or "interrupted")
-        _report_quietly(run_dir)
+        _report_quietly(run_dir, report)
         raise
     except BaseException as exc:
         record.finish("failed", one_line(str(exc)) or type(exc).__name__)
-        _report_quietly(run_dir)
+        _report_quietly(run_dir, report)
         raise
     record.finish("complete")
-    from embedforge.report import build_report
-
-    build_report(run_dir)
+    report(run_dir)
 
 
-def _report_quietly(run_dir: Path) -> None:
+def _report_quietly(run_dir: Path, report: Callable[[Path], Any]) -> None:
     """Write the report of a failed run; a failure to do so is logged, never raised over the run's own error."""
-    from embedforge.report import build_report
-
     try:
-        build_report(run_dir)
+        report(run_dir)
     except Exception as exc:  # the stage's error is the one the user must see
         logger.warning("could not write the report of %s: %s", run_dir, exc)
 
