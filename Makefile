@@ -13,5 +13,8 @@ test: setup
 quickstart: setup
 	$(VENV)/bin/embedforge run recipes/quickstart.yaml
 
+lint: setup
+	$(VENV)/bin/ruff check embedforge tests bench
+
 clean:
 	rm -rf runs .pytest_cache

@@ -36,7 +36,6 @@ EXTERNAL_STAGE = "external"
 def _json_safe(value: Any) -> Any:
     """Convert dataclasses, paths, enums and numpy scalars into plain JSON values."""
     import dataclasses
-    import enum
 
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -38,7 +38,7 @@ from embedforge.errors import OutputError
 from embedforge.sources import ALIASES, SourceError, alias_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from embedforge.recipe import Recipe, Stage
+    from embedforge.recipe import Stage
 
 logger = logging.getLogger(__name__)
 

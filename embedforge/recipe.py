@@ -346,7 +346,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
     stages = doc.get("stages") or []
     by_name = {}
-    for i, st in enumerate(stages):
+    for st in stages:
         if isinstance(st, dict):
             by_name[str(st.get("name") or st.get("stage"))] = st
     for key, value in overrides.items():

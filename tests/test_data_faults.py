@@ -156,7 +156,7 @@ def test_hub_name_still_goes_to_the_hub(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_long_texts_are_cut_while_loading_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from embedforge.data import builtin, max_chars_for
+    from embedforge.data import max_chars_for
 
     huge = "word " * 200_000  # one 1 MB line
     f = tmp_path / "p.jsonl"

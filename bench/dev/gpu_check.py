@@ -193,8 +193,9 @@ def encode_section(out: Path, src: Path, device: str, workloads: list[tuple[str,
                                "mean_tokens": round(float(np.mean(lengths)), 1),
                                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
 
-        def enc() -> np.ndarray:
-            return model.encode(texts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
+        def enc() -> np.ndarray:  # a closure, not default arguments: `del model` below must free it
+            return model.encode(texts, batch_size=batch, convert_to_numpy=True,  # noqa: F821 (deleted later)
+                                show_progress_bar=False)
 
         ref, t32 = _timed(enc, device, rounds)
         row["fp32"] = {"texts_per_s": round(len(texts) / t32, 1),

@@ -11,7 +11,13 @@ corpus, 128 tokens) and, unless ``--no-sup``, the bench's supervised pass on the
 
 The pack carries this file as ``pilot.py`` and runs it as a plain script (it imports nothing from ``bench``).
 """
-import argparse, json, lzma, os, shutil, tarfile, time
+import argparse
+import json
+import lzma
+import os
+import shutil
+import tarfile
+import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +79,7 @@ def setup():
         cfg = json.load(open(bi + "/config.json"))
         cfg["is_causal"] = False
         json.dump(cfg, open(bi + "/config.json", "w"), indent=1)
-    texts = [json.loads(l)["text"] for l in lzma.open(os.path.join(HERE, "kd_texts.jsonl.xz"), "rt")]
+    texts = [json.loads(line)["text"] for line in lzma.open(os.path.join(HERE, "kd_texts.jsonl.xz"), "rt")]
     q = np.load(unxz("teacher_q.npy.xz", WORK + "/teacher_q.npy")).astype(np.float32)
     targets = q * np.load(os.path.join(HERE, "teacher_s.npy"))
     return start, bi, texts, targets

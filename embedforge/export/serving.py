@@ -84,7 +84,7 @@ def _ort_snippet(manifest: dict[str, Any]) -> str:
         lines += [
             "def embed(texts, prompt=None):",
             "    \"\"\"float32 [len(texts), dim]; prompt: None or one of PROMPTS' names\"\"\"",
-            f"    texts = [(PROMPTS[prompt] if prompt else \"\") + t for t in texts]",
+            "    texts = [(PROMPTS[prompt] if prompt else \"\") + t for t in texts]",
         ]
     else:
         lines += ["def embed(texts):", "    \"\"\"float32 [len(texts), dim]\"\"\""]
@@ -157,7 +157,7 @@ def _faiss_snippet(manifest: dict[str, Any]) -> str:
         "import faiss",
         "",
         f"docs = {_DEMO_DOCS!r}",
-        f'queries = ["a cat on a mat"]',
+        'queries = ["a cat on a mat"]',
         f"index = faiss.IndexBinaryFlat({bits})  # hamming distance over packed sign bits",
         f"index.add({codes.format('docs')})",
         f"_, candidates = index.search({codes.format('queries')}, 2)  # in practice: k * 4 candidates",
@@ -255,7 +255,7 @@ def serving_markdown(manifest: dict[str, Any]) -> str:
     if echo is not None:
         template = (manifest.get("echo") or {}).get("template")
         lines += [
-            f"- **Echo embedding**: the text must be written twice"
+            "- **Echo embedding**: the text must be written twice"
             + (f" in the template {json.dumps(template, ensure_ascii=False)}" if template else "") + ": "
             + (manifest.get("echo") or {}).get("rule", "see tokenizer.echo in manifest.json") + " The onnxruntime "
             "snippet and fastembed get it from tokenizer.json; text-embeddings-inference, Infinity and Vespa are "
