@@ -571,8 +571,11 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
     texts once, the prefixes and binary codes reuse those vectors.
 
     Returns the PyTorch model's task metrics at the top level (as :func:`evaluate` does) plus ``"artifacts"``: one
-    record per artifact with its name, kind, dims, size on disk, bytes per stored vector, throughput (texts/s
-    while encoding every task text, the same texts for every artifact) and task metrics.
+    record per artifact in the form :mod:`embedforge.report` reads: ``name``, ``kind``, ``path``, ``dims`` (its
+    width), ``dim`` (the width again for the PyTorch and binary artifacts, which make the quality-vs-dimension
+    curves; None for the ONNX graphs), ``precision`` (float / binary), ``size_bytes`` and ``size_mb`` on disk,
+    ``vector_bytes`` per stored vector, ``throughput`` (texts/s while encoding every task text, the same texts for
+    every artifact) and ``results`` (task metrics).
     """
     import gc
 
@@ -612,14 +615,19 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
                                               rescore_depth=config.rescore_depth)
                    for t, d, v in zip(parsed, loaded, vectors)}
         vector_bytes = (-(-dims // 8) + dims) if art.binary and dims else (4 * dims if dims else None)
-        records.append({"artifact": art.name, "kind": art.kind, "path": art.path, "graph": art.graph,
-                        "dims": dims, "size_bytes": art.size_bytes, "vector_bytes": vector_bytes,
-                        "throughput": timing["throughput"], "throughput_texts": timing["texts"],
-                        "encode_seconds": timing["encode_seconds"], "vectors_from": art.source or art.name,
-                        "metrics": metrics})
+        # "dim" places the PyTorch and binary artifacts on the quality-vs-dimension curves (the ONNX graphs are
+        # full-width copies of the PyTorch point and stay off them); "dims" is every artifact's width.
+        on_curve = art.kind in ("pytorch", "binary-rescore")
+        records.append({"name": art.name, "kind": art.kind, "path": art.path, "graph": art.graph,
+                        "dims": dims, "dim": dims if on_curve else None,
+                        "precision": "binary" if art.binary else "float",
+                        "size_bytes": art.size_bytes, "size_mb": round(art.size_bytes / 2**20, 2),
+                        "vector_bytes": vector_bytes, "throughput": timing["throughput"],
+                        "throughput_texts": timing["texts"], "encode_seconds": timing["encode_seconds"],
+                        "vectors_from": art.source or art.name, "results": metrics})
         logger.info("eval %s: %s", art.name,
                     {t: round(main_score(t, m), 2) for t, m in metrics.items() if "not_applicable" not in m})
-    return {**records[0]["metrics"], "artifacts": records}
+    return {**records[0]["results"], "artifacts": records}
 
 
 def artifacts_table(records: Sequence[dict[str, Any]]) -> str:
@@ -628,10 +636,9 @@ def artifacts_table(records: Sequence[dict[str, Any]]) -> str:
 
     rows = []
     for r in records:
-        row = {"artifact": r["artifact"], "kind": r["kind"], "dims": r["dims"],
-               "size MB": round(r["size_bytes"] / 1e6, 1), "bytes/vector": r["vector_bytes"],
-               "texts/s": r["throughput"]}
-        for task, m in r["metrics"].items():
+        row = {"artifact": r["name"], "kind": r["kind"], "dims": r["dims"], "size MiB": r["size_mb"],
+               "bytes/vector": r["vector_bytes"], "texts/s": r["throughput"]}
+        for task, m in r["results"].items():
             row[task] = main_score(task, m) if "not_applicable" not in m else None
         rows.append(row)
     return table(rows)

@@ -64,7 +64,7 @@ def test_one_stage_scores_every_artifact(tiny_st_dir: Path, export_dir: Path, ta
     run_stage(config, out, StageContext(stage_name="eval"))
 
     results = json.loads((out / "metrics.json").read_text())
-    records = {r["artifact"]: r for r in results["artifacts"]}
+    records = {r["name"]: r for r in results["artifacts"]}
     assert list(records) == ["pytorch", "onnx-fp32", "onnx-int8", "binary-rescore", "pytorch@16",
                              "binary-rescore@16"]
     assert {r["kind"] for r in records.values()} == {"pytorch", "onnx-fp32", "onnx-int8", "binary-rescore"}
@@ -78,16 +78,19 @@ def test_one_stage_scores_every_artifact(tiny_st_dir: Path, export_dir: Path, ta
     assert records["binary-rescore"]["vectors_from"] == "onnx-int8"
     assert records["pytorch"]["dims"] == 32 and records["pytorch@16"]["dims"] == 16
     assert records["pytorch"]["vector_bytes"] == 128 and records["binary-rescore@16"]["vector_bytes"] == 2 + 16
+    # the quality-vs-dimension curves: PyTorch (float) and binary points carry dim, the ONNX copies do not
+    assert [(r["dim"], r["precision"]) for r in records.values()] == [
+        (32, "float"), (None, "float"), (None, "float"), (32, "binary"), (16, "float"), (16, "binary")]
     for r in records.values():
         assert r["throughput"] > 0 and r["throughput_texts"] == records["pytorch"]["throughput_texts"]
     # the top-level task metrics stay those of the PyTorch model at full size (what `embedforge eval` reports)
     sts, ret = tasks[0], tasks[1]
-    assert results[sts] == records["pytorch"]["metrics"][sts]
+    assert results[sts] == records["pytorch"]["results"][sts]
     # fp32 ONNX is the same model: same scores; the others are close to it
-    assert records["onnx-fp32"]["metrics"][sts]["spearman"] == pytest.approx(results[sts]["spearman"], abs=0.5)
-    assert records["onnx-fp32"]["metrics"][ret]["ndcg@10"] == pytest.approx(results[ret]["ndcg@10"], abs=1.0)
-    assert records["binary-rescore"]["metrics"][ret]["rescore_depth"] == 20
-    assert "recall@20" in records["binary-rescore"]["metrics"][ret]
+    assert records["onnx-fp32"]["results"][sts]["spearman"] == pytest.approx(results[sts]["spearman"], abs=0.5)
+    assert records["onnx-fp32"]["results"][ret]["ndcg@10"] == pytest.approx(results[ret]["ndcg@10"], abs=1.0)
+    assert records["binary-rescore"]["results"][ret]["rescore_depth"] == 20
+    assert "recall@20" in records["binary-rescore"]["results"][ret]
     report = (out / "report.md").read_text()
     assert "## Every artifact" in report and "binary-rescore@16" in report
 
