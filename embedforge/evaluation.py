@@ -527,8 +527,9 @@ def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: i
         gold = np.asarray(data["score"], dtype=np.float64)
         cos = np.sum(a * b, axis=1)
         if not np.all(np.isfinite(cos)) or np.ptp(cos) == 0:
-            raise RunError(f"{task.name}: the model gives {'non-finite' if not np.all(np.isfinite(cos)) else 'identical'}"
-                           " similarities for every pair, so no correlation exists; check the model's vectors")
+            what = "non-finite" if not np.all(np.isfinite(cos)) else "identical"
+            raise RunError(f"{task.name}: the model gives {what} similarities for every pair, so no correlation "
+                           "exists; check the model's vectors")
         return {"spearman": float(spearmanr(cos, gold).statistic * 100),
                 "pearson": float(pearsonr(cos, gold).statistic * 100), "n": len(gold)}
     if task.kind == "retrieval":
