@@ -558,6 +558,11 @@ def _scifact_pairs() -> dict[str, list[Any]]:
     return {"anchor": anchors, "positive": positives}
 
 
+def _scifact_corpus() -> dict[str, list[Any]]:
+    """The SciFact corpus documents (title and abstract) as unlabeled texts: no query or relevance label is read."""
+    return {"text": list(load_beir(shared_data_dir() / "scifact", "dev").corpus.values())}
+
+
 def _newsgroups_pairs() -> dict[str, list[Any]]:
     path = shared_data_dir() / "20newsgroups_train.jsonl"
     anchors, positives = [], []
@@ -602,6 +607,7 @@ BUILTINS: dict[str, tuple[DataKind, Any]] = {
     "sick-trial": (DataKind.SCORED, lambda: _sick("trial")),
     "snli-triplets": (DataKind.TRIPLETS, _snli_triplets),
     "scifact-train-pairs": (DataKind.PAIRS, _scifact_pairs),
+    "scifact-corpus": (DataKind.TEXTS, _scifact_corpus),
     "newsgroups-pairs": (DataKind.PAIRS, _newsgroups_pairs),
     "banking77": (DataKind.LABELED, _banking77),
     "texts": (DataKind.TEXTS, _texts),

@@ -356,6 +356,262 @@ def evaluate(model: Any, tasks: Sequence[str], *, batch_size: int = 32, truncate
     return results
 
 
+# ------------------------------------------------------------------------- several artifacts, one stage
+
+
+@dataclass
+class Artifact:
+    """One thing the eval stage scores: what it is, where it lives, how big it is and how its vectors are made.
+
+    ``source`` names the artifact whose vectors this one reuses (a Matryoshka prefix or binary codes need no
+    encoding of their own); ``None`` means the artifact is encoded itself.
+    """
+
+    name: str
+    kind: str
+    path: str
+    size_bytes: int
+    graph: str | None = None
+    dims: int | None = None
+    source: str | None = None
+    binary: bool = False
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (the size a user downloads or ships)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes of an ONNX graph with its external weights file, if it has one."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def pick_int8_graph(export_dir: Path, given: str | None) -> str:
+    """The int8 graph of an export to evaluate (relative to ``export_dir``); refuse a missing one."""
+    from embedforge.export.encoder import read_manifest
+
+    if given is not None:
+        if not (export_dir / given).is_file():
+            raise ConfigError(f"int8_graph: {export_dir / given} does not exist; name a graph of the export, e.g. "
+                              "onnx/model_qint8_avx512_vnni.onnx", key="int8_graph")
+        return given
+    graphs = [g["file"] if isinstance(g, dict) else str(g) for g in read_manifest(export_dir).get("graphs", [])]
+    files = [g if g.startswith("onnx/") else f"onnx/{g}" for g in graphs]
+    int8 = [f for f in files if Path(f).name.startswith("model_qint8_") and (export_dir / f).is_file()]
+    if not int8:
+        int8 = sorted(str(p.relative_to(export_dir)) for p in (export_dir / "onnx").glob("model_qint8_*.onnx"))
+    if not int8:
+        raise ConfigError(f"export: {export_dir} has no int8 graph (onnx/model_qint8_*.onnx); export with int8 "
+                          "targets or leave export out", key="export")
+    preferred = [f for f in int8 if f.endswith("model_qint8_avx512_vnni.onnx")]
+    return (preferred or int8)[0]
+
+
+def plan_artifacts(config: EvalConfig) -> list[Artifact]:
+    """Every artifact the stage will score, in order, with its files checked (nothing is loaded or encoded)."""
+    model_dir = Path(config.model)
+    size = dir_bytes(model_dir) if model_dir.is_dir() else 0
+    arts = [Artifact("pytorch", "pytorch", config.model, size)]
+    binary_source = "pytorch"
+    if config.export is not None:
+        export_dir = Path(config.export)
+        if not (export_dir / "manifest.json").is_file():
+            raise ConfigError(f"export: {export_dir} is not an export directory (no manifest.json); run the export "
+                              "stage first or point export at its output", key="export")
+        fp32 = export_dir / "onnx" / "model.onnx"
+        if not fp32.is_file():
+            raise ConfigError(f"export: {fp32} is missing; export the model again", key="export")
+        int8 = pick_int8_graph(export_dir, config.int8_graph)
+        arts.append(Artifact("onnx-fp32", "onnx-fp32", str(export_dir), graph_bytes(fp32), graph="onnx/model.onnx"))
+        arts.append(Artifact("onnx-int8", "onnx-int8", str(export_dir), graph_bytes(export_dir / int8), graph=int8))
+        binary_source = "onnx-int8"
+    if config.binary_rescore:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise ConfigError("binary_rescore: needs faiss; run `pip install 'embedforge[export]'` (or faiss-cpu)",
+                              key="binary_rescore") from None
+        src = next(a for a in arts if a.name == binary_source)
+        arts.append(Artifact("binary-rescore", "binary-rescore", src.path, src.size_bytes, graph=src.graph,
+                             source=src.name, binary=True))
+    for dim in config.truncate_dims:
+        arts.append(Artifact(f"pytorch@{dim}", "pytorch", config.model, size, dims=dim, source="pytorch"))
+        if config.binary_rescore:
+            b = arts[[a.name for a in arts].index("binary-rescore")]
+            arts.append(Artifact(f"binary-rescore@{dim}", "binary-rescore", b.path, b.size_bytes, graph=b.graph,
+                                 dims=dim, source=b.source, binary=True))
+    return arts
+
+
+def encode_task_vectors(encoder: Encoder, task: Task, data: Any, *, batch_size: int, query_prompt: str | None,
+                        doc_prompt: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """A task's texts encoded once (full dimension, not normalized), for :func:`score_task_vectors`."""
+    common = dict(batch_size=batch_size, normalize=False, show_progress=show_progress)
+    if task.kind == "sts":
+        s1, s2 = list(data["sentence1"]), list(data["sentence2"])
+        uniq = list(dict.fromkeys(s1 + s2))
+        pos = {t: i for i, t in enumerate(uniq)}
+        return {"emb": encode(encoder, uniq, desc=f"{task.name}", **common), "texts": len(uniq),
+                "a": np.array([pos[t] for t in s1]), "b": np.array([pos[t] for t in s2])}
+    if task.kind == "retrieval":
+        qp = _default_prompt(encoder, "query", query_prompt)
+        dp = _default_prompt(encoder, "document", doc_prompt)
+        doc_ids, query_ids = list(data.corpus), list(data.queries)
+        d = encode(encoder, [data.corpus[i] for i in doc_ids], prompt=dp, desc=f"{task.name} corpus", **common)
+        q = encode(encoder, [data.queries[i] for i in query_ids], prompt=qp, desc=f"{task.name} queries", **common)
+        return {"q": q, "d": d, "doc_ids": doc_ids, "query_ids": query_ids, "texts": len(doc_ids) + len(query_ids)}
+    train, dev = data
+    x_train = encode(encoder, list(train["text"]), desc=f"{task.name} train", **common)
+    x_test = encode(encoder, list(dev["text"]), desc=f"{task.name} test", **common)
+    return {"train": x_train, "test": x_test, "texts": len(x_train) + len(x_test)}
+
+
+def _prefix(x: np.ndarray, dim: int | None) -> np.ndarray:
+    return l2_normalize(x if dim is None else x[:, :dim])
+
+
+def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: int | None = None,
+                       binary: bool = False, rescore_depth: int = 40) -> dict[str, Any]:
+    """Metrics of one task from vectors of :func:`encode_task_vectors`, cut to ``dim`` and renormalized.
+
+    ``binary``: retrieval searches the documents' sign bits (hamming distance to the query's) for the top
+    ``rescore_depth`` and re-ranks them by float query . calibrated int8 document; STS pairs are scored float
+    first sentence . int8 second sentence (the score a rescoring index returns); classification has no binary
+    counterpart here and is reported as not applicable.
+    """
+    from embedforge.compress.quantization import BinaryRescoreIndex, Int8Calibration
+
+    if task.kind == "sts":
+        emb = _prefix(vectors["emb"], dim)
+        a, b = emb[vectors["a"]], emb[vectors["b"]]
+        if binary:
+            cal = Int8Calibration.fit(emb)
+            b = cal.dequantize(cal.quantize(b))
+        from scipy.stats import pearsonr, spearmanr
+
+        gold = np.asarray(data["score"], dtype=np.float64)
+        cos = np.sum(a * b, axis=1)
+        if not np.all(np.isfinite(cos)) or np.ptp(cos) == 0:
+            what = "non-finite" if not np.all(np.isfinite(cos)) else "identical"
+            raise RunError(f"{task.name}: the model gives {what} similarities for every pair, so no correlation "
+                           "exists; check the model's vectors")
+        return {"spearman": float(spearmanr(cos, gold).statistic * 100),
+                "pearson": float(pearsonr(cos, gold).statistic * 100), "n": len(gold)}
+    if task.kind == "retrieval":
+        q, d = _prefix(vectors["q"], dim), _prefix(vectors["d"], dim)
+        if not binary:
+            return retrieval_metrics(q @ d.T, vectors["doc_ids"], vectors["query_ids"], data.qrels)
+        depth = min(rescore_depth, len(d))
+        k = min(100, depth)
+        index = BinaryRescoreIndex.build(d, Int8Calibration.fit(d))
+        scores, ids = index.search(q, k=k, depth=depth)
+        full = np.full((len(q), len(d)), -np.inf, dtype=np.float32)
+        rows = np.repeat(np.arange(len(q))[:, None], ids.shape[1], axis=1)
+        keep = ids >= 0
+        full[rows[keep], ids[keep]] = scores[keep]
+        out = retrieval_metrics(full, vectors["doc_ids"], vectors["query_ids"], data.qrels, k_recall=k)
+        out["rescore_depth"] = depth
+        return out
+    if binary:
+        return {"not_applicable": "binary codes serve search; classification is scored on float vectors"}
+    from sklearn.linear_model import LogisticRegression
+
+    train, dev = data
+    x_train, x_test = _prefix(vectors["train"], dim), _prefix(vectors["test"], dim)
+    clf = LogisticRegression(max_iter=1000, C=10.0)
+    clf.fit(x_train, list(train["label"]))
+    acc = float(np.mean(clf.predict(x_test) == np.asarray(list(dev["label"]), dtype=object)))
+    return {"accuracy": acc * 100, "n_train": len(x_train), "n_test": len(x_test)}
+
+
+def _artifact_encoder(art: Artifact) -> Encoder:
+    if art.kind == "pytorch":
+        return as_encoder(art.path)
+    from embedforge.export.encoder import OnnxEncoder
+
+    return OnnxEncoder(art.path, file=art.graph or "onnx/model.onnx")
+
+
+def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """Score the model and every artifact :func:`plan_artifacts` lists; each encoded artifact encodes the task
+    texts once, the prefixes and binary codes reuse those vectors.
+
+    Returns the PyTorch model's task metrics at the top level (as :func:`evaluate` does) plus ``"artifacts"``: one
+    record per artifact in the form :mod:`embedforge.report` reads: ``name``, ``kind``, ``path``, ``dims`` (its
+    width), ``dim`` (the width again for the PyTorch and binary artifacts, which make the quality-vs-dimension
+    curves; None for the ONNX graphs), ``precision`` (float / binary), ``size_bytes`` and ``size_mb`` on disk,
+    ``vector_bytes`` per stored vector, ``throughput`` (texts/s while encoding every task text, the same texts for
+    every artifact) and ``results`` (task metrics).
+    """
+    import gc
+
+    parsed = [parse_task(t) for t in config.tasks]
+    loaded = [load_task_data(t) for t in parsed]
+    arts = plan_artifacts(config)
+    encoded: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    records: list[dict[str, Any]] = []
+    for art in arts:
+        if art.source is None:
+            encoder = _artifact_encoder(art)
+            if art.kind == "pytorch":
+                _check_prompts(encoder, {"query_prompt": config.query_prompt, "doc_prompt": config.doc_prompt})
+                full = getattr(getattr(encoder, "model", None), "get_embedding_dimension", lambda: None)()
+                too_big = [d for d in config.truncate_dims if full is not None and d > full]
+                if too_big:  # refuse before the first text is encoded
+                    raise ConfigError(f"truncate_dims: {too_big[0]} is larger than the model's {full} dimensions; "
+                                      f"use at most {full}", key="truncate_dims")
+            logger.info("eval: encoding the task texts with %s (%s)", art.name, art.graph or art.path)
+            start = time.perf_counter()
+            vectors = [encode_task_vectors(encoder, t, d, batch_size=config.batch_size,
+                                           query_prompt=config.query_prompt, doc_prompt=config.doc_prompt,
+                                           show_progress=show_progress) for t, d in zip(parsed, loaded)]
+            seconds = time.perf_counter() - start
+            n_texts = sum(v["texts"] for v in vectors)
+            encoded[art.name] = (vectors, {"texts": n_texts, "encode_seconds": round(seconds, 2),
+                                           "throughput": round(n_texts / max(seconds, 1e-9), 2)})
+            del encoder
+            gc.collect()
+        vectors, timing = encoded[art.source or art.name]
+        full_dim = next((v[k].shape[1] for v in vectors for k in ("emb", "d", "train") if k in v), None)
+        dims = art.dims if art.dims is not None else full_dim
+        if dims is not None and full_dim is not None and dims > full_dim:
+            raise ConfigError(f"truncate_dims: {dims} is larger than the {full_dim} dimensions of {art.source}; use "
+                              f"at most {full_dim}", key="truncate_dims")
+        metrics = {t.name: score_task_vectors(t, d, v, dim=art.dims, binary=art.binary,
+                                              rescore_depth=config.rescore_depth)
+                   for t, d, v in zip(parsed, loaded, vectors)}
+        vector_bytes = (-(-dims // 8) + dims) if art.binary and dims else (4 * dims if dims else None)
+        # "dim" places the PyTorch and binary artifacts on the quality-vs-dimension curves (the ONNX graphs are
+        # full-width copies of the PyTorch point and stay off them); "dims" is every artifact's width.
+        on_curve = art.kind in ("pytorch", "binary-rescore")
+        records.append({"name": art.name, "kind": art.kind, "path": art.path, "graph": art.graph,
+                        "dims": dims, "dim": dims if on_curve else None,
+                        "precision": "binary" if art.binary else "float",
+                        "size_bytes": art.size_bytes, "size_mb": round(art.size_bytes / 2**20, 2),
+                        "vector_bytes": vector_bytes, "throughput": timing["throughput"],
+                        "throughput_texts": timing["texts"], "encode_seconds": timing["encode_seconds"],
+                        "vectors_from": art.source or art.name, "results": metrics})
+        logger.info("eval %s: %s", art.name,
+                    {t: round(main_score(t, m), 2) for t, m in metrics.items() if "not_applicable" not in m})
+    return {**records[0]["results"], "artifacts": records}
+
+
+def artifacts_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per artifact with its size, throughput and the headline score of every task."""
+    from embedforge.report import table
+
+    rows = []
+    for r in records:
+        row = {"artifact": r["name"], "kind": r["kind"], "dims": r["dims"], "size MiB": r["size_mb"],
+               "bytes/vector": r["vector_bytes"], "texts/s": r["throughput"]}
+        for task, m in r["results"].items():
+            row[task] = main_score(task, m) if "not_applicable" not in m else None
+        rows.append(row)
+    return table(rows)
+
+
 MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "classification": "accuracy"}
 
 
@@ -373,14 +629,24 @@ def run_stage(config: EvalConfig, out_dir: Path, ctx: StageContext) -> None:
     # The output is checked and locked before the (long) evaluation: an eval never replaces a model or the
     # directory it evaluates, only a new or empty directory or an earlier eval output (its embedforge.json says so).
     with output_lock(out_dir):
-        check_output(out_dir, stage="eval", inputs=[config.model])
-        results = evaluate(config.model, config.tasks, batch_size=config.batch_size,
-                           truncate_dim=config.truncate_dim, query_prompt=config.query_prompt,
-                           doc_prompt=config.doc_prompt)
+        check_output(out_dir, stage="eval", inputs=[config.model] + ([config.export] if config.export else []))
+        if config.multi_artifact:
+            plan_artifacts(config)  # missing graphs or faiss are refused before anything is loaded
+        if config.multi_artifact:
+            results = evaluate_artifacts(config)
+        else:
+            results = evaluate(config.model, config.tasks, batch_size=config.batch_size,
+                               truncate_dim=config.truncate_dim, query_prompt=config.query_prompt,
+                               doc_prompt=config.doc_prompt)
+        tasks_only = {k: v for k, v in results.items() if k != "artifacts"}
+        report = f"# Evaluation of {config.model}\n\n" + metrics_table(tasks_only) + "\n"
+        if "artifacts" in results:
+            report += ("\n## Every artifact (headline score per task; texts/s while encoding every task text)\n\n"
+                       + artifacts_table(results["artifacts"]) + "\n")
         with atomic_dir(out_dir, stage="eval") as tmp:
             (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-            (tmp / "report.md").write_text(f"# Evaluation of {config.model}\n\n" + metrics_table(results) + "\n")
-            write_lineage(tmp, stage="eval", source=config.model, config=config, metrics=results,
+            (tmp / "report.md").write_text(report)
+            write_lineage(tmp, stage="eval", source=config.model, config=config, metrics=tasks_only,
                           parent=config.model if Path(config.model).is_dir() else None, recipe_hash=ctx.recipe_hash)
     if config.record_in_model and Path(config.model).is_dir():
         update_metrics(config.model, {"eval": results})

@@ -75,10 +75,24 @@ def check_stages(stages: list[Stage]) -> None:
         for key, value, mode in _data_values(st):
             _check_data(value, mode, f"{where}: {key}", plan)
         _check_max_seq_length(st, where, plan)
-        _check_layers(st, where, plan)
+        _check_qlora(st, where)
         size = _check_output(st, where, plan)
         plan.produced[st.out] = size
     _check_free_space(plan)
+
+
+def _check_qlora(st: Stage, where: str) -> None:
+    """A 4-bit (QLoRA) stage needs CUDA and bitsandbytes: say so before the stages ahead of it spend hours."""
+    quantization = getattr(st.config, "quantization", None)
+    if getattr(quantization, "value", quantization) != "4bit":
+        return
+    from embedforge.convert.train_model import require_qlora
+    from embedforge.errors import UsageError
+
+    try:
+        require_qlora()
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ models
