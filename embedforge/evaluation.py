@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
@@ -390,7 +391,7 @@ def graph_bytes(path: Path) -> int:
 
 def pick_int8_graph(export_dir: Path, given: str | None) -> str:
     """The int8 graph of an export to evaluate (relative to ``export_dir``); refuse a missing one."""
-    from embedforge.export.encoder import read_manifest
+    from embedforge.onnx_encoder import read_manifest
 
     if given is not None:
         if not (export_dir / given).is_file():
@@ -481,7 +482,7 @@ def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: i
     first sentence . int8 second sentence (the score a rescoring index returns); classification has no binary
     counterpart here and is reported as not applicable.
     """
-    from embedforge.compress.quantization import BinaryRescoreIndex, Int8Calibration
+    from embedforge.quantization import BinaryRescoreIndex, Int8Calibration
 
     if task.kind == "sts":
         emb = _prefix(vectors["emb"], dim)
@@ -529,7 +530,7 @@ def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: i
 def _artifact_encoder(art: Artifact) -> Encoder:
     if art.kind == "pytorch":
         return as_encoder(art.path)
-    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.onnx_encoder import OnnxEncoder
 
     return OnnxEncoder(art.path, file=art.graph or "onnx/model.onnx")
 

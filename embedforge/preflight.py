@@ -75,6 +75,7 @@ def check_stages(stages: list[Stage]) -> None:
         for key, value, mode in _data_values(st):
             _check_data(value, mode, f"{where}: {key}", plan)
         _check_max_seq_length(st, where, plan)
+        _check_layers(st, where, plan)
         _check_qlora(st, where)
         size = _check_output(st, where, plan)
         plan.produced[st.out] = size
@@ -86,7 +87,7 @@ def _check_qlora(st: Stage, where: str) -> None:
     quantization = getattr(st.config, "quantization", None)
     if getattr(quantization, "value", quantization) != "4bit":
         return
-    from embedforge.convert.train_model import require_qlora
+    from embedforge.training.qlora import require_qlora
     from embedforge.errors import UsageError
 
     try:

@@ -66,7 +66,7 @@ stages:
     stage: convert
     out: {tmp_path / 'embedder'}
     model: smollm2-135m
-    keep_layers: 1
+    layers: 1
   - name: tune
     stage: contrastive
     model: ${{stages.embedder.out}}

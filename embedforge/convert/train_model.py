@@ -22,9 +22,10 @@ from embedforge.training.memory import peak_gpu_mb, peak_rss_mb, release_memory,
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
+from embedforge.training.qlora import GPU_EXTRA, require_qlora  # noqa: F401 (GPU_EXTRA re-exported)
+
 logger = logging.getLogger(__name__)
 
-GPU_EXTRA = "pip install 'embedforge[gpu]'"
 
 
 def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | None]:
@@ -76,21 +77,6 @@ def set_backbone(model: Any, backbone: Any) -> None:
         first.auto_model = backbone
 
 
-
-
-def require_qlora() -> None:
-    """Refuse 4-bit QLoRA, in one line, where it cannot run: no CUDA device, or no bitsandbytes."""
-    import importlib.util
-
-    import torch
-
-    from embedforge.errors import UsageError
-
-    if not torch.cuda.is_available():
-        raise UsageError("quantization: 4bit (QLoRA) needs a CUDA GPU and this machine has none; set quantization: "
-                         f"none here, or run on a GPU machine with bitsandbytes ({GPU_EXTRA})")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError(f"quantization: 4bit (QLoRA) needs bitsandbytes, which is not installed: {GPU_EXTRA}")
 
 
 def preflight(config: TrainOptions) -> None:
