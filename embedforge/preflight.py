@@ -392,6 +392,18 @@ def model_config_path(value: str) -> Path | None:
     return None
 
 
+def _read_model_config(model: str) -> tuple[Path | None, dict[str, Any]]:
+    """The local model's ``config.json`` path and content ({} when it is not on disk or not readable)."""
+    config_file = model_config_path(model)
+    if config_file is None:
+        return None, {}
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return config_file, {}
+    return config_file, config if isinstance(config, dict) else {}
+
+
 def _check_max_seq_length(st: Stage, where: str, plan: _Plan) -> None:
     value = st.raw.get("max_seq_length")  # only a value the recipe sets; the stages cap their own defaults
     model = getattr(st.config, "model", None)
@@ -399,15 +411,9 @@ def _check_max_seq_length(st: Stage, where: str, plan: _Plan) -> None:
         return
     if _produced(_local(model), plan) is not None:
         return
-    config_file = model_config_path(model)
-    if config_file is None:
-        return
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return
+    config_file, config = _read_model_config(model)
     for key in ("max_position_embeddings", "n_positions"):
-        limit = config.get(key) if isinstance(config, dict) else None
+        limit = config.get(key)
         if isinstance(limit, int) and limit > 0:
             if value > limit:
                 raise ConfigError(f"{where}: max_seq_length: {value} exceeds the model's {key} {limit} "
@@ -428,14 +434,8 @@ def _check_layers(st: Stage, where: str, plan: _Plan) -> None:
 
 def check_layers_fit(model: str, spec: Any) -> None:
     """Refuse a ``layers`` selection the model lacks, read from its ``config.json`` (nothing when not on disk)."""
-    config_file = model_config_path(model)
-    if config_file is None:
-        return
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(config, dict):
+    _, config = _read_model_config(model)
+    if not config:
         return
     text = config.get("text_config")
     n_layers = config.get("num_hidden_layers", text.get("num_hidden_layers") if isinstance(text, dict) else None)
