@@ -66,7 +66,7 @@ def _report(ctx: click.Context, exc: BaseException, message: str, code: int) -> 
 
 def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: str | None) -> dict[str, Any]:
     """Merge a stage YAML file, KEY=VALUE overrides and the positional MODEL into one mapping of config keys."""
-    from embedforge.recipe import RecipeError, load_yaml, parse_overrides
+    from embedforge.recipe import RecipeError, load_yaml, parse_overrides, set_dotted
 
     values: dict[str, Any] = {}
     if config_file:
@@ -75,7 +75,7 @@ def _stage_values(config_file: str | None, overrides: tuple[str, ...], model: st
             raise RecipeError(f"{config_file}: a stage config is a mapping of keys to values")
         values.update(doc)
     for key, value in parse_overrides(list(overrides)).items():
-        values[key] = value
+        set_dotted(values, key, value)  # train.learning_rate=1e-4 changes one key of the train mapping
     if model is not None:
         values["model"] = model
     return values

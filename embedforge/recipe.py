@@ -233,14 +233,14 @@ def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str
                                   f"vars: {', '.join(known) or 'none'}")
             if "." in rest and not isinstance(variables[var], dict):
                 raise RecipeError(f"{source}: override {key!r}: var {var!r} is not a mapping; use vars.{var}=...")
-            _set_dotted(variables, rest, value)
+            set_dotted(variables, rest, value)
         elif head == "stages" and rest:
             name, _, sub = rest.partition(".")
             if name not in by_name or not sub:
                 raise RecipeError(f"{source}: override {key!r}: no stage named {name!r} (stages: {', '.join(by_name)})")
-            _set_dotted(by_name[name], sub, value)
+            set_dotted(by_name[name], sub, value)
         elif head in by_name and rest:
-            _set_dotted(by_name[head], rest, value)
+            set_dotted(by_name[head], rest, value)
         elif head in ("name", "description") and not rest:
             doc[head] = value
         else:
@@ -250,10 +250,13 @@ def _apply_overrides(doc: dict[str, Any], overrides: dict[str, Any], source: str
             )
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested mappings (``train.learning_rate=1e-4`` -> ``{"train": {"learning_rate": 1e-4}}``)."""
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise RecipeError(f"override {dotted}: {'.'.join(parts[:i + 1])} is not a mapping")
     target[parts[-1]] = value
 
 

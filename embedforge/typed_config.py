@@ -105,14 +105,20 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             from embedforge.backbone import old_key_hint
+            from embedforge.training.options import moved_train_key
 
             moved = old_key_hint(key, value) if "layers" in fields else None
+            moved = moved or (moved_train_key(key, value) if "train" in fields else None)
             if moved:
                 raise ConfigError(f"{full}: {moved}", key=full)
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{full}: unknown key for {cls.__name__}{hint}; valid keys: {', '.join(fields)}",
                               key=full)
+        default = _default_of(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a nested options mapping changes only the keys it names; the others keep this stage's defaults
+            value = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}, **value}
         kwargs[key] = coerce(value, hints[key], full)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -126,17 +132,33 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
         raise
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), or ``dataclasses.MISSING``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown(value: Any) -> str:
+    return repr(value.value if isinstance(value, enum.Enum) else value)
+
+
 def describe_config(cls: type) -> list[dict[str, str]]:
-    """Field name, type, default and help of a stage config (for ``embedforge recipes explain``)."""
+    """Field name, type, default and help of a stage config (for ``embedforge recipes explain``); the keys of a
+    nested options mapping (``train``) are listed as ``train.KEY`` with this stage's defaults."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default.value if isinstance(f.default, enum.Enum) else f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        rows.append({"key": f.name, "type": _type_name(hints[f.name]), "default": default,
+        default = _default_of(f)
+        if dataclasses.is_dataclass(default):
+            sub_hints = typing.get_type_hints(type(default))
+            for sub in dataclasses.fields(default):
+                rows.append({"key": f"{f.name}.{sub.name}", "type": _type_name(sub_hints[sub.name]),
+                             "default": _shown(getattr(default, sub.name)), "help": sub.metadata.get("help", "")})
+            continue
+        rows.append({"key": f.name, "type": _type_name(hints[f.name]),
+                     "default": "(required)" if default is dataclasses.MISSING else _shown(default),
                      "help": f.metadata.get("help", "")})
     return rows

@@ -72,6 +72,8 @@ def training_settings(config: Any, extra: dict[str, Any] | None = None) -> dict[
     raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     plain = json.loads(json.dumps(raw, sort_keys=True, default=str))
     settings = {k: v for k, v in plain.items() if k not in RESUME_SAFE_KEYS}
+    if isinstance(settings.get("train"), dict):  # the nested train options: the same keys are resume-safe there
+        settings["train"] = {k: v for k, v in settings["train"].items() if k not in RESUME_SAFE_KEYS}
     model = settings.get("model")
     if isinstance(model, str) and (Path(model) / "embedforge.json").is_file():
         # the same path remade by an earlier stage (--force) is another starting point
