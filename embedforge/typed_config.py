@@ -109,6 +109,8 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
 
             moved = old_key_hint(key, value) if "layers" in fields else None
             moved = moved or (moved_train_key(key, value) if "train" in fields else None)
+            renamed = getattr(cls, "RENAMED_KEYS", {}).get(key)  # a config's own retired key names: old -> new
+            moved = moved or (f"renamed; write {renamed}: {_yaml_value(value)}" if renamed else None)
             if moved:
                 raise ConfigError(f"{full}: {moved}", key=full)
             close = difflib.get_close_matches(key, list(fields), n=1)
@@ -130,6 +132,10 @@ def build_config(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
         if prefix and exc.key and not exc.key.startswith(prefix):
             raise ConfigError(f"{prefix}.{exc}", key=f"{prefix}.{exc.key}") from None
         raise
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _default_of(f: dataclasses.Field) -> Any:

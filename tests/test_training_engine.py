@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -17,7 +18,10 @@ from embedforge.training.options import Scheduler, TrainOptions, train_field
 class ToyStage:
     """A training stage config as the real ones are written."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"text_limit": "data_limit"}
+
     model: str = opt(help="model")
+    data_limit: int | None = opt(None, help="at most this many texts")
     train: TrainOptions = train_field(learning_rate=5e-5, max_steps=None, epochs=3.0, seed=7)
 
 
@@ -43,6 +47,11 @@ def test_a_top_level_training_key_names_its_new_place(key: str, value: object, s
         build_config(ToyStage, {"model": "m", key: value})
     assert says in str(exc.value)
     assert str(exc.value).startswith(f"{key}:")
+
+
+def test_a_renamed_key_names_its_new_name() -> None:
+    with pytest.raises(ConfigError, match=r"^text_limit: renamed; write data_limit: 500$"):
+        build_config(ToyStage, {"model": "m", "text_limit": 500})
 
 
 def test_unknown_train_key_is_refused_with_its_full_name() -> None:
