@@ -91,15 +91,28 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """``key: old -> new`` for the first changed keys (at most three)."""
+    """``key: old -> new`` for the first changed keys (at most three); a key of a nested mapping (the ``train``
+    options) is named by its dotted path, ``train.learning_rate``."""
     if not isinstance(old, dict):
         return "no record of its settings"
+    old, new = _flat(old), _flat(new)
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not keys:
         return "settings hash differs"
     parts = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3]]
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return "; ".join(parts) + more
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``settings`` with nested mappings spread into dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -19,6 +19,7 @@ WORKER = textwrap.dedent(
     from embedforge.convert import losses
     from embedforge.convert.train_config import ContrastiveConfig
     from embedforge.convert.training import run_contrastive
+    from embedforge.training.options import TrainOptions
 
     seen = []
     original = losses.FilteredInfoNCELoss.compute_loss_from_embeddings
@@ -30,8 +31,9 @@ WORKER = textwrap.dedent(
 
     losses.FilteredInfoNCELoss.compute_loss_from_embeddings = spy
     model, data, out = sys.argv[1:4]
-    cfg = ContrastiveConfig(model=model, data=[data], batch_size=4, max_steps=2, save_steps=100, logging_steps=1,
-                            lora_r=4, lora_alpha=8, max_seq_length=32, gather_across_devices=True)
+    cfg = ContrastiveConfig(model=model, data=[data], lora_r=4, lora_alpha=8, max_seq_length=32,
+                            gather_across_devices=True,
+                            train=TrainOptions(batch_size=4, max_steps=2, save_steps=100, logging_steps=1))
     run_contrastive(cfg, Path(out), StageContext())
     report = {"seen": seen, "world": int(os.environ["WORLD_SIZE"])}
     Path(f"{out}.rank{os.environ['RANK']}.json").write_text(json.dumps(report))
