@@ -150,6 +150,33 @@ def masked_positions_loss(hidden: Any, labels: Any, head: Any, softcap: float | 
     return F.cross_entropy(logits, targets[where])
 
 
+def mntp_objective(backbone: Any, head: Any) -> Any:
+    """The module MNTP trains: its forward is the backbone, then :func:`masked_positions_loss` with ``head``.
+
+    The trainer calls this module (under torchrun: the DistributedDataParallel wrapper around it), so every weight
+    the loss uses, the LoRA matrices inside ``backbone`` included, is seen by the wrapper and its gradients are
+    averaged over the processes.
+    """
+    import torch
+
+    class MaskedNextTokenObjective(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.head = head
+            self.softcap = getattr(backbone.config, "final_logit_softcapping", None)
+
+        def forward(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> Any:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return masked_positions_loss(hidden.last_hidden_state, labels, self.head, self.softcap)
+
+    return MaskedNextTokenObjective()
+
+
+def _objective_loss(model: Any, inputs: dict[str, Any]) -> Any:
+    return model(input_ids=inputs["input_ids"], labels=inputs["labels"], attention_mask=inputs.get("attention_mask"))
+
+
 def lm_head_for(backbone: Any, config: MntpConfig, parent: str | None) -> Any:
     """A causal-LM wrapper sharing ``backbone``'s weights, with the LM head tied to the input embeddings or read
     from the original LLM (``lm_source``, default: the lineage's source)."""
@@ -211,15 +238,8 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     ckpt = checkpoint_dir(out_dir)
     args = trainer_arguments(config.train, ckpt, steps, sentence_transformers=False)
 
-    backbone, head = backbone_of(model), lm.lm_head
-    softcap = getattr(backbone.config, "final_logit_softcapping", None)
-
-    def mntp_step_loss(_model: Any, inputs: dict[str, Any]) -> Any:
-        hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                          use_cache=False).last_hidden_state
-        return masked_positions_loss(hidden, inputs["labels"], head, softcap)
-
-    trainer = build_trainer(peft_lm, args, tokenized, compute_loss=mntp_step_loss, data_collator=collator)
+    objective = mntp_objective(backbone_of(model), lm.lm_head)  # the LoRA layers sit in the backbone itself
+    trainer = build_trainer(objective, args, tokenized, compute_loss=_objective_loss, data_collator=collator)
     stats = _train(trainer, ckpt, config, ctx, ctx.stage_name or "mntp")                  # 5. train
     if config.lora_r > 0:
         peft_lm.merge_and_unload()                                                        # 6. merge (in place)

@@ -172,6 +172,27 @@ def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: d
     assert train["resumed_from"].endswith("checkpoint-1") and train["steps"] == 4
 
 
+def test_mntp_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """MNTP's checkpoint holds the trained module's weights (backbone LoRA) and a rerun resumes from it."""
+    from safetensors.torch import load_file
+
+    from embedforge.convert.training import run_mntp
+    from embedforge.model import read_lineage
+    from embedforge.training.guard import TrainingInterrupted
+
+    cfg = MntpConfig(model=str(embedder_dir), data=[str(data_files["texts"])], train=fast(save_steps=100), **FAST)
+    with pytest.raises(TrainingInterrupted, match="Rerun"):
+        run_mntp(cfg, tmp_path / "out", StageContext(extra={"train_callbacks": [sigterm_at(1)]}))
+    assert (tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "out").exists()
+    assert any("lora_B" in name for name in load_file(tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors"))
+    run_mntp(cfg, tmp_path / "out", StageContext())
+    train = read_lineage(tmp_path / "out")["extra"]["train"]
+    assert train["resumed_from"].endswith("checkpoint-1") and train["steps"] == 3
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
