@@ -379,7 +379,6 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
     from embedforge.training.engine import build_trainer, checkpoint_dir, trainer_arguments, world_size
 
     preflight(config)                                                                     # 0. refuse early
-
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
     check_model_prompts(model, config.prompts, "prompts")  # before any data is loaded or step taken
