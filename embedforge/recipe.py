@@ -524,8 +524,9 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
         for item in inputs:
             if item.must_exist and not item.present(produced):
                 key = re.split(r"[.\[]", item.key, maxsplit=1)[0]
+                shown = item.text if item.text.isprintable() else repr(item.text)
                 raise RecipeError(f"{at(f'{p}.{key}')}: stage {name!r}: {item.key}: file or directory not found: "
-                                  f"{item.text}")
+                                  f"{shown}")
         _check_out(out, name, [item.path for item in inputs if item.present(produced)], built, reads,
                    f"{at(f'{p}.out')}: stage {name!r}: out")
         built.append(Stage(name=name, stage=kind, out=out, config=config, raw=values))

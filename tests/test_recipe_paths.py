@@ -290,3 +290,11 @@ def test_model_folders_named_without_a_slash_are_inputs_of_the_real_stages(body:
     assert stage_inputs(load_recipe(path).stages[0]) == [str(tmp_path / read)]
     (tmp_path / read).rmdir()  # no such folder: a hub id, read by the stage itself
     assert stage_inputs(load_recipe(path).stages[0]) == []
+
+
+def test_a_path_no_file_system_accepts_is_a_one_line_error(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, f'stage: binarizer\nmodel: some/model\nout: {tmp_path}/b\ndata: "./a\\0b.jsonl"')
+    res = _cli("recipes", "validate", str(path))  # was a ValueError traceback (embedded null byte)
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output) == f"{path}:6: stage 'binarizer': data: file or directory not found: './a\\x00b.jsonl'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
