@@ -331,11 +331,14 @@ class LocalInput:
         return any(self.path == p or p in self.path.parents for p in produced)
 
 
-def _model_keys(kind: str) -> tuple[str, ...]:
-    """The keys of stage ``kind`` that name a model or a model's folder."""
-    from embedforge.preflight import MODEL_KEYS
+def _key_roles(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The keys of stage ``kind`` that name models (or a model's folder) and those that name data sources, as
+    :mod:`embedforge.preflight` knows them."""
+    from embedforge.preflight import DATA_KEYS, DATA_LIST_KEYS, MODEL_KEYS
 
-    return ("model", *MODEL_KEYS.get(kind, ()), *_FOLDER_KEYS.get(kind, ()))
+    models = ("model", *MODEL_KEYS.get(kind, ()), *_FOLDER_KEYS.get(kind, ()))
+    data = tuple(key for key, _ in (*DATA_LIST_KEYS.get(kind, ()), *DATA_KEYS.get(kind, ())))
+    return models, data
 
 
 def _is_task_key(key: str) -> bool:
@@ -354,20 +357,22 @@ def _task_file(value: str) -> str | None:
     return rest
 
 
-def _path_text(key: str, value: str, model_key: bool) -> tuple[str, bool] | None:
+def _path_text(key: str, value: str, role: str | None) -> tuple[str, bool] | None:
     """``(path, must_exist)`` when the config string ``value`` at ``key`` names a local file or folder, else None.
 
-    Task specs and ``beir:FOLDER[:split]`` sources name their file or folder part; built-in data sets, built-in
-    tasks and model aliases are names, whatever folders exist; a string shaped like a path (``/``, ``./``, ``../``,
-    ``~``, a data file suffix) must exist; a model key's value, and any other string with a ``/``, is a local folder
-    when one exists and a hub id otherwise.
+    ``role`` is ``"model"`` for a value of a model key, ``"data"`` for a data source (an item of a data key, or
+    the ``path`` of a data mapping), else None. Task specs and ``beir:FOLDER[:split]`` data sources name their
+    file or folder part; built-in data sets, built-in tasks and model aliases are names, whatever folders exist; a
+    string shaped like a path (``/``, ``./``, ``../``, ``~``, a data file suffix) and a data source without a ``/``
+    (no hub name) must exist; a model, and any other string with a ``/``, is a local folder when one exists and a
+    hub id otherwise.
     """
     if not value or "\n" in value or len(value) >= 400:
         return None
     if _is_task_key(key):
         part = _task_file(value)
         return (part, True) if part else None
-    if value.startswith("beir:"):  # read as embedforge.data does: the folder ends at the first ':'
+    if role == "data" and value.startswith("beir:"):  # read as embedforge.data does: the folder ends at ':'
         folder = value[len("beir:"):].partition(":")[0]
         return (folder, True) if folder else None
     from embedforge.data import BUILTINS
@@ -377,9 +382,10 @@ def _path_text(key: str, value: str, model_key: bool) -> tuple[str, bool] | None
         return None
     if value.startswith(("/", "./", "../", "~")) or value.lower().endswith(_FILE_SUFFIXES):
         return value, True
-    if model_key and value in (".", ".."):
+    slash = "/" in value or os.sep in value
+    if (role == "model" and value in (".", "..")) or (role == "data" and not slash):
         return value, True
-    if model_key or "/" in value or os.sep in value:
+    if role == "model" or slash:
         return value, False
     return None
 
@@ -416,13 +422,15 @@ def local_inputs(kind: str, values: dict[str, Any]) -> list[LocalInput]:
     which paths no stage's ``out`` may be or contain, and whose identities decide whether a finished stage is
     current (:func:`stage_inputs`). The last two take the entries that are :meth:`LocalInput.present`.
     """
-    model_keys = _model_keys(kind)
+    model_keys, data_keys = _key_roles(kind)
     found: list[LocalInput] = []
     for key, value in values.items():
         if key in RESERVED:
             continue
+        source = re.compile(rf"{re.escape(key)}(\[\d+\])?(\.path)?")  # a data source, not its kind or columns
         for sub, text in _walk_strings(value, key):
-            hit = _path_text(sub, text, key in model_keys)
+            role = "model" if key in model_keys else "data" if key in data_keys and source.fullmatch(sub) else None
+            hit = _path_text(sub, text, role)
             if hit is not None:
                 found.append(LocalInput(key=sub, text=hit[0], path=_absolute(hit[0]), must_exist=hit[1]))
     return found

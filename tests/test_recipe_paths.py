@@ -30,7 +30,7 @@ class PathsConfig:
     """A stage used only by these tests: keys shaped like the real stages' (model, data, tasks, teachers)."""
 
     model: str = opt("none", help="a model: directory, alias or hub id")
-    data: str | dict[str, Any] = opt("", help="texts: a built-in name, a data file, a data mapping or beir:FOLDER")
+    data: str | dict[str, Any] | None = opt(None, help="texts: a built-in name, a data file, a data mapping or beir:FOLDER")
     extra_teachers: list[str] = opt(factory=list, help="more models")
     tasks: list[str] = opt(factory=list, help="task specs")
     color: str = opt("red", help="a plain word")
@@ -53,6 +53,7 @@ def paths_runner(config: PathsConfig, out_dir: Path, ctx) -> None:
 def paths_stage(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(stages.STAGES, "paths", (f"{__name__}:PathsConfig", f"{__name__}:paths_runner"))
     monkeypatch.setitem(preflight.MODEL_KEYS, "paths", ("extra_teachers",))  # as the distill stage's
+    monkeypatch.setitem(preflight.DATA_KEYS, "paths", (("data", "texts"),))  # as the binarizer's
     RUNS.clear()
     yield
 
@@ -230,49 +231,56 @@ def test_a_changed_local_model_named_without_a_slash_reruns_the_stage(key: str, 
 # ------------------------------------------------------------- one finder: the three uses agree on each form
 
 
-@pytest.mark.parametrize("form", ["file", "dot-file", "dir", "data-mapping", "sts", "retrieval-split", "beir",
-                                  "model-word", "teacher-word", "builtin", "builtin-task", "alias", "plain-word",
-                                  "hub-id"])
+#: form -> (key, value, the path it reads or None, the value naming a missing path or None: may be a hub id)
+FORMS: dict[str, tuple[str, str, str | None, str | None]] = {
+    "file": ("data", "rows.jsonl", "rows.jsonl", "gone.jsonl"),
+    "dot-file": ("data", "./rows.jsonl", "rows.jsonl", "./gone.jsonl"),
+    "dir": ("data", "{root}/bdir", "bdir", "{root}/gone"),
+    "data-word": ("data", "saved", "saved", "gone"),  # a saved datasets folder; no hub name lacks a slash
+    "data-mapping": ("data", "{{path: rows.jsonl, kind: pairs}}", "rows.jsonl", "{{path: gone, kind: pairs}}"),
+    "sts": ("tasks", "['sts:{root}/rows.jsonl']", "rows.jsonl", "['sts:{root}/gone.jsonl']"),
+    "retrieval-split": ("tasks", "['retrieval:bdir:test']", "bdir", "['retrieval:gone:test']"),
+    "beir": ("data", "beir:bdir:test", "bdir", "beir:gone:test"),
+    "model-word": ("model", "mdir", "mdir", None),
+    "dot-model": ("model", ".", ".", None),
+    "teacher-word": ("extra_teachers", "[tdir]", "tdir", None),
+    "hub-id": ("model", "org/name", "org/name", None),  # a local folder of that name is what the stage loads
+    "builtin": ("data", "texts", None, None),
+    "builtin-task": ("tasks", "[stsb-dev]", None, None),
+    "alias": ("model", "smollm2-135m", None, None),
+    "plain-word": ("color", "green", None, None),
+    "data-kind": ("data", "{{path: texts, kind: pairs}}", None, None),  # the folder ./pairs is not read
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 def test_the_out_check_the_existence_check_and_the_inputs_agree(form: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n')
-    _beir(tmp_path / "bdir")
-    for name in ("texts", "stsb-dev", "smollm2-135m", "green", "mdir", "tdir", "org/name"):
-        (tmp_path / name).mkdir(parents=True)
-    key, value, read = {
-        "file": ("data", "rows.jsonl", "rows.jsonl"),
-        "dot-file": ("data", "./rows.jsonl", "rows.jsonl"),
-        "dir": ("data", f"{tmp_path}/bdir", "bdir"),
-        "data-mapping": ("data", "{path: rows.jsonl}", "rows.jsonl"),
-        "sts": ("tasks", f"['sts:{tmp_path}/rows.jsonl']", "rows.jsonl"),
-        "retrieval-split": ("tasks", "['retrieval:bdir:test']", "bdir"),
-        "beir": ("data", "beir:bdir:test", "bdir"),
-        "model-word": ("model", "mdir", "mdir"),
-        "teacher-word": ("extra_teachers", "[tdir]", "tdir"),
-        "builtin": ("data", "texts", None),
-        "builtin-task": ("tasks", "[stsb-dev]", None),
-        "alias": ("model", "smollm2-135m", None),
-        "plain-word": ("color", "green", None),
-        "hub-id": ("model", "org/name", "org/name"),  # a local folder of that name is what the stage loads
-    }[form]
-    body = f"stage: paths\nname: reader\nout: {tmp_path}/out\n{key}: {value}"
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    (root / "rows.jsonl").write_text('{"text": "a"}\n')
+    _beir(root / "bdir")
+    for name in ("texts", "stsb-dev", "smollm2-135m", "green", "mdir", "tdir", "org/name", "saved", "pairs"):
+        (root / name).mkdir(parents=True)
+    key, value, read, gone = FORMS[form]
+    body = f"stage: paths\nname: reader\nout: {tmp_path}/out\n{key}: {value.format(root=root)}"
     recipe = load_recipe(_recipe(tmp_path, body))
-    inputs = stage_inputs(recipe.stages[0])
-    assert inputs == ([str(tmp_path / read)] if read else [])
-    target = tmp_path / (read or value.strip("[]"))
+    target = (root / read).resolve() if read else root / ("pairs" if form == "data-kind" else value.strip("[]"))
+    assert stage_inputs(recipe.stages[0]) == ([str(target)] if read else [])
     writer = _recipe(tmp_path, body, f"stage: paths\nname: writer\nout: {target}")
     res = _cli("recipes", "validate", str(writer))
     if read:
         assert res.exit_code == 2, res.output
         assert f"is (or contains) {target}, which stage 'reader' reads" in _error_line(res.output)
-        gone = body.replace(read, "missing/" + read)  # a path the finder counts must exist
-        if form not in ("model-word", "teacher-word", "hub-id"):  # those may be hub ids
-            res = _cli("recipes", "validate", str(_recipe(tmp_path, gone)))
-            assert res.exit_code == 2, res.output
-            assert "file or directory not found" in _error_line(res.output) and "missing/" in res.output
     else:
         assert res.exit_code == 0, res.output
+    if gone:  # a path the finder counts must exist
+        missing = _recipe(tmp_path, body.replace(f"{key}: {value.format(root=root)}", f"{key}: {gone.format(root=root)}"))
+        res = _cli("recipes", "validate", str(missing))
+        assert res.exit_code == 2, res.output
+        assert _error_line(res.output).startswith(f"{missing}:6: stage 'reader': {key}")
+        assert "file or directory not found: " in _error_line(res.output) and "gone" in res.output
 
 
 @pytest.mark.parametrize("body,read", [
@@ -298,3 +306,24 @@ def test_a_path_no_file_system_accepts_is_a_one_line_error(tmp_path: Path) -> No
     assert res.exit_code == 2, res.output
     assert _error_line(res.output) == f"{path}:6: stage 'binarizer': data: file or directory not found: './a\\x00b.jsonl'"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.parametrize("body", ["stage: mntp\nmodel: some/model\nout: {out}\ndata: [saved]",
+                                  "stage: contrastive\nmodel: some/model\nout: {out}\ndata: [{{path: saved}}]",
+                                  "stage: compress\nmodel: some/model\nout: {out}\nheal_data: saved"])
+def test_a_data_folder_named_without_a_slash_is_an_input_of_the_real_stages(body: str, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "saved").mkdir()  # a saved datasets folder: read from disk, since no hub name lacks a slash
+    path = _recipe(tmp_path, body.format(out=tmp_path / "out"))
+    assert stage_inputs(load_recipe(path).stages[0]) == [str(tmp_path / "saved")]
+    clash = _recipe(tmp_path, body.format(out=tmp_path / "saved"))
+    res = _cli("recipes", "validate", str(clash))
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output).endswith(f"out: {tmp_path}/saved is (or contains) {tmp_path}/saved, which stage "
+                                            f"'{body.split()[1]}' reads; writing there would delete it: choose "
+                                            "another out")
+    (tmp_path / "saved").rmdir()
+    res = _cli("recipes", "validate", str(path))
+    assert res.exit_code == 2, res.output
+    assert _error_line(res.output).endswith(": file or directory not found: saved")
