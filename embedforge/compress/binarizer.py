@@ -84,7 +84,10 @@ def train_binarizer(vectors: np.ndarray, config: BinarizerConfig, ckpt_dir: str 
     n, dim = x_all.shape
     world = world_size()
     if n // world < 2:
-        raise ValueError(f"the binarizer needs at least 2 training vectors per process, got {n} for {world}")
+        from embedforge.data import DataError
+
+        raise DataError(f"{where}: {n} training vector(s) for {world} process(es), but each batch needs at least 2 "
+                        "per process; give more training texts (data, data_limit)")
     options = dataclasses.replace(config.train, batch_size=min(config.train.batch_size, n // world))
     steps = options.steps(n, world, drop_last=True)
     torch.manual_seed(options.seed)  # the same initial weights on every process

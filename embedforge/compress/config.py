@@ -46,6 +46,7 @@ class CompressConfig:
     heal_data: str = opt("texts", help="texts for healing: a built-in name, a data file or beir:FOLDER")
     heal_limit: int = opt(2000, help="at most this many healing texts")
     max_seq_length: int = opt(128, help="token limit during healing")
+    # the defaults are the earlier healing loop's: 200 constant-rate AdamW steps (decay 0.01, clipping 1.0), fp32
     train: TrainOptions = train_field(
         learning_rate=5e-5, lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.01, batch_size=32,
         max_steps=200, epochs=None, precision="fp32", seed=0)
@@ -93,7 +94,8 @@ class BinarizerConfig:
     output: str = opt("float", help="what the model's sentence_embedding becomes: float (reconstruction), "
                                     "packed (uint8 codes) or passthrough (input unchanged, codes on the side)")
     encode_batch_size: int = opt(64, help="texts per forward pass when encoding the training texts")
-    # batch_size: vectors per step and process; the similarity losses compare within a batch
+    # train.batch_size counts vectors per step and process (the similarity losses compare within a batch); the
+    # defaults are the earlier loop's: 600 steps, 5% warmup then cosine, AdamW without decay, no gradient clipping
     train: TrainOptions = train_field(
         learning_rate=1e-3, lr_scheduler="cosine", warmup_ratio=0.05, weight_decay=0.0, batch_size=512,
         max_steps=600, epochs=None, precision="fp32", seed=0)

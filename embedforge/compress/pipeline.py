@@ -178,20 +178,17 @@ def _wait_for_main(out_dir: Path, started: float, poll_s: float = 2.0) -> None:
     processes; otherwise (no healing: only the first process works) the others wait for a lineage file written
     after ``started``. A no-op in a single process."""
     import os
-    import time
 
     import torch.distributed as dist
 
     from embedforge.model import LINEAGE_FILE
-    from embedforge.training.engine import world_size
+    from embedforge.training.engine import is_main_process, world_size
 
     if world_size() <= 1:
         return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         return
-    from embedforge.training.engine import is_main_process
-
     if is_main_process():
         return
     timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))

@@ -145,3 +145,12 @@ def test_learned_binarizer_exports_to_onnx_with_packed_output(tmp_path):
     (out,) = sess.run(None, {"sentence_embedding": x2})
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, binarize(b, x2)[0])
+
+
+def test_too_few_vectors_are_refused_in_one_line(tmp_path):
+    from embedforge.data import DataError
+
+    with pytest.raises(DataError, match=r"^binarizer: 1 training vector\(s\) for 1 process\(es\), but each batch "
+                                        r"needs at least 2 per process; give more training texts") as err:
+        train_binarizer(_clustered(1), _config(max_steps=2), tmp_path / "ck")
+    assert err.value.exit_code == 2 and not (tmp_path / "ck").exists()

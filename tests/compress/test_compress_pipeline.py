@@ -133,6 +133,13 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
     # Same codes as binarizing the float vectors of the model without the binarizer.
     floats = load_embedder(src).encode(texts, convert_to_numpy=True)
     np.testing.assert_array_equal(codes, binarize(model[-1], floats)[0])
+    # A second binarizer on top of the first is refused before any work, naming the key.
+    from embedforge.configs import ConfigError
+
+    again = build_config(BinarizerConfig, {"model": str(out), "data": str(texts_file)})
+    with pytest.raises(ConfigError, match=rf"^model: {out} already ends in a binarizer; give the model without one$"):
+        run_binarizer(again, tmp_path / "twice", StageContext())
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "twice.ckpt").exists()
 
 
 @pytest.mark.parametrize("settings, message", [
