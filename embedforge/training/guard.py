@@ -94,12 +94,24 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """``key: old -> new`` for the first changed keys (at most three)."""
     if not isinstance(old, dict):
         return "no record of its settings"
+    old, new = _flat(old), _flat(new)  # a nested train: mapping names its changed key as train.KEY
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not keys:
         return "settings hash differs"
     parts = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3]]
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return "; ".join(parts) + more
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"train": {"learning_rate": x}}`` as ``{"train.learning_rate": x}`` (one level of nesting)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _short(value: Any, limit: int = 60) -> str:
