@@ -55,6 +55,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx.data",
 #: config keys holding models, per stage type ("model" is checked for every stage)
 MODEL_KEYS = {"distill": ("extra_teachers", "student_model"), "mntp": ("lm_source",),
               "contrastive": ("distill_teacher",)}
+#: config keys holding lists of data sources, per stage type: (key, how the stage reads it)
+DATA_LIST_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mntp": (("data", "texts"),),
+    "simcse": (("data", "texts"),),
+    "contrastive": (("data", "pairs"), ("stage2_data", "pairs")),
+    "distill": (("texts", "any"),),
+}
+#: config keys holding one data source, per stage type: (key, how the stage reads it)
+DATA_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "compress": (("heal_data", "texts"), ("calibration_data", "texts"), ("vocab_corpus", "texts")),
+    "binarizer": (("data", "texts"),),
+    "export": (("calibration_data", "texts"), ("probe_texts", "lines")),
+}
 
 
 @dataclass
@@ -181,21 +194,10 @@ def model_bytes(value: str, plan: _Plan | None = None) -> float:
 def _data_values(st: Stage) -> Iterator[tuple[str, Any, str]]:
     """``(key, spec, mode)`` for every data source of a stage; mode says how the stage reads it."""
     cfg = st.config
-    lists: dict[str, tuple[tuple[str, str], ...]] = {
-        "mntp": (("data", "texts"),),
-        "simcse": (("data", "texts"),),
-        "contrastive": (("data", "pairs"), ("stage2_data", "pairs")),
-        "distill": (("texts", "any"),),
-    }
-    singles: dict[str, tuple[tuple[str, str], ...]] = {
-        "compress": (("heal_data", "texts"), ("calibration_data", "texts"), ("vocab_corpus", "texts")),
-        "binarizer": (("data", "texts"),),
-        "export": (("calibration_data", "texts"), ("probe_texts", "lines")),
-    }
-    for key, mode in lists.get(st.stage, ()):
+    for key, mode in DATA_LIST_KEYS.get(st.stage, ()):
         for i, spec in enumerate(getattr(cfg, key, None) or []):
             yield f"{key}[{i}]", spec, mode
-    for key, mode in singles.get(st.stage, ()):
+    for key, mode in DATA_KEYS.get(st.stage, ()):
         spec = getattr(cfg, key, None)
         if spec is not None:
             yield key, spec, mode

@@ -300,13 +300,45 @@ def _substitute(value: Any, scope: dict[str, Any], where: str) -> Any:
     return _REF.sub(text, value)
 
 
-def _looks_like_local_path(value: str) -> bool:
-    if value.startswith(("/", "./", "../", "~")):
-        return True
-    return value.lower().endswith(_FILE_SUFFIXES) and "\n" not in value and len(value) < 400
+# ------------------------------------------------------------------------------ the local paths a stage reads
 
 
 _TASK = re.compile(r"(sts|classification|retrieval):(.+)", re.S)
+#: keys that name a folder the way ``model`` does, besides the per-stage model keys of :mod:`embedforge.preflight`
+_FOLDER_KEYS: dict[str, tuple[str, ...]] = {"eval": ("export",)}
+
+
+@dataclass(frozen=True)
+class LocalInput:
+    """A local file or folder that a stage's config names."""
+
+    key: str
+    """Where in the config it is written: ``model``, ``tasks[0]``, ``data[1].path``."""
+    text: str
+    """The path as written (for a task spec or a ``beir:`` source, its file or folder part)."""
+    path: Path
+    """The same path, absolute (relative paths are taken from the current directory)."""
+    must_exist: bool
+    """True: it must exist, or an earlier stage must write it; False: a hub id unless a folder of that name exists."""
+
+    def present(self, produced: typing.Iterable[Path] = ()) -> bool:
+        """Whether it exists now or lies in (or is) one of ``produced``, the outs of earlier stages."""
+        try:
+            if self.path.exists():
+                return True
+        except (OSError, ValueError):  # a name no file system accepts
+            return False
+        return any(self.path == p or p in self.path.parents for p in produced)
+
+
+def _key_roles(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The keys of stage ``kind`` that name models (or a model's folder) and those that name data sources, as
+    :mod:`embedforge.preflight` knows them."""
+    from embedforge.preflight import DATA_KEYS, DATA_LIST_KEYS, MODEL_KEYS
+
+    models = ("model", *MODEL_KEYS.get(kind, ()), *_FOLDER_KEYS.get(kind, ()))
+    data = tuple(key for key, _ in (*DATA_LIST_KEYS.get(kind, ()), *DATA_KEYS.get(kind, ())))
+    return models, data
 
 
 def _is_task_key(key: str) -> bool:
@@ -325,6 +357,39 @@ def _task_file(value: str) -> str | None:
     return rest
 
 
+def _path_text(key: str, value: str, role: str | None) -> tuple[str, bool] | None:
+    """``(path, must_exist)`` when the config string ``value`` at ``key`` names a local file or folder, else None.
+
+    ``role`` is ``"model"`` for a value of a model key, ``"data"`` for a data source (an item of a data key, or
+    the ``path`` of a data mapping), else None. Task specs and ``beir:FOLDER[:split]`` data sources name their
+    file or folder part; built-in data sets, built-in tasks and model aliases are names, whatever folders exist; a
+    string shaped like a path (``/``, ``./``, ``../``, ``~``, a data file suffix) and a data source without a ``/``
+    (no hub name) must exist; a model, and any other string with a ``/``, is a local folder when one exists and a
+    hub id otherwise.
+    """
+    if not value or "\n" in value or len(value) >= 400:
+        return None
+    if _is_task_key(key):
+        part = _task_file(value)
+        return (part, True) if part else None
+    if role == "data" and value.startswith("beir:"):  # read as embedforge.data does: the folder ends at ':'
+        folder = value[len("beir:"):].partition(":")[0]
+        return (folder, True) if folder else None
+    from embedforge.data import BUILTINS
+    from embedforge.sources import ALIASES
+
+    if value in BUILTINS or value in ALIASES:
+        return None
+    if value.startswith(("/", "./", "../", "~")) or value.lower().endswith(_FILE_SUFFIXES):
+        return value, True
+    slash = "/" in value or os.sep in value
+    if (role == "model" and value in (".", "..")) or (role == "data" and not slash):
+        return value, True
+    if role == "model" or slash:
+        return value, False
+    return None
+
+
 def _walk_strings(value: Any, key: str) -> typing.Iterator[tuple[str, str]]:
     """Every string inside a config value, with its key path (``tasks[1]``, ``data.path``)."""
     if isinstance(value, dict):
@@ -337,76 +402,46 @@ def _walk_strings(value: Any, key: str) -> typing.Iterator[tuple[str, str]]:
         yield key, value
 
 
-def _local_path(key: str, value: str) -> tuple[str, bool] | None:
-    """``(path, must_exist)`` when a config string names a local file or folder, else None."""
-    if _is_task_key(key):
-        part = _task_file(value)
-        return (part, True) if part is not None else None
-    if not value or "\n" in value or len(value) >= 400 or value in (".", ".."):
-        return None
-    from embedforge.data import BUILTINS
-    from embedforge.sources import ALIASES
-
-    if value in BUILTINS or value in ALIASES:
-        return None
-    if _looks_like_local_path(value):
-        return value, True
-    if "/" in value or os.sep in value or key == "model":
-        return value, False  # a hub id or a local directory, whichever exists
-    return None
-
-
 def _absolute(value: str) -> Path:
-    path = Path(value).expanduser()
-    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of no known user
+        path = Path(value)
+    path = path if path.is_absolute() else Path.cwd() / path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: kept as written
+        return path
 
 
-def _check_inputs(value: Any, key: str, produced: list[Path], where: str) -> None:
-    """Every local path a stage reads must exist, unless an earlier stage of the recipe produces it."""
-    for sub, text in _walk_strings(value, key):
-        found = _local_path(sub, text)
-        if found is None or not found[1]:
+def local_inputs(kind: str, values: dict[str, Any]) -> list[LocalInput]:
+    """The local files and folders that a stage of type ``kind`` with config ``values`` (the recipe's keys;
+    ``name``, ``stage`` and ``out`` are skipped) names, in key order.
+
+    This one list decides three things: which paths must exist when the recipe is validated (``must_exist``),
+    which paths no stage's ``out`` may be or contain, and whose identities decide whether a finished stage is
+    current (:func:`stage_inputs`). The last two take the entries that are :meth:`LocalInput.present`.
+    """
+    model_keys, data_keys = _key_roles(kind)
+    found: list[LocalInput] = []
+    for key, value in values.items():
+        if key in RESERVED:
             continue
-        path = _absolute(found[0])
-        if path.exists() or any(path == p or p in path.parents for p in produced):
-            continue
-        raise RecipeError(f"{where}: {sub}: file or directory not found: {found[0]}")
+        source = re.compile(rf"{re.escape(key)}(\[\d+\])?(\.path)?")  # a data source, not its kind or columns
+        for sub, text in _walk_strings(value, key):
+            role = "model" if key in model_keys else "data" if key in data_keys and source.fullmatch(sub) else None
+            hit = _path_text(sub, text, role)
+            if hit is not None:
+                found.append(LocalInput(key=sub, text=hit[0], path=_absolute(hit[0]), must_exist=hit[1]))
+    return found
 
 
 def stage_inputs(stage: Stage, produced: list[Path] | tuple[Path, ...] = ()) -> list[str]:
     """The local files and folders ``stage`` reads (absolute paths): those that exist now and those that earlier
     stages (``produced``: their outputs) will write. Their identities decide whether its output is current."""
-    found: set[str] = set()
-    for key, value in stage.raw.items():
-        if key in RESERVED:
-            continue
-        for sub, text in _walk_strings(value, key):
-            hit = _local_path(sub, text)
-            if hit is None:
-                continue
-            try:
-                path = _absolute(hit[0])
-                exists = path.exists()
-            except (OSError, RuntimeError, ValueError):  # not a usable path after all
-                continue
-            if exists or any(path == p or p in path.parents for p in produced):
-                found.add(os.fspath(path))
+    found = {os.fspath(item.path) for item in local_inputs(stage.stage, stage.raw) if item.present(produced)}
     found.discard(os.fspath(stage.out))
     return sorted(found)
-
-
-def _local_inputs(value: Any) -> list[Path]:
-    """The local files and directories among a stage's config values (hub ids and plain words are left out)."""
-    if isinstance(value, dict):
-        return [p for v in value.values() for p in _local_inputs(v)]
-    if isinstance(value, list):
-        return [p for v in value for p in _local_inputs(v)]
-    if not isinstance(value, str) or not value or "\n" in value or len(value) > 400:
-        return []
-    path = Path(value).expanduser()
-    if _looks_like_local_path(value) or path.exists():
-        return [path.resolve()]
-    return []
 
 
 def _check_out(out: Path, name: str, inputs: list[Path], earlier: list[Stage], reads: list[tuple[str, Path]],
@@ -493,9 +528,15 @@ def validate_recipe(doc: Any, lines: dict[str, int], source: str = "<recipe>", *
             raise RecipeError(f"{at(f'{p}.{key}' if key else p)}: stage {name!r}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"{at(p)}: stage {name!r}: {exc}") from None
-        for key, value in cfg_values.items():
-            _check_inputs(value, key, produced, f"{at(f'{p}.{key}')}: stage {name!r}")
-        _check_out(out, name, _local_inputs(cfg_values), built, reads, f"{at(f'{p}.out')}: stage {name!r}: out")
+        inputs = local_inputs(kind, cfg_values)
+        for item in inputs:
+            if item.must_exist and not item.present(produced):
+                key = re.split(r"[.\[]", item.key, maxsplit=1)[0]
+                shown = item.text if item.text.isprintable() else repr(item.text)
+                raise RecipeError(f"{at(f'{p}.{key}')}: stage {name!r}: {item.key}: file or directory not found: "
+                                  f"{shown}")
+        _check_out(out, name, [item.path for item in inputs if item.present(produced)], built, reads,
+                   f"{at(f'{p}.out')}: stage {name!r}: out")
         built.append(Stage(name=name, stage=kind, out=out, config=config, raw=values))
         produced.append(out)
         scope["stages"][name] = {**values, "out": str(out)}

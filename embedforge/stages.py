@@ -35,8 +35,10 @@ STAGES: dict[str, StageEntry] = {
     # distill/
     "distill": StageEntry("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
     # compress/ (also: embedding quantizer / learned binarizer training)
-    "binarizer": StageEntry("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer"),
-    "compress": StageEntry("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run"),
+    "binarizer": StageEntry("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer",
+                            distributed=True),
+    "compress": StageEntry("embedforge.compress.config:CompressConfig", "embedforge.compress.pipeline:run",
+                           distributed=True),
     # export/
     "export": StageEntry("embedforge.export.config:ExportConfig", "embedforge.export.pipeline:run"),
 }

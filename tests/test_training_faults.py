@@ -163,12 +163,20 @@ def test_distill_refuses_nan_weights_even_when_the_loss_stayed_finite(
     _assert_diverged(err, tmp_path / "student")
 
 
-def test_compress_heal_stops_on_divergence(bert_dir: Path, files: dict[str, Path], tmp_path: Path) -> None:
+def _compress_config(bert_dir: Path, files: dict[str, Path], **train: Any) -> Any:
+    """A healing compress config: the stage's own training defaults except the ``train`` keys given."""
     from embedforge.compress.config import CompressConfig
+    from embedforge.recipe import build_config
+
+    return build_config(CompressConfig, {"model": str(bert_dir), "layers": {"spread": 2}, "heal": True,
+                                         "heal_data": str(files["texts"]), "max_seq_length": 32,
+                                         "train": {"batch_size": 8, **train}})
+
+
+def test_compress_heal_stops_on_divergence(bert_dir: Path, files: dict[str, Path], tmp_path: Path) -> None:
     from embedforge.compress.pipeline import run
 
-    cfg = CompressConfig(model=str(bert_dir), layers={"spread": 2}, heal_steps=6, heal_data=str(files["texts"]),
-                         heal_batch_size=8, heal_lr=HUGE_LR, max_seq_length=32)
+    cfg = _compress_config(bert_dir, files, max_steps=6, learning_rate=HUGE_LR)
     with pytest.raises(NanLossError) as err:
         run(cfg, tmp_path / "small", StageContext())
     _assert_diverged(err, tmp_path / "small")
@@ -182,6 +190,7 @@ def test_binarizer_stops_on_divergence_and_records_its_stage(
     from embedforge.compress.config import BinarizerConfig
     from embedforge.compress.pipeline import run_binarizer
     from embedforge.model import read_lineage
+    from embedforge.recipe import build_config
 
     real_loss = binarizer.binarizer_loss
     calls = {"n": 0}
@@ -192,7 +201,8 @@ def test_binarizer_stops_on_divergence_and_records_its_stage(
         return (loss * float("inf") if calls["n"] == 3 else loss), parts
 
     monkeypatch.setattr(binarizer, "binarizer_loss", poisoned)
-    cfg = BinarizerConfig(model=str(bert_dir), data=str(files["texts"]), steps=5, batch_size=16)
+    cfg = build_config(BinarizerConfig, {"model": str(bert_dir), "data": str(files["texts"]),
+                                         "train": {"max_steps": 5, "batch_size": 16}})
     with pytest.raises(NanLossError, match=r"^binarizer: the training loss became inf at step 3;") as err:
         run_binarizer(cfg, tmp_path / "bin", StageContext())
     _assert_diverged(err, tmp_path / "bin")
@@ -333,19 +343,30 @@ def test_planted_pickle_in_the_heal_checkpoint_never_runs(bert_dir: Path, files:
                                                           tmp_path: Path) -> None:
     import torch
 
-    from embedforge.compress.config import CompressConfig
     from embedforge.compress.pipeline import run
     from embedforge.model import read_lineage
+    from embedforge.testing import sigterm_at
 
     marker = tmp_path / "pickle-ran"
     ckpt = tmp_path / "small.ckpt"
     ckpt.mkdir()
-    torch.save({"model": _Planted(marker), "signature": None}, ckpt / "heal.pt")
-    cfg = CompressConfig(model=str(bert_dir), layers={"spread": 2}, heal_steps=3, heal_data=str(files["texts"]),
-                         heal_batch_size=8, max_seq_length=32)
+    torch.save({"model": _Planted(marker), "signature": None}, ckpt / "heal.pt")  # the old loop's file name
+    cfg = _compress_config(bert_dir, files, max_steps=3)
     run(cfg, tmp_path / "small", StageContext())
     assert not marker.exists(), "a pickle from the checkpoint folder was executed"
     assert read_lineage(tmp_path / "small")["metrics"]["heal_steps"] == 3
+    # A pickle planted in a complete checkpoint of this very run (the trainer's RNG state file) is never executed
+    # either: the rerun refuses to unpickle it instead of resuming.
+    out = tmp_path / "again"
+    with pytest.raises(TrainingInterrupted):
+        run(cfg, out, StageContext(extra={"train_callbacks": [sigterm_at(2)]}))
+    rng_file = tmp_path / "again.ckpt" / "checkpoint-2" / "rng_state.pth"
+    assert rng_file.is_file()
+    torch.save({"python": _Planted(marker)}, rng_file)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        run(cfg, out, StageContext())
+    assert not marker.exists(), "a pickle from the checkpoint folder was executed"
+    assert not out.exists()
 
 
 def test_no_pickle_loading_in_the_package() -> None:
@@ -364,54 +385,34 @@ def test_no_pickle_loading_in_the_package() -> None:
 
 
 def test_heal_checkpoints_on_sigterm_resumes_and_restarts_on_changed_settings(
-    bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    bert_dir: Path, files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import torch
-    from safetensors import safe_open
-    from sentence_transformers import SentenceTransformer
+    from embedforge.compress.pipeline import run
+    from embedforge.model import read_lineage
+    from embedforge.testing import sigterm_at
+    from embedforge.training.guard import TRAIN_RECORD
 
-    from embedforge.backbone import keep_layers
-    from embedforge.compress.pruning import heal
-
-    texts = sample_texts()
-    teacher = np.random.default_rng(0).standard_normal((len(texts), 32)).astype(np.float32)
-
-    def pruned() -> Any:
-        model = SentenceTransformer(str(bert_dir), device="cpu")
-        keep_layers(model, [0])
-        return model
-
-    settings = {"heal_lr": 1e-3}
-    common = dict(steps=8, lr=1e-3, batch_size=4, show_progress=False, checkpoint_every=100)
-    straight = pruned()
-    torch.manual_seed(0)  # BERT's dropout draws from the global generator; a checkpoint carries its state
-    heal(straight, texts, teacher, **common)
-    real_clip = torch.nn.utils.clip_grad_norm_
-    calls = {"n": 0}
-
-    def clip_then_signal(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_signal)
-    torch.manual_seed(0)
+    cfg = _compress_config(bert_dir, files, max_steps=8, learning_rate=1e-3, save_steps=100)
+    run(cfg, tmp_path / "straight", StageContext())
+    out = tmp_path / "small"
     with pytest.raises(TrainingInterrupted, match=r"^compress \(heal\): .* at step 5; .*Rerun") as err:
-        heal(pruned(), texts, teacher, checkpoint_dir=tmp_path / "ck", signature=settings, **common)
+        run(cfg, out, StageContext(extra={"train_callbacks": [sigterm_at(5)]}))
     assert err.value.exit_code == 130 and "\n" not in str(err.value)  # interrupted, as for Ctrl-C
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    with safe_open(str(tmp_path / "ck" / "heal.safetensors"), "pt") as fh:
-        assert json.loads(fh.metadata()["embedforge"])["step"] == 5
-    resumed = pruned()
-    heal(resumed, texts, teacher, checkpoint_dir=tmp_path / "ck", signature=settings, **common)
-    np.testing.assert_allclose(resumed.encode(texts), straight.encode(texts), atol=1e-5)
+    assert not out.exists()
+    assert json.loads((tmp_path / "small.ckpt" / "checkpoint-5" / TRAIN_RECORD).read_text())["step"] == 5
+    run(cfg, out, StageContext())
+    train = read_lineage(out)["extra"]["train"]
+    assert train["resumed_from"] == str(tmp_path / "small.ckpt" / "checkpoint-5")
+    np.testing.assert_allclose(_vectors(out), _vectors(tmp_path / "straight"), atol=1e-5)
     # Changed settings: the checkpoint is not used, and the log names the change.
-    with caplog.at_level(logging.WARNING, logger="embedforge.compress.pruning"):
-        heal(pruned(), texts, teacher, checkpoint_dir=tmp_path / "ck", signature={"heal_lr": 1e-4},
-             **{**common, "lr": 1e-4})
-    assert any("(heal_lr: 0.001 -> 0.0001); starting over" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TrainingInterrupted):
+        run(cfg, tmp_path / "other", StageContext(extra={"train_callbacks": [sigterm_at(5)]}))
+    changed = _compress_config(bert_dir, files, max_steps=8, learning_rate=1e-4, save_steps=100)
+    with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
+        run(changed, tmp_path / "other", StageContext())
+    assert any("(train.learning_rate: 0.001 -> 0.0001); starting over" in r.getMessage() for r in caplog.records)
+    assert read_lineage(tmp_path / "other")["extra"]["train"]["resumed_from"] is None
 
 
 def test_resume_point_restarts_when_the_input_model_was_remade(tmp_path: Path,

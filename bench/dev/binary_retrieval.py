@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -349,7 +350,9 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
     import faiss
     import torch
 
-    from embedforge.compress.binarizer import BinarizerTraining, binarize, level_scores, train_binarizer
+    from embedforge.compress.binarizer import binarize, level_scores, train_binarizer
+    from embedforge.compress.config import BinarizerConfig
+    from embedforge.recipe import build_config
     from embedforge.compress.quantization import (
         BinaryRescoreIndex, Int8Calibration, binary_search, faiss_binary_index, pack_binary, rescore,
     )
@@ -457,9 +460,14 @@ def run(model_dir_or_encoder: Any, out_dir: str | os.PathLike[str], *, bits: int
         bits * dim, lsh_d.nbytes, None, None)
 
     # 5. learned binarizer (k = bits); its level 0 alone is a 1-bit code, compared with sign at equal bits
-    hp = BinarizerTraining(bits=bits, steps=train_steps, batch_size=train_batch, seed=seed)
+    hp = build_config(BinarizerConfig, {"model": "bench", "bits": bits,
+                                        "train": {"max_steps": train_steps, "batch_size": train_batch, "seed": seed}})
     t0 = time.perf_counter()
-    binarizer, hist = train_binarizer(train_vecs, hp)
+    ckpt = out / "binarizer.ckpt"
+    shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run: no resume from an earlier benchmark
+    binarizer, stats = train_binarizer(train_vecs, hp, ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    hist = {"first": stats["loss_first"], "last": stats["loss_last"], "loss_history": stats["loss_history"]}
     train_s = time.perf_counter() - t0
     d_codes, d_rec = binarize(binarizer, docs)
     q_codes, q_rec = binarize(binarizer, queries)

@@ -15,32 +15,17 @@ MLP starts as the identity), so training can only move away from sign where the 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from embedforge.evaluation import l2_normalize
 
+if TYPE_CHECKING:
+    from embedforge.compress.config import BinarizerConfig
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BinarizerTraining:
-    """Hyper-parameters of :func:`train_binarizer` (mirrors the fields of ``BinarizerConfig``)."""
-
-    bits: int = 2
-    hidden_dim: int | None = None
-    steps: int = 600
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    temperature: float = 0.05
-    sym_weight: float = 1.0
-    asym_weight: float = 1.0
-    mse_weight: float = 1.0
-    seed: int = 0
 
 
 def _kl_rows(student_logits: Any, teacher_logits: Any) -> Any:
@@ -51,81 +36,103 @@ def _kl_rows(student_logits: Any, teacher_logits: Any) -> Any:
                     log_target=True, reduction="batchmean")
 
 
-def binarizer_loss(binarizer: Any, x: Any, hp: BinarizerTraining) -> tuple[Any, dict[str, float]]:
-    """The training loss on one batch of L2-normalized teacher vectors ``x`` (torch, ``(B, D)``)."""
+def binarizer_loss(recon: Any, x: Any, weights: BinarizerConfig) -> tuple[Any, dict[str, float]]:
+    """The training loss of one batch: reconstructions ``recon`` of the L2-normalized teacher vectors ``x`` (torch,
+    ``(B, D)``, B >= 2), with the temperature and loss weights of ``weights``."""
     import torch
 
-    _, recon = binarizer.encode_levels(x)
     teacher = x @ x.T
     mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    t_logits = (teacher / hp.temperature).masked_fill(mask, -1e4)
+    t_logits = (teacher / weights.temperature).masked_fill(mask, -1e4)
     parts: dict[str, Any] = {}
-    if hp.sym_weight:
-        parts["sym"] = _kl_rows(((recon @ recon.T) / hp.temperature).masked_fill(mask, -1e4), t_logits)
-    if hp.asym_weight:
-        parts["asym"] = _kl_rows(((x @ recon.T) / hp.temperature).masked_fill(mask, -1e4), t_logits)
-    if hp.mse_weight:
+    if weights.sym_weight:
+        parts["sym"] = _kl_rows(((recon @ recon.T) / weights.temperature).masked_fill(mask, -1e4), t_logits)
+    if weights.asym_weight:
+        parts["asym"] = _kl_rows(((x @ recon.T) / weights.temperature).masked_fill(mask, -1e4), t_logits)
+    if weights.mse_weight:
         parts["mse"] = ((recon - x) ** 2).sum(dim=-1).mean()
-    weights = {"sym": hp.sym_weight, "asym": hp.asym_weight, "mse": hp.mse_weight}
-    total = sum(weights[k] * v for k, v in parts.items())
+    factor = {"sym": weights.sym_weight, "asym": weights.asym_weight, "mse": weights.mse_weight}
+    total = sum(factor[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-def train_binarizer(vectors: np.ndarray, hp: BinarizerTraining | None = None, *, show_progress: bool = True,
-                    init: Any = None, where: str = "binarizer") -> tuple[Any, dict[str, Any]]:
-    """Train a :class:`LearnedBinarizer` on teacher vectors (rows are L2-normalized first).
+def train_binarizer(vectors: np.ndarray, config: BinarizerConfig, ckpt_dir: str | os.PathLike[str],
+                    settings: dict[str, Any] | None = None, *, callbacks: Iterable[Any] = (),
+                    where: str = "binarizer") -> tuple[Any, dict[str, Any]]:
+    """Train a :class:`LearnedBinarizer` (``config.bits``, ``config.hidden_dim``) on teacher vectors (rows are
+    L2-normalized first) through the training engine, under ``config.train``.
 
-    Returns the binarizer (eval mode, ``output="float"``) and a history dict with the first/last losses.
-    ``init`` continues from an existing binarizer (resume). A NaN or infinite loss stops training before the
-    optimizer applies it, and non-finite weights are refused at the end
-    (:class:`~embedforge.training.guard.NanLossError`).
+    Each batch holds ``train.batch_size`` vectors per process (fewer when there are fewer vectors; incomplete last
+    batches are dropped: the losses compare the vectors of a batch). Checkpoints go to ``ckpt_dir`` and a rerun
+    resumes only with the same ``settings`` (default: the config's training settings); a NaN or infinite loss
+    stops before the optimizer applies it (:class:`~embedforge.training.guard.NanLossError`). Under torchrun every
+    process starts from the same weights (seeded) and trains on its share of the vectors.
+
+    Returns the binarizer (eval mode, ``output="float"``) and the engine's statistics plus ``n_vectors``,
+    ``loss_first`` / ``loss_last`` (first and last logged losses) and ``last_parts`` (the loss terms of the last
+    step).
     """
-    import torch
-    from tqdm.auto import tqdm
+    import dataclasses
 
-    from embedforge.training.guard import check_loss, check_weights
+    import torch
 
     from embedforge.modules.binarizer import LearnedBinarizer
+    from embedforge.training.engine import build_trainer, run_training, trainer_arguments, world_size
+    from embedforge.training.guard import check_weights, last_checkpoint, training_settings
 
-    hp = hp or BinarizerTraining()
-    x_all = np.asarray(vectors, dtype=np.float32)
-    x_all = l2_normalize(x_all)
+    x_all = l2_normalize(np.asarray(vectors, dtype=np.float32))
     n, dim = x_all.shape
-    if n < 2:
-        raise ValueError("the binarizer needs at least 2 training vectors")
-    gen = torch.Generator().manual_seed(hp.seed)
-    torch.manual_seed(hp.seed)
-    model = init if init is not None else LearnedBinarizer(dim, bits=hp.bits, hidden_dim=hp.hidden_dim)
-    model.train()
-    data = torch.from_numpy(x_all)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, hp.steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / hp.steps))
-    )
-    batch = min(hp.batch_size, n)
-    history: dict[str, Any] = {"steps": hp.steps, "n_vectors": n, "loss_history": []}
-    every = max(1, hp.steps // 100)  # about 100 points of the loss curve for the run report
-    bar = tqdm(range(hp.steps), desc="binarizer", disable=not show_progress)
-    for step in bar:
-        idx = torch.randperm(n, generator=gen)[:batch]
-        loss, parts = binarizer_loss(model, data[idx], hp)
-        check_loss(float(loss.detach()), step + 1, where)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step == 0:
-            history["first"] = {"loss": float(loss.detach()), **parts}
-        if (step + 1) % every == 0:
-            history["loss_history"].append([step + 1, round(float(loss.detach()), 6)])
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    history["last"] = {"loss": float(loss.detach()), **parts}
-    check_weights(model, where)
+    world = world_size()
+    if n // world < 2:
+        from embedforge.data import DataError
+
+        raise DataError(f"{where}: {n} training vector(s) for {world} process(es), but each batch needs at least 2 "
+                        "per process; give more training texts (data, data_limit)")
+    options = dataclasses.replace(config.train, batch_size=min(config.train.batch_size, n // world))
+    steps = options.steps(n, world, drop_last=True)
+    torch.manual_seed(options.seed)  # the same initial weights on every process
+    model = LearnedBinarizer(dim, bits=config.bits, hidden_dim=config.hidden_dim)
+    last_parts: dict[str, float] = {}
+
+    def compute_loss(module: Any, inputs: dict[str, Any]) -> Any:
+        x = inputs["x"]
+        recon = module({"sentence_embedding": x})["sentence_embedding"]  # through forward: DDP syncs gradients
+        loss, parts = binarizer_loss(recon, x, config)
+        last_parts.update(parts)
+        return loss
+
+    args = trainer_arguments(options, ckpt_dir, steps, sentence_transformers=False, dataloader_drop_last=True,
+                             max_grad_norm=0.0)  # the binarizer trains without gradient clipping
+    trainer = build_trainer(model, args, _Vectors(torch.from_numpy(x_all)), compute_loss=compute_loss,
+                            data_collator=_stack)
+    stats = run_training(trainer, ckpt_dir, settings if settings is not None else training_settings(config),
+                         callbacks=callbacks, where=where)
+    check_weights(model, where, last_checkpoint(ckpt_dir))
     model.eval()
     model.output = "float"
-    logger.info("binarizer trained: loss %.4f -> %.4f", history["first"]["loss"], history["last"]["loss"])
-    return model, history
+    losses = [loss for _, loss in stats["loss_history"]] or [stats["train_loss"]]
+    stats.update(n_vectors=n, loss_first=float(losses[0]), loss_last=float(losses[-1]), last_parts=last_parts)
+    logger.info("binarizer trained: loss %.4f -> %.4f", stats["loss_first"], stats["loss_last"])
+    return model, stats
+
+
+class _Vectors:
+    """Rows of a ``(N, D)`` tensor as ``{"x": row}`` examples (a map-style data set for the trainer)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"x": self.data[index]}
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {"x": torch.stack([row["x"] for row in rows])}
 
 
 def binarize(binarizer: Any, vectors: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:

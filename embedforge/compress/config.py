@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
+from embedforge.training.options import TrainOptions, train_field
 
 
 class EmbeddingPrecision(str, Enum):
@@ -39,12 +41,15 @@ class CompressConfig:
 
     model: str = opt(help="model directory (or alias) to compress")
     layers: LayerSpec | None = opt(None, help=LAYERS_HELP + "; unset: no layer pruning")
-    heal_steps: int = opt(0, help="healing distillation steps towards the unpruned model's vectors (0: none)")
+    heal: bool = opt(False, help="after layer pruning, distill the pruned model back towards the unpruned model's "
+                                 "vectors ((1 - cos) + MSE; its schedule is train:)")
     heal_data: str = opt("texts", help="texts for healing: a built-in name, a data file or beir:FOLDER")
     heal_limit: int = opt(2000, help="at most this many healing texts")
-    heal_lr: float = opt(5e-5, help="learning rate of the healing distillation")
-    heal_batch_size: int = opt(32, help="texts per healing step")
     max_seq_length: int = opt(128, help="token limit during healing")
+    # the defaults are the earlier healing loop's: 200 constant-rate AdamW steps (decay 0.01, clipping 1.0), fp32
+    train: TrainOptions = train_field(
+        learning_rate=5e-5, lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.01, batch_size=32,
+        max_steps=200, epochs=None, precision="fp32", seed=0)
     vocab_corpus: str | None = opt(None, help="prune the vocabulary to the tokens this corpus uses "
                                               "(a built-in name, a data file or beir:FOLDER)")
     vocab_limit: int | None = opt(None, help="read at most this many corpus texts for vocabulary pruning")
@@ -55,18 +60,14 @@ class CompressConfig:
     truncate_dim: int | None = opt(None, help="Matryoshka truncation before embedding quantization")
     calibration_data: str = opt("texts", help="texts whose vectors calibrate int8 ranges")
     calibration_limit: int = opt(2000, help="at most this many calibration texts")
-    seed: int = opt(0, help="random seed")
 
     def __post_init__(self) -> None:
         self.weights = choice(WeightQuant, self.weights, "weights")
         self.embedding_precision = choice(EmbeddingPrecision, self.embedding_precision, "embedding_precision")
         check(bool(self.model), "model", "name the model directory to compress")
         check_layers(self.layers)
-        check(self.heal_steps >= 0, "heal_steps", "must be >= 0")
-        check(self.heal_steps == 0 or self.layers is not None, "heal_steps",
-              "healing only makes sense after layer pruning (set layers)")
-        check(self.heal_lr > 0, "heal_lr", "must be positive")
-        check(self.heal_batch_size > 0, "heal_batch_size", "must be positive")
+        check(not self.heal or self.layers is not None, "heal", "healing only makes sense after layer pruning "
+                                                                "(set layers)")
         check(self.heal_limit > 0, "heal_limit", "must be positive")
         check(self.max_seq_length > 0, "max_seq_length", "must be positive")
         check(self.vocab_limit is None or self.vocab_limit > 0, "vocab_limit", "must be positive")
@@ -78,15 +79,14 @@ class CompressConfig:
 class BinarizerConfig:
     """Train the learned multi-bit binarizer (BEBR) on the model's vectors and append it to the model."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"limit": "data_limit"}
+
     model: str = opt(help="model directory (or alias) whose vectors the binarizer learns")
     data: str = opt("texts", help="training texts: a built-in name, a data file or beir:FOLDER "
                                   "(keep evaluation queries out)")
-    limit: int = opt(20000, help="at most this many training texts")
+    data_limit: int = opt(20000, help="at most this many training texts")
     bits: int = opt(2, help="bit levels per dimension (the code has bits x dim bits)")
     hidden_dim: int | None = opt(None, help="width of each level's residual MLP (default 2 x dim)")
-    steps: int = opt(600, help="optimizer steps")
-    batch_size: int = opt(512, help="vectors per step (the similarity losses compare within a batch)")
-    lr: float = opt(1e-3, help="learning rate")
     temperature: float = opt(0.05, help="softmax temperature of the similarity-distribution losses")
     sym_weight: float = opt(1.0, help="weight of the code-vs-code similarity loss")
     asym_weight: float = opt(1.0, help="weight of the float-query-vs-code similarity loss")
@@ -94,16 +94,19 @@ class BinarizerConfig:
     output: str = opt("float", help="what the model's sentence_embedding becomes: float (reconstruction), "
                                     "packed (uint8 codes) or passthrough (input unchanged, codes on the side)")
     encode_batch_size: int = opt(64, help="texts per forward pass when encoding the training texts")
-    seed: int = opt(0, help="random seed")
+    # train.batch_size counts vectors per step and process (the similarity losses compare within a batch); the
+    # defaults are the earlier loop's: 600 steps, 5% warmup then cosine, AdamW without decay, no gradient clipping
+    train: TrainOptions = train_field(
+        learning_rate=1e-3, lr_scheduler="cosine", warmup_ratio=0.05, weight_decay=0.0, batch_size=512,
+        max_steps=600, epochs=None, precision="fp32", seed=0)
 
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "name the model directory")
         check(1 <= self.bits <= 8, "bits", "must be between 1 and 8")
         check(self.hidden_dim is None or self.hidden_dim > 0, "hidden_dim", "must be positive")
-        check(self.steps > 0, "steps", "must be positive")
-        check(self.batch_size >= 2, "batch_size", "needs at least 2 vectors per batch")
-        check(self.limit >= 2, "limit", "needs at least 2 texts")
-        check(self.lr > 0, "lr", "must be positive")
+        check(self.train.batch_size >= 2, "train.batch_size", "needs at least 2 vectors per batch (the losses "
+                                                              "compare vectors within a batch)")
+        check(self.data_limit >= 2, "data_limit", "needs at least 2 texts")
         check(self.temperature > 0, "temperature", "must be positive")
         check(min(self.sym_weight, self.asym_weight, self.mse_weight) >= 0, "sym_weight",
               "loss weights must be >= 0")

@@ -11,6 +11,9 @@
 
 ``run_binarizer`` encodes texts with the model (cached under ``<out_dir>.ckpt/``), trains the learned multi-bit
 binarizer on those vectors, appends it to the model and saves.
+
+Both train through :mod:`embedforge.training.engine` and run under torchrun: every process trains (healing, the
+binarizer) on its share of the data; only the first one writes anything, and the others wait until it has.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import numpy as np
 
 from embedforge.compress.config import BinarizerConfig, CompressConfig, EmbeddingPrecision, WeightQuant
 from embedforge.configs import ConfigError, StageContext
+from embedforge.errors import RunError
 from embedforge.data import load_texts, max_chars_for
 
 logger = logging.getLogger(__name__)
@@ -84,10 +89,16 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     from embedforge.compress.quantization import QUANTIZATION_FILE, EmbeddingQuantizer
     from embedforge.compress.vocab import prune_vocabulary
     from embedforge.compress.weights import WEIGHT_QUANT_FILE, load_bnb, require_bnb, weight_bytes
+    from embedforge.training.engine import checkpoint_dir, is_main_process
     from embedforge.training.guard import training_settings
 
     out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
+    started = time.time()
+    torch.manual_seed(config.train.seed)
+    main = is_main_process()
+    if not main and not config.heal:  # under torchrun, nothing to train: the first process does all the work
+        _wait_for_main(out_dir, started)
+        return
     if config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
         require_bnb()  # fail before any work
     # 1. model (checked against the config before any work), probe texts and (for healing) teacher vectors
@@ -98,22 +109,27 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     extra: dict[str, Any] = {}
     max_chars = max_chars_for(getattr(model, "max_seq_length", None))
     corpus = (load_texts(config.vocab_corpus, limit=config.vocab_limit, max_chars=max_chars,
-                         purpose="vocabulary pruning") if config.vocab_corpus else None)
+                         purpose="vocabulary pruning") if config.vocab_corpus and main else None)
     heal_texts: list[str] = []
     teacher: np.ndarray | None = None
-    if pruning and config.heal_steps:
+    if pruning and config.heal:
         heal_texts = load_texts(config.heal_data, limit=config.heal_limit, max_chars=max_chars, purpose="healing")
-        teacher = _vectors(model, heal_texts, config.heal_batch_size)
+        teacher = _vectors(model, heal_texts, config.train.batch_size)
     probe = (corpus or heal_texts or FALLBACK_PROBES)[:PROBE_TEXTS]
-    probe_before = _vectors(model, probe)
-    # 2. layer pruning + healing
+    probe_before = _vectors(model, probe) if main else np.zeros((0, 0), dtype=np.float32)
+    # 2. layer pruning + healing (every torchrun process trains; only the first one goes on and writes)
     if keep is not None:
         extra["layer_pruning"] = keep_layers(model, keep)
         if teacher is not None:
-            metrics.update(heal(model, heal_texts, teacher, steps=config.heal_steps, lr=config.heal_lr,
-                                batch_size=config.heal_batch_size, max_seq_length=config.max_seq_length,
-                                seed=config.seed, checkpoint_dir=Path(f"{out_dir}.ckpt"),
-                                signature=training_settings(config)))
+            healed, stats = heal(model, heal_texts, teacher, config.train, checkpoint_dir(out_dir),
+                                 training_settings(config), max_seq_length=config.max_seq_length,
+                                 callbacks=ctx.extra.get("train_callbacks", []))
+            metrics.update(healed)
+            extra["train"] = {"loss_history": stats["loss_history"], "wall_s": stats["wall_s"],
+                              "resumed_from": stats["resumed_from"]}  # read by the run report
+    if not main:
+        _wait_for_main(out_dir, started)
+        return
     # 3. vocabulary pruning
     if corpus is not None:
         extra["vocab_pruning"] = prune_vocabulary(model, corpus)
@@ -130,7 +146,7 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
         metrics.update({f"quantized_{k}": v for k, v in _cosines(probe_before, _vectors(measured, probe)).items()})
     elif config.weights in (WeightQuant.BNB_8BIT, WeightQuant.BNB_4BIT):
         bits = 8 if config.weights == WeightQuant.BNB_8BIT else 4
-        staging = Path(f"{out_dir}.ckpt") / "bnb-staging"
+        staging = checkpoint_dir(out_dir) / "bnb-staging"
         model.save(str(staging), safe_serialization=True)
         model = load_bnb(staging, bits)
         extra["weight_quantization"] = {"method": "bitsandbytes", "bits": bits}
@@ -152,7 +168,36 @@ def run(config: CompressConfig, out_dir: Path, ctx: StageContext) -> None:
     metrics["weight_bytes_after"] = weight_bytes(model)
     metrics.update(_cosines(probe_before, _vectors(model, probe)))
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files=files)
-    shutil.rmtree(f"{out_dir}.ckpt", ignore_errors=True)  # finished: checkpoints and staging are not needed
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # finished: checkpoints and staging are not needed
+    _wait_for_main(out_dir, started)
+
+
+def _wait_for_main(out_dir: Path, started: float, poll_s: float = 2.0) -> None:
+    """Under torchrun, hold every process here until the first one has written ``out_dir`` (its last step), so
+    that no process starts the recipe's next stage before its input exists. A barrier once training has joined the
+    processes; otherwise (no healing: only the first process works) the others wait for a lineage file written
+    after ``started``. A no-op in a single process."""
+    import os
+
+    import torch.distributed as dist
+
+    from embedforge.model import LINEAGE_FILE
+    from embedforge.training.engine import is_main_process, world_size
+
+    if world_size() <= 1:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return
+    if is_main_process():
+        return
+    timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
+    lineage = out_dir / LINEAGE_FILE
+    while not (lineage.is_file() and lineage.stat().st_mtime >= started - 1.0):
+        if time.time() - started > timeout:
+            raise RunError(f"compress: {out_dir} was not written by the first process within {timeout:.0f} s; "
+                           "see its log")
+        time.sleep(poll_s)
 
 
 def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None:
@@ -162,7 +207,7 @@ def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None
     """
     from embedforge.backbone import count_layers, select_layers
 
-    if config.heal_steps:
+    if config.heal:
         from embedforge.modules.loading import check_max_seq_length
 
         check_max_seq_length(model, config.max_seq_length, config.model)
@@ -192,42 +237,44 @@ def _load_quanto_copy(model: Any, weights: str) -> Any:
 
 
 def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> None:
-    """Train the learned binarizer on the model's vectors and save the model with it appended."""
+    """Train the learned binarizer on the model's vectors and save the model with it appended.
+
+    Under torchrun every process encodes the texts and trains on its share of the vectors; only the first one
+    writes anything (the vector cache, checkpoints, the model).
+    """
     import torch
     from sentence_transformers.sentence_transformer.modules import Normalize
 
-    from embedforge.compress.binarizer import BinarizerTraining, binarize, train_binarizer
+    from embedforge.compress.binarizer import binarize, train_binarizer
     from embedforge.modules.binarizer import find_binarizer
+    from embedforge.training.engine import checkpoint_dir, is_main_process
+    from embedforge.training.guard import training_settings
 
     out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
+    started = time.time()
+    torch.manual_seed(config.train.seed)
     model = _load(config.model, device="cuda" if torch.cuda.is_available() else None)
     if find_binarizer(model) is not None:
-        raise ValueError(f"{config.model} already ends in a binarizer")
+        raise ConfigError(f"model: {config.model} already ends in a binarizer; give the model without one",
+                          key="model")
     # 1. teacher vectors, cached so a rerun skips the encoding
     max_chars = max_chars_for(getattr(model, "max_seq_length", None))
-    texts = load_texts(config.data, limit=config.limit, max_chars=max_chars, purpose="binarizer training")
-    cache = Path(f"{out_dir}.ckpt")
-    cache.mkdir(parents=True, exist_ok=True)
-    vec_file = cache / f"vectors-{len(texts)}.npy"
-    if vec_file.is_file():
-        vectors = np.load(vec_file)
-    else:
-        vectors = _vectors(model, texts, config.encode_batch_size)
-        np.save(vec_file, vectors)
+    texts = load_texts(config.data, limit=config.data_limit, max_chars=max_chars, purpose="binarizer training")
+    ckpt = checkpoint_dir(out_dir)
+    vectors = _cached_vectors(model, texts, config.encode_batch_size, ckpt / f"vectors-{len(texts)}.npy")
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     # 2. train on 90%, measure on the held-out 10%
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.train.seed)
     order = rng.permutation(len(vectors))
     n_held = max(2, len(vectors) // 10) if len(vectors) >= 20 else 0
     held, train = vectors[order[:n_held]], vectors[order[n_held:]]
-    hp = BinarizerTraining(bits=config.bits, hidden_dim=config.hidden_dim, steps=config.steps,
-                           batch_size=config.batch_size, lr=config.lr, temperature=config.temperature,
-                           sym_weight=config.sym_weight, asym_weight=config.asym_weight,
-                           mse_weight=config.mse_weight, seed=config.seed)
-    binarizer, history = train_binarizer(train, hp)
-    metrics: dict[str, Any] = {"binarizer_loss_first": history["first"]["loss"],
-                               "binarizer_loss_last": history["last"]["loss"], "train_vectors": len(train)}
+    binarizer, stats = train_binarizer(train, config, ckpt, training_settings(config),
+                                       callbacks=ctx.extra.get("train_callbacks", []))
+    if not is_main_process():
+        _wait_for_main(out_dir, started)
+        return
+    metrics: dict[str, Any] = {"binarizer_loss_first": stats["loss_first"], "binarizer_loss_last": stats["loss_last"],
+                               "train_vectors": len(train), "train_steps": stats["steps"]}
     if n_held:
         metrics.update(similarity_preservation(binarizer, held))
     # 3. append (after a Normalize: the binarizer was trained on unit vectors) and save
@@ -238,10 +285,31 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
     model.append(binarizer.to(model.device))
     extra = {"binarizer": {"bits": config.bits, "dim": binarizer.dim, "output": config.output,
                            "code_bytes": int(codes.shape[1]), "scales": binarizer.scales.detach().tolist()},
-             "train": {"loss_history": history["loss_history"]}}  # read by the run report
+             "train": {"loss_history": stats["loss_history"], "wall_s": stats["wall_s"],
+                       "resumed_from": stats["resumed_from"]}}  # read by the run report
     _save(model, out_dir, source=config.model, config=config, ctx=ctx, metrics=metrics, extra=extra, files={},
           stage="binarizer")
-    shutil.rmtree(cache, ignore_errors=True)  # finished: the cached vectors are not needed any more
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the cached vectors and checkpoints are not needed any more
+    _wait_for_main(out_dir, started)
+
+
+def _cached_vectors(model: Any, texts: list[str], batch_size: int, cache: Path) -> np.ndarray:
+    """The model's vectors of ``texts``, read from ``cache`` when an earlier run left it; the first process writes
+    it (atomically: a rerun never reads half a file), the others only read."""
+    import os
+
+    from embedforge.training.engine import is_main_process
+
+    if cache.is_file():
+        return np.load(cache)
+    vectors = _vectors(model, texts, batch_size)
+    if is_main_process():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, vectors)
+        os.replace(tmp, cache)
+    return vectors
 
 
 def similarity_preservation(binarizer: Any, vectors: np.ndarray) -> dict[str, float]:

@@ -91,11 +91,10 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """``key: old -> new`` for the first changed keys (at most three); a key of a nested mapping (the ``train``
-    options) is named by its dotted path, ``train.learning_rate``."""
+    """``key: old -> new`` for the first changed keys (at most three)."""
     if not isinstance(old, dict):
         return "no record of its settings"
-    old, new = _flat(old), _flat(new)
+    old, new = _flat(old), _flat(new)  # a nested train: mapping names its changed key as train.KEY
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not keys:
         return "settings hash differs"
@@ -104,14 +103,14 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return "; ".join(parts) + more
 
 
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``settings`` with nested mappings spread into dotted keys."""
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"train": {"learning_rate": x}}`` as ``{"train.learning_rate": x}`` (one level of nesting)."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[key] = value
     return flat
 
 

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from embedforge.compress.binarizer import BinarizerTraining, binarize, level_scores, train_binarizer
+from embedforge.compress.binarizer import binarize, level_scores, train_binarizer
+from embedforge.compress.config import BinarizerConfig
 from embedforge.compress.quantization import faiss_binary_index, binary_search, hamming_distances, pack_binary
 from embedforge.modules.binarizer import LearnedBinarizer, SignBinarizer, pack_bits, unpack_bits
+
+
+def _config(bits: int = 2, **train: object) -> BinarizerConfig:
+    """A binarizer config with the stage's own training defaults, except the ``train`` keys given."""
+    from embedforge.recipe import build_config
+
+    return build_config(BinarizerConfig, {"model": "unused", "bits": bits, "train": train})
 
 
 def _clustered(n: int = 600, dim: int = 32, clusters: int = 12, seed: int = 0) -> np.ndarray:
@@ -44,12 +52,11 @@ def test_learned_binarizer_starts_as_sign_and_bitops_equal_reconstruction_dots()
     np.testing.assert_allclose(np.einsum("t,ntd->nd", scales, levels), recon, atol=1e-6)
 
 
-def test_training_improves_similarity_preservation_over_sign():
+def test_training_improves_similarity_preservation_over_sign(tmp_path):
     x = _clustered(800, seed=1)
     train, held = x[:600], x[600:]
-    hp = BinarizerTraining(bits=2, steps=80, batch_size=128, lr=3e-3)
-    b, hist = train_binarizer(train, hp, show_progress=False)
-    assert hist["last"]["loss"] < hist["first"]["loss"]
+    b, stats = train_binarizer(train, _config(max_steps=80, batch_size=128, learning_rate=3e-3), tmp_path / "ck")
+    assert stats["steps"] == 80 and stats["loss_last"] < stats["loss_first"]
     teacher = held @ held.T
     iu = np.triu_indices(len(held), 1)
     codes, recon = binarize(b, held)
@@ -103,7 +110,7 @@ def test_learned_binarizer_in_model_round_trip(tmp_path):
     texts = sample_texts()
     floats = model.encode(texts, convert_to_numpy=True)
     b, _ = train_binarizer(np.tile(floats, (20, 1)) + 0.01 * np.random.default_rng(0).standard_normal((200, 32)),
-                           BinarizerTraining(bits=2, steps=5, batch_size=64), show_progress=False)
+                           _config(max_steps=5, batch_size=64), tmp_path / "ck")
     codes, recon = binarize(b, floats)
     model.append(b)
     np.testing.assert_allclose(model.encode(texts, convert_to_numpy=True), recon, atol=1e-5)
@@ -138,3 +145,12 @@ def test_learned_binarizer_exports_to_onnx_with_packed_output(tmp_path):
     (out,) = sess.run(None, {"sentence_embedding": x2})
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, binarize(b, x2)[0])
+
+
+def test_too_few_vectors_are_refused_in_one_line(tmp_path):
+    from embedforge.data import DataError
+
+    with pytest.raises(DataError, match=r"^binarizer: 1 training vector\(s\) for 1 process\(es\), but each batch "
+                                        r"needs at least 2 per process; give more training texts") as err:
+        train_binarizer(_clustered(1), _config(max_steps=2), tmp_path / "ck")
+    assert err.value.exit_code == 2 and not (tmp_path / "ck").exists()

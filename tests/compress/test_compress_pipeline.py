@@ -10,6 +10,7 @@ import pytest
 
 from embedforge.compress.config import BinarizerConfig, CompressConfig
 from embedforge.configs import StageContext
+from embedforge.recipe import build_config
 from embedforge.testing import sample_texts
 
 
@@ -38,17 +39,19 @@ def test_compress_prune_heal_vocab_int8(tmp_path, texts_file):
 
     src = _bert(tmp_path)
     out = tmp_path / "out"
-    cfg = CompressConfig(model=str(src), layers={"spread": 2}, heal_steps=6, heal_data=str(texts_file),
-                         heal_batch_size=8,
-                         vocab_corpus=str(texts_file), embedding_precision="int8",
-                         calibration_data=str(texts_file))
+    cfg = build_config(CompressConfig, {
+        "model": str(src), "layers": {"spread": 2}, "heal": True, "heal_data": str(texts_file),
+        "train": {"max_steps": 6, "batch_size": 8}, "vocab_corpus": str(texts_file), "embedding_precision": "int8",
+        "calibration_data": str(texts_file)})
     run(cfg, out, StageContext(stage_name="compress"))
     lineage = read_lineage(out)
     assert lineage["stage"] == "compress"
     assert lineage["extra"]["layer_pruning"]["kept_layers"] == [0, 3]
     assert lineage["extra"]["vocab_pruning"]["vocab_after"] < lineage["extra"]["vocab_pruning"]["vocab_before"]
     m = lineage["metrics"]
-    assert m["params_after"] < m["params_before"] and "heal_loss_last" in m
+    assert m["params_after"] < m["params_before"] and "heal_loss_last" in m and m["heal_steps"] == 6
+    assert [step for step, _ in lineage["extra"]["train"]["loss_history"]] == list(range(1, 7))  # for the report
+    assert not Path(f"{out}.ckpt").exists(), "checkpoints are dropped once the stage has finished"
     model = load_compressed(out)
     texts = load_texts(str(texts_file))
     vectors = model.encode(texts, convert_to_numpy=True)
@@ -114,12 +117,13 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
 
     src = _bert(tmp_path, layers=2)
     out = tmp_path / "bin"
-    cfg = BinarizerConfig(model=str(src), data=str(texts_file), bits=2, steps=40, batch_size=64, output="packed")
+    cfg = build_config(BinarizerConfig, {"model": str(src), "data": str(texts_file), "bits": 2, "output": "packed",
+                                         "train": {"max_steps": 40, "batch_size": 64}})
     run_binarizer(cfg, out, StageContext())
     assert not (tmp_path / "bin.ckpt").exists(), "the vector cache is dropped once the stage has finished"
     lineage = read_lineage(out)
     assert lineage["extra"]["binarizer"]["code_bytes"] == 2 * 32 // 8
-    assert "heldout_spearman_learned" in lineage["metrics"]
+    assert "heldout_spearman_learned" in lineage["metrics"] and lineage["metrics"]["train_steps"] == 40
     assert [step for step, _ in lineage["extra"]["train"]["loss_history"]] == list(range(1, 41))  # for the report
     model = load_embedder(out)
     assert isinstance(model[-1], LearnedBinarizer)
@@ -129,6 +133,13 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
     # Same codes as binarizing the float vectors of the model without the binarizer.
     floats = load_embedder(src).encode(texts, convert_to_numpy=True)
     np.testing.assert_array_equal(codes, binarize(model[-1], floats)[0])
+    # A second binarizer on top of the first is refused before any work, naming the key.
+    from embedforge.configs import ConfigError
+
+    again = build_config(BinarizerConfig, {"model": str(out), "data": str(texts_file)})
+    with pytest.raises(ConfigError, match=rf"^model: {out} already ends in a binarizer; give the model without one$"):
+        run_binarizer(again, tmp_path / "twice", StageContext())
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "twice.ckpt").exists()
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -139,7 +150,7 @@ def test_binarizer_stage_appends_trained_module(tmp_path, texts_file):
      "truncate_dim: 4096 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
     ({"embedding_precision": "int8", "truncate_dim": 33, "calibration_data": "unused.jsonl"},
      "truncate_dim: 33 is larger than the model's 32 dimensions ({src}); use at most 32 or leave it unset"),
-    ({"layers": {"spread": 1}, "heal_steps": 2, "heal_data": "unused.jsonl", "max_seq_length": 1024},
+    ({"layers": {"spread": 1}, "heal": True, "heal_data": "unused.jsonl", "max_seq_length": 1024},
      "max_seq_length: 1024 is more than {src} can read (its position embeddings cover 128 tokens); use at most 128"),
 ])
 def test_compress_refuses_what_the_model_does_not_have(tmp_path, texts_file, monkeypatch, settings, message):
@@ -179,3 +190,42 @@ def test_compress_cuts_huge_texts_to_the_model_limit(tmp_path, texts_file, caplo
         run(CompressConfig(model=str(src), vocab_corpus=str(corpus)), tmp_path / "out", StageContext())
     assert [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()] == [
         f"{corpus}: 1 text(s) longer than {limit} characters were cut to that length (the model reads no further)"]
+
+
+class _Stop(Exception):
+    """Raised by the spy once it has seen the trainer."""
+
+
+@pytest.mark.parametrize("stage", ["compress", "binarizer"])
+def test_recipe_train_key_reaches_the_trainer_and_keeps_the_stage_defaults(tmp_path, texts_file, monkeypatch,
+                                                                           stage):
+    import embedforge.training.engine as engine
+    from embedforge.recipe import load_recipe
+    from embedforge.stages import runner
+
+    src = _bert(tmp_path, layers=2)
+    extra = ("    layers: [0]\n    heal: true\n    heal_data: " + str(texts_file) + "\n" if stage == "compress"
+             else "    data: " + str(texts_file) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - name: s\n    stage: {stage}\n    out: {tmp_path / 'out'}\n    model: {src}\n"
+                      f"{extra}    train: {{learning_rate: 0.0123}}\n")
+    (st,) = load_recipe(recipe).stages
+    seen = {}
+
+    def spy(trainer, *args, **kwargs):
+        seen["args"] = trainer.args
+        raise _Stop
+
+    monkeypatch.setattr(engine, "run_training", spy)
+    with pytest.raises(_Stop):
+        runner(stage)(st.config, st.out, StageContext())
+    args = seen["args"]
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if stage == "compress":
+        assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size, scheduler, args.warmup_steps,
+                args.weight_decay, args.seed) == (0.0123, 200, 32, "constant_with_warmup", 0, 0.01, 0)
+    else:  # the batch is cut to the 144 training vectors there are (160 texts, 16 held out)
+        assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size, scheduler, args.warmup_steps,
+                args.weight_decay, args.max_grad_norm, args.dataloader_drop_last) == \
+            (0.0123, 600, 144, "cosine", 30, 0.0, 0.0, True)
+    assert not args.bf16

@@ -107,6 +107,14 @@ def _targets(n: int, dim: int = 32) -> np.ndarray:
     return t / np.linalg.norm(t, axis=1, keepdims=True)
 
 
+def _heal_options(**train: object):
+    """The compress stage's healing options (its own defaults), except the ``train`` keys given."""
+    from embedforge.compress.config import CompressConfig
+    from embedforge.recipe import build_config
+
+    return build_config(CompressConfig, {"model": "m", "layers": [0], "heal": True, "train": train}).train
+
+
 def test_healing_moves_pruned_model_towards_teacher(tmp_path):
     model = _bert_st(tmp_path)
     texts = sample_texts()
@@ -118,12 +126,18 @@ def test_healing_moves_pruned_model_towards_teacher(tmp_path):
         return float(np.mean(1 - np.sum(s * teacher, axis=1)))
 
     before = dist()
-    stats = heal(model, texts, teacher, steps=40, lr=3e-3, batch_size=5, show_progress=False)
+    metrics, stats = heal(model, texts, teacher, _heal_options(max_steps=40, learning_rate=3e-3, batch_size=5),
+                          tmp_path / "ck", {"run": 1})
     assert dist() < before - 0.2
-    assert stats["heal_loss_last"] < stats["heal_loss_first"]
+    assert metrics["heal_steps"] == stats["steps"] == 40
+    assert metrics["heal_loss_last"] < metrics["heal_loss_first"]
+    assert not model.training  # left ready to encode
 
 
-def test_heal_resumes_from_checkpoint(tmp_path, monkeypatch):
+def test_heal_resumes_from_checkpoint(tmp_path):
+    from embedforge.testing import sigterm_at
+    from embedforge.training.guard import TrainingInterrupted
+
     texts = sample_texts()
     teacher = _targets(len(texts))
 
@@ -133,35 +147,25 @@ def test_heal_resumes_from_checkpoint(tmp_path, monkeypatch):
     base = tmp_path / "base"
     _bert_st(tmp_path).save(str(base))
 
-    def pruned(name: str):
+    def pruned():
         m = SentenceTransformer(str(base), device="cpu")
         keep_layers(m, [0])
         return m
 
-    straight = pruned("a")
-    torch.manual_seed(0)
-    heal(straight, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False)
-    # Interrupted run: dies at step 15, after the step-10 checkpoint.
-    crashing = pruned("b")
-    calls = {"n": 0}
-    real_clip = torch.nn.utils.clip_grad_norm_
+    options = _heal_options(max_steps=20, learning_rate=1e-3, batch_size=4, save_steps=10)
+    straight = pruned()
+    heal(straight, texts, teacher, options, tmp_path / "straight", {"run": 1})
+    # Interrupted run: stopped at step 15, after the step-10 checkpoint (15 is saved on the signal: remove it, as
+    # if the process had been killed).
+    with pytest.raises(TrainingInterrupted):
+        heal(pruned(), texts, teacher, options, tmp_path / "ck", {"run": 1}, callbacks=[sigterm_at(15)])
+    import shutil
 
-    def clip(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 15:
-            raise KeyboardInterrupt
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
-        heal(crashing, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
-             checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    assert (tmp_path / "ck" / "heal.safetensors").is_file()
-    resumed = pruned("c")
-    heal(resumed, texts, teacher, steps=20, lr=1e-3, batch_size=4, show_progress=False,
-         checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
+    shutil.rmtree(tmp_path / "ck" / "checkpoint-15")
+    assert (tmp_path / "ck" / "checkpoint-10").is_dir()
+    resumed = pruned()
+    _, stats = heal(resumed, texts, teacher, options, tmp_path / "ck", {"run": 1})
+    assert stats["resumed_from"] == str(tmp_path / "ck" / "checkpoint-10") and stats["steps"] == 20
     np.testing.assert_allclose(resumed.encode(texts), straight.encode(texts), atol=1e-5)
 
 
