@@ -90,6 +90,17 @@ def test_eval_disk_full_names_the_output(tiny_st_dir: Path, tmp_path: Path, monk
     assert "Traceback" not in res.output and not out.exists()
 
 
+def test_top_level_learning_rate_on_mntp_is_refused_with_the_train_spelling(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: old\nstages:\n  - name: mntp\n    stage: mntp\n    model: some/embedder\n"
+                      f"    out: {tmp_path / 'mntp'}\n    data: [texts]\n    learning_rate: 1.0e-4\n")
+    res = CliRunner().invoke(main, ["recipes", "validate", str(recipe)])
+    assert res.exit_code == 2
+    assert res.output == (f"Error: {recipe}:8: stage 'mntp': learning_rate: training options moved under the "
+                          "train: key; write train: {learning_rate: 0.0001}\n")
+    assert not (tmp_path / "mntp").exists()
+
+
 def test_workflow_command_validates_keys(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "o"), "no_such_key=1"])
     assert res.exit_code == 2 and "no_such_key: unknown key" in res.output

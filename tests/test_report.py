@@ -43,7 +43,7 @@ def _recipe(root: Path, llm: Path) -> Path:
         f"  - name: emb\n    stage: convert\n    out: ${{vars.out}}/model\n    model: {llm}\n"
         "    pooling: mean\n    max_seq_length: 32\n"
         "  - name: tune\n    stage: simcse\n    out: ${vars.out}/tuned\n    model: ${stages.emb.out}\n"
-        f"    data: ['{texts}']\n    batch_size: 4\n    max_steps: 3\n    save_steps: 2\n    logging_steps: 1\n"
+        f"    data: ['{texts}']\n    train: {{batch_size: 4, max_steps: 3, save_steps: 2, logging_steps: 1}}\n"
         "    max_seq_length: 32\n    lora_r: 4\n    lora_alpha: 8\n"
         + evals
     )

@@ -54,14 +54,11 @@ stages:
     out: {root}/tuned
     data: [{triplets}]
     adapter: keep
-    batch_size: 4
-    max_steps: 6
-    learning_rate: 0.05
+    train: {{batch_size: 4, max_steps: 6, learning_rate: 0.05, logging_steps: 1}}
     lora_r: 4
     lora_alpha: 8
     lora_dropout: 0.0
     max_seq_length: 32
-    logging_steps: 1
   - name: export
     stage: export
     model: ${{stages.tuned.out}}
@@ -221,12 +218,14 @@ def test_contrastive_prompts_are_checked_before_training(merging_llm: Path, tmp_
     from embedforge.convert.train_config import ContrastiveConfig
     from embedforge.convert.training import run_contrastive
     from embedforge.model import save_model
+    from embedforge.training.options import TrainOptions
 
     embedder = save_model(build_embedder(merging_llm, max_seq_length=32), tmp_path / "embedder", stage="convert",
                           source=str(merging_llm))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"anchor": t, "positive": t[::-1]}) + "\n" for t in sample_texts()))
-    common = dict(model=str(embedder), data=[str(pairs)], batch_size=4, max_steps=2, lora_r=4, lora_alpha=8)
+    common = dict(model=str(embedder), data=[str(pairs)], train=TrainOptions(batch_size=4, max_steps=2), lora_r=4,
+                  lora_alpha=8)
     with pytest.raises(ConfigError, match=r"^prompts\.pair: no data set of this stage is named 'pair' "
                                           r"\(its data sets: pairs\)$"):
         ContrastiveConfig(**common, prompts={"pair": "Find the related sentence:\n"})

@@ -6,6 +6,7 @@ one line) and publish nothing; a rerun resumes only from a complete checkpoint m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,9 +80,13 @@ def _assert_diverged(err: pytest.ExceptionInfo[NanLossError], out: Path) -> None
 
 
 def _convert_config(stage: str, embedder_dir: Path, files: dict[str, Path], **changes: Any) -> Any:
+    """A convert stage's config with :data:`FAST` and ``changes``; the training options go under ``train``."""
     from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
+    from embedforge.training.options import TRAIN_KEYS, TrainOptions
 
-    values = {**FAST, **changes}
+    merged = {**FAST, **changes}
+    values: dict[str, Any] = {k: v for k, v in merged.items() if k not in TRAIN_KEYS}
+    values["train"] = TrainOptions(**{k: v for k, v in merged.items() if k in TRAIN_KEYS})
     if stage == "mntp":
         return MntpConfig(model=str(embedder_dir), data=[str(files["texts"])], **values)
     if stage == "simcse":
@@ -226,7 +231,7 @@ def test_changed_learning_rate_starts_over_instead_of_resuming(
     with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         run_contrastive(second, out, StageContext())
     lines = [r.getMessage() for r in caplog.records if "training config changed" in r.getMessage()]
-    assert len(lines) == 1 and "(learning_rate: 0.001 -> 1e-07); starting over" in lines[0]
+    assert len(lines) == 1 and "(train.learning_rate: 0.001 -> 1e-07); starting over" in lines[0]
     assert str(tmp_path / "out.ckpt" / "checkpoint-2") in lines[0]
     train = read_lineage(out)["extra"]["train"]["stages"]["stage1"]
     assert train["resumed_from"] is None and train["steps"] == 4
@@ -420,14 +425,14 @@ def test_resume_point_restarts_when_the_input_model_was_remade(tmp_path: Path,
     model.mkdir()
     (model / "embedforge.json").write_text(json.dumps({"stage": "convert", "created": "2026-01-01T00:00:00+00:00"}))
     cfg = ContrastiveConfig(model=str(model), data=["pairs.jsonl"])
+    resume_safe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_steps=7, logging_steps=3))
     ckpt = tmp_path / "out.ckpt" / "checkpoint-4"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
     write_record(ckpt, training_settings(cfg))
     assert resume_point(ckpt.parent, training_settings(cfg)) == str(ckpt)
     # Only keys that do not change the computation differ: still resumes.
-    assert resume_point(ckpt.parent, training_settings(ContrastiveConfig(**{**cfg.__dict__, "save_steps": 7,
-                                                                             "logging_steps": 3}))) == str(ckpt)
+    assert resume_point(ckpt.parent, training_settings(resume_safe)) == str(ckpt)
     (model / "embedforge.json").write_text(json.dumps({"stage": "convert", "created": "2026-02-02T00:00:00+00:00"}))
     with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
         assert resume_point(ckpt.parent, training_settings(cfg)) is None

@@ -138,12 +138,15 @@ def _mntp(args: argparse.Namespace, work: Path, start: Path) -> tuple[Path, dict
     from embedforge.convert.train_config import MntpConfig
     from embedforge.convert.training import run_mntp
     from embedforge.model import is_complete, read_lineage
+    from embedforge.typed_config import build_config
 
     out = work / f"{start.name}-mntp{args.mntp_steps}"
     if not is_complete(out):
-        cfg = MntpConfig(model=str(start), data=["texts"], max_steps=args.mntp_steps, batch_size=args.mntp_batch,
-                         max_seq_length=args.max_len, learning_rate=1e-4, lora_r=16, lora_alpha=32,
-                         precision=args.precision, save_steps=25, logging_steps=5, data_limit=20000)
+        cfg = build_config(MntpConfig, dict(
+            model=str(start), data=["texts"], max_seq_length=args.max_len, lora_r=16, lora_alpha=32,
+            data_limit=20000, train=dict(max_steps=args.mntp_steps, batch_size=args.mntp_batch, learning_rate=1e-4,
+                                         precision=args.precision, save_steps=25, logging_steps=5),
+        ))
         run_mntp(cfg, out, StageContext(stage_name="mntp"))
     return out, read_lineage(out)["extra"]["train"]
 
@@ -176,16 +179,21 @@ def _contrastive(args: argparse.Namespace, start: Path, out: Path, steps: int, *
     from embedforge.convert.train_config import ContrastiveConfig
     from embedforge.convert.training import run_contrastive
     from embedforge.model import is_complete, read_lineage
+    from embedforge.training.options import TRAIN_KEYS
+    from embedforge.typed_config import build_config
 
     if not is_complete(out):
         fields: dict[str, Any] = dict(
-            model=str(start), data=args.data, max_steps=steps, batch_size=args.batch, max_seq_length=args.max_len,
-            learning_rate=args.lr, lora_r=16, lora_alpha=32, temperature=0.05, precision=args.precision,
-            prompts={"scifact-train-pairs": SCIFACT_QUERY}, save_steps=20, logging_steps=5, data_limit=4000,
+            model=str(start), data=args.data, max_seq_length=args.max_len, lora_r=16, lora_alpha=32,
+            temperature=0.05, prompts={"scifact-train-pairs": SCIFACT_QUERY}, data_limit=4000,
             hard_negatives=args.hard_negatives,
         )
-        fields.update(overrides)
-        run_contrastive(ContrastiveConfig(**fields), out, StageContext(stage_name="contrastive"))
+        train: dict[str, Any] = dict(max_steps=steps, batch_size=args.batch, learning_rate=args.lr,
+                                     precision=args.precision, save_steps=20, logging_steps=5)
+        for key, value in overrides.items():  # a variant's changes: training options go under train
+            (train if key in TRAIN_KEYS else fields)[key] = value
+        cfg = build_config(ContrastiveConfig, {**fields, "train": train})
+        run_contrastive(cfg, out, StageContext(stage_name="contrastive"))
     return read_lineage(out)["extra"]["train"]
 
 

@@ -238,6 +238,7 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
     from embedforge.export.parity import compare
     from embedforge.model import read_lineage
     from embedforge.testing import sample_texts
+    from embedforge.typed_config import build_config
 
     start = out / f"{label}-start"
     if not start.exists():
@@ -252,11 +253,11 @@ def train_section(out: Path, src: Path, device: str, steps: int, batch: int, seq
         quant, ckpt = VARIANTS[variant]
         dest = out / f"{label}-{variant}"
         shutil.rmtree(dest, ignore_errors=True)
-        cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
-                                precision="bf16" if device.startswith("cuda") else "fp32",
-                                gradient_checkpointing=ckpt, max_steps=steps, batch_size=batch,
-                                max_seq_length=seq, lora_r=16, lora_alpha=32, save_steps=10 * steps,
-                                logging_steps=max(1, steps // 5), learning_rate=2e-4)
+        cfg = build_config(ContrastiveConfig, dict(
+            model=os.fspath(start), data=["snli-triplets"], quantization=quant, gradient_checkpointing=ckpt,
+            max_seq_length=seq, lora_r=16, lora_alpha=32,
+            train=dict(precision="bf16" if device.startswith("cuda") else "fp32", max_steps=steps, batch_size=batch,
+                       save_steps=10 * steps, logging_steps=max(1, steps // 5), learning_rate=2e-4)))
         row: dict[str, Any] = {}
         try:
             run_contrastive(cfg, dest, StageContext())

@@ -165,15 +165,17 @@ def main(argv=None):
             from embedforge.convert.training import run_contrastive
             from embedforge.model import save_model
             from embedforge.modules import load_embedder
+            from embedforge.typed_config import build_config
 
             d = f"{WORK}/distilled-{name}"
             save_model(student, d, stage="distill", source="smollm2-pilot")
             sup = f"{WORK}/sup-{name}"
-            run_contrastive(ContrastiveConfig(model=d, data=["scifact-train-pairs"], max_steps=2 if SMOKE else 80, epochs=1.0,
-                                              batch_size=32, max_seq_length=128, learning_rate=1e-4, lora_r=16,
-                                              lora_alpha=32, temperature=0.05, precision="fp32", save_steps=1000,
-                                              logging_steps=5, data_limit=4000, hard_negatives=False),
-                            sup, StageContext(stage_name="contrastive"))
+            sup_cfg = build_config(ContrastiveConfig, dict(
+                model=d, data=["scifact-train-pairs"], max_seq_length=128, lora_r=16, lora_alpha=32,
+                temperature=0.05, data_limit=4000, hard_negatives=False,
+                train=dict(max_steps=2 if SMOKE else 80, epochs=1.0, batch_size=32, learning_rate=1e-4,
+                           precision="fp32", save_steps=1000, logging_steps=5)))
+            run_contrastive(sup_cfg, sup, StageContext(stage_name="contrastive"))
             res["sup"] = evaluate(load_embedder(sup))
             log(name, "sup", res["sup"])
         except Exception as e:  # keep the distill numbers

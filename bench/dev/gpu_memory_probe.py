@@ -42,13 +42,14 @@ def probe(start: Path, variant: str, batch: int, seq: int, device: str = "cuda")
     from embedforge.convert.train_model import load_start_model, prepare_for_training, release_memory
     from embedforge.convert.training import contrastive_loss
     from embedforge.data import builtin
+    from embedforge.typed_config import build_config
 
     from bench.dev.gpu_check import VARIANTS  # the same three variants
 
     quant, ckpt = VARIANTS[variant]
-    cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
-                            gradient_checkpointing=ckpt, max_seq_length=seq, batch_size=batch, lora_r=16,
-                            lora_alpha=32)
+    cfg = build_config(ContrastiveConfig, dict(
+        model=os.fspath(start), data=["snli-triplets"], quantization=quant, gradient_checkpointing=ckpt,
+        max_seq_length=seq, lora_r=16, lora_alpha=32, train=dict(batch_size=batch)))
     release_memory()
     base = alloc()
     model, _ = load_start_model(cfg)

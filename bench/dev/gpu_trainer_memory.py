@@ -132,15 +132,17 @@ def trainer_run(start: Path, dest: Path, variant: str, steps: int, batch: int, s
     from embedforge.convert.train_model import release_memory
     from embedforge.convert.training import run_contrastive
     from embedforge.model import read_lineage
+    from embedforge.typed_config import build_config
 
     from bench.dev.gpu_check import VARIANTS
 
     cuda = torch.cuda.is_available()
     quant, ckpt = VARIANTS[variant]
-    cfg = ContrastiveConfig(model=os.fspath(start), data=["snli-triplets"], quantization=quant,
-                            precision="bf16" if cuda else "fp32", gradient_checkpointing=ckpt, max_steps=steps,
-                            batch_size=batch, max_seq_length=seq, lora_r=16, lora_alpha=32, save_steps=10 * steps,
-                            logging_steps=1, learning_rate=2e-4)
+    cfg = build_config(ContrastiveConfig, dict(
+        model=os.fspath(start), data=["snli-triplets"], quantization=quant, gradient_checkpointing=ckpt,
+        max_seq_length=seq, lora_r=16, lora_alpha=32,
+        train=dict(precision="bf16" if cuda else "fp32", max_steps=steps, batch_size=batch, save_steps=10 * steps,
+                   logging_steps=1, learning_rate=2e-4)))
     records: list[dict[str, Any]] = []
     release_memory()
     if cuda:

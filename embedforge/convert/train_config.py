@@ -1,8 +1,14 @@
 """Configs of the convert training stages: ``mntp``, ``simcse`` and ``contrastive`` (torch-free).
 
-All three share the LoRA / precision / schedule / checkpoint fields of :class:`TrainOptions`; each adds what its
-objective needs. The input ``model`` is an embedforge model directory (e.g. the output of the ``convert`` stage) or
-an LLM source, which is first turned into a bidirectional mean-pooling embedder.
+All three share the model / LoRA / adapter fields of :class:`AdapterTrainConfig`; each adds what its objective
+needs. How they train (learning rate, batch, steps, precision, checkpoints, seed) sits under the ``train:`` key
+(:class:`~embedforge.training.options.TrainOptions`), whose defaults are each stage's own::
+
+    - stage: mntp
+      train: {max_steps: 1000, batch_size: 32}   # learning_rate stays mntp's 5e-5
+
+The input ``model`` is an embedforge model directory (e.g. the output of the ``convert`` stage) or an LLM source,
+which is first turned into a bidirectional mean-pooling embedder.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
-from embedforge.training.precision import Precision
+from embedforge.training.options import TrainOptions, train_field
 
 
 class AdapterMode(str, enum.Enum):
@@ -46,9 +52,22 @@ def _data_help(kind: str) -> str:
             "dicts with DataSpec fields (path, columns, limit, ...)")
 
 
+#: ``train:`` defaults shared by the convert stages (each stage sets its own learning rate).
+_TRAIN_DEFAULTS: dict[str, Any] = dict(
+    warmup_ratio=0.05, weight_decay=0.0, batch_size=32, max_steps=100, epochs=1.0, save_steps=50,
+    save_total_limit=2, logging_steps=10, seed=0,
+)
+
+
+def convert_train_field(learning_rate: float) -> Any:
+    """The ``train`` field of a convert stage: :data:`_TRAIN_DEFAULTS` with the stage's ``learning_rate``."""
+    return train_field(**_TRAIN_DEFAULTS, learning_rate=learning_rate)
+
+
 @dataclass
-class TrainOptions:
-    """Fields every convert training stage shares."""
+class AdapterTrainConfig:
+    """Fields every convert training stage shares: the model, its LoRA adapter and what is done to the backbone
+    (the training options themselves are the stage's ``train`` field)."""
 
     model: str = opt(help="embedforge model directory to train (or an LLM source: built as bidirectional mean)")
     lora_r: int = opt(16, help="LoRA rank (0 = train all weights, no adapter)")
@@ -61,46 +80,24 @@ class TrainOptions:
     quantization: Quantization = opt(
         Quantization.NONE, help="none | 4bit (QLoRA: the frozen backbone in NF4; CUDA + bitsandbytes only)"
     )
-    precision: Precision = opt(Precision.AUTO, help="auto | fp32 | bf16 (bf16 autocast)")
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass to save memory")
     layers: LayerSpec | None = opt(None, help=LAYERS_HELP + ", before training; unset keeps all")
     max_seq_length: int | None = opt(None, help="truncate inputs to this many tokens (default: the model's)")
-    learning_rate: float = opt(2e-4, help="peak learning rate (linear warmup, then linear decay)")
-    warmup_ratio: float = opt(0.05, help="fraction of the steps spent warming up")
-    weight_decay: float = opt(0.0, help="AdamW weight decay")
-    batch_size: int = opt(32, help="examples per device per step")
-    max_steps: int = opt(100, help="optimizer steps (the run ends at whichever of max_steps / epochs comes first)")
-    epochs: float = opt(1.0, help="passes over the data (upper bound next to max_steps)")
-    save_steps: int = opt(
-        50, help="write a resumable checkpoint every N steps (and on SIGTERM / Ctrl-C); a rerun resumes from it only "
-                 "with the same training settings, otherwise it starts over"
-    )
-    save_total_limit: int = opt(2, help="checkpoints kept on disk")
-    logging_steps: int = opt(10, help="log the loss every N steps")
-    seed: int = opt(0, help="random seed")
     data_limit: int | None = opt(
         None, help="contrastive: at most this many rows of each data set; mntp / simcse: at most this many "
                    "distinct texts in all"
     )
     trust_remote_code: bool = opt(False, help="allow the model's own Python code")
+    train: TrainOptions = convert_train_field(learning_rate=2e-4)
 
     def _check_common(self) -> None:
         self.adapter = choice(AdapterMode, self.adapter, "adapter")
         self.quantization = choice(Quantization, self.quantization, "quantization")
-        self.precision = choice(Precision, self.precision, "precision")
         check(bool(self.model), "model", "name the model directory or LLM to train")
         check(self.lora_r >= 0, "lora_r", "must be >= 0")
         check(self.lora_alpha > 0, "lora_alpha", "must be positive")
         check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         check(bool(self.lora_targets), "lora_targets", "name at least one module (or all-linear)")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        check(self.batch_size > 0, "batch_size", "must be positive")
-        check(self.max_steps > 0, "max_steps", "must be positive")
-        check(self.epochs > 0, "epochs", "must be positive")
-        check(self.save_steps > 0, "save_steps", "must be positive")
-        check(self.save_total_limit > 0, "save_total_limit", "must be positive")
-        check(self.logging_steps > 0, "logging_steps", "must be positive")
         check_layers(self.layers)
         check(self.max_seq_length is None or self.max_seq_length > 1, "max_seq_length", "must be > 1")
         check(self.data_limit is None or self.data_limit > 0, "data_limit", "must be positive")
@@ -114,7 +111,7 @@ class TrainOptions:
 
 
 @dataclass
-class MntpConfig(TrainOptions):
+class MntpConfig(AdapterTrainConfig):
     """LLM2Vec masked next-token prediction: under bidirectional attention, mask tokens and predict token i from
     the hidden state at i-1 with the LM head; the LoRA-adapted backbone goes back into the embedder."""
 
@@ -127,7 +124,7 @@ class MntpConfig(TrainOptions):
         None, help="where to load the LM head from when the embedder has none and the embeddings are not tied"
     )
     max_seq_length: int | None = opt(128, help="truncate texts to this many tokens")
-    learning_rate: float = opt(5e-5, help="peak learning rate")
+    train: TrainOptions = convert_train_field(learning_rate=5e-5)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -139,7 +136,7 @@ class MntpConfig(TrainOptions):
 
 
 @dataclass
-class SimcseConfig(TrainOptions):
+class SimcseConfig(AdapterTrainConfig):
     """Unsupervised SimCSE: each text twice through the model (different dropout), in-batch negatives."""
 
     data: list[str | dict[str, Any]] = opt(factory=lambda: ["texts"], help=_data_help("raw text (column text)"))
@@ -149,7 +146,7 @@ class SimcseConfig(TrainOptions):
                   "text differ (the saved model keeps its own rates)"
     )
     max_seq_length: int | None = opt(64, help="truncate texts to this many tokens")
-    learning_rate: float = opt(3e-5, help="peak learning rate")
+    train: TrainOptions = convert_train_field(learning_rate=3e-5)
     gather_across_devices: bool = opt(True, help="multi-process runs: use every process's batch as negatives")
 
     def __post_init__(self) -> None:
@@ -160,15 +157,17 @@ class SimcseConfig(TrainOptions):
 
 
 @dataclass
-class ContrastiveConfig(TrainOptions):
+class ContrastiveConfig(AdapterTrainConfig):
     """Supervised contrastive tuning: InfoNCE over (anchor, positive[, negatives]) with in-batch negatives."""
 
-    data: list[str | dict[str, Any]] = opt(factory=list, help=_data_help("pair / triplet") + "; stage 1 of a two-stage schedule")
+    data: list[str | dict[str, Any]] = opt(
+        factory=list, help=_data_help("pair / triplet") + "; stage 1 of a two-stage schedule")
     stage2_data: list[str | dict[str, Any]] = opt(
         factory=list, help="optional stage 2 data (NV-Embed: retrieval first, then mixed tasks); same forms as data"
     )
-    stage2_max_steps: int | None = opt(None, help="steps of stage 2 (default: max_steps)")
-    stage2_learning_rate: float | None = opt(None, help="stage 2 peak learning rate (default: learning_rate)")
+    stage2_max_steps: int | None = opt(None, help="optimizer steps of stage 2 at most (default: train.max_steps)")
+    stage2_learning_rate: float | None = opt(
+        None, help="stage 2 peak learning rate (default: train.learning_rate)")
     prompts: dict[str, str] = opt(
         factory=dict,
         help="query instruction per data set name, e.g. {scifact-train-pairs: \"Given a claim, find evidence:\\n\"}; "
@@ -190,6 +189,7 @@ class ContrastiveConfig(TrainOptions):
     )
     distill_weight: float = opt(1.0, help="weight of the teacher similarity-matching term")
     max_seq_length: int | None = opt(64, help="truncate texts to this many tokens")
+    train: TrainOptions = convert_train_field(learning_rate=2e-4)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -197,6 +197,8 @@ class ContrastiveConfig(TrainOptions):
         check(self.temperature > 0, "temperature", "must be positive")
         check(self.cache_minibatch is None or self.cache_minibatch > 0, "cache_minibatch", "must be positive")
         check(self.stage2_max_steps is None or self.stage2_max_steps > 0, "stage2_max_steps", "must be positive")
+        check(self.stage2_learning_rate is None or self.stage2_learning_rate > 0, "stage2_learning_rate",
+              "must be positive")
         check(
             self.cache_minibatch is None or (self.false_negative_margin is None and self.distill_teacher is None),
             "cache_minibatch",

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedforge.convert.train_config import AdapterMode, Quantization, TrainOptions
+from embedforge.convert.train_config import AdapterMode, AdapterTrainConfig, Quantization
 from embedforge.modules.loading import ADAPTER_DIR  # the model format names the kept adapter's folder
 # the memory helpers moved to embedforge.training.memory; re-exported for scripts that import them from here
 from embedforge.training.memory import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_gpu  # noqa: F401
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 
-def load_start_model(config: TrainOptions) -> tuple[SentenceTransformer, str | None]:
+def load_start_model(config: AdapterTrainConfig) -> tuple[SentenceTransformer, str | None]:
     """The embedder a stage trains, and its directory (None when it was built from an LLM source).
 
     An embedforge / sentence-transformers directory is loaded as is; anything else is treated as an LLM source and
@@ -79,13 +79,13 @@ def set_backbone(model: Any, backbone: Any) -> None:
 
 
 
-def preflight(config: TrainOptions) -> None:
+def preflight(config: AdapterTrainConfig) -> None:
     """Checks that need this machine, run before anything is loaded (the config itself is checked at parse time)."""
     if config.quantization == Quantization.NF4:
         require_qlora()
 
 
-def quantize_backbone(model: Any, config: TrainOptions) -> None:
+def quantize_backbone(model: Any, config: AdapterTrainConfig) -> None:
     """Replace the backbone by an NF4-quantized copy of itself (QLoRA), ready for k-bit training."""
     import tempfile
 
@@ -109,12 +109,12 @@ def quantize_backbone(model: Any, config: TrainOptions) -> None:
     ))
 
 
-def add_lora(target: Any, config: TrainOptions) -> Any:
+def add_lora(target: Any, config: AdapterTrainConfig) -> Any:
     """Wrap ``target`` (a transformers model) in a peft LoRA model; returns the wrapper."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    set_seed(config.seed)  # the LoRA matrices' initial values
+    set_seed(config.train.seed)  # the LoRA matrices' initial values
     targets: Any = config.lora_targets
     if list(targets) == ["all-linear"]:
         targets = "all-linear"
@@ -126,11 +126,11 @@ def add_lora(target: Any, config: TrainOptions) -> Any:
     return peft_model
 
 
-def prepare_for_training(model: Any, config: TrainOptions) -> None:
+def prepare_for_training(model: Any, config: AdapterTrainConfig) -> None:
     """Quantize (QLoRA), enable gradient checkpointing and put LoRA on the backbone of ``model``, in place."""
     from transformers import set_seed
 
-    set_seed(config.seed)  # the LoRA matrices' initial values
+    set_seed(config.train.seed)  # the LoRA matrices' initial values
     if config.quantization == Quantization.NF4:
         quantize_backbone(model, config)
     backbone = backbone_of(model)
@@ -142,7 +142,7 @@ def prepare_for_training(model: Any, config: TrainOptions) -> None:
     model.train()
 
 
-def finish_adapter(model: Any, config: TrainOptions, source_backbone: str | None = None) -> Path | None:
+def finish_adapter(model: Any, config: AdapterTrainConfig, source_backbone: str | None = None) -> Path | None:
     """End of training: merge the LoRA adapter (returns None) or unload it, returning a temporary folder that
     holds the saved adapter.
 

@@ -1,29 +1,31 @@
 """Runners of the convert training stages: ``mntp``, ``simcse`` and ``contrastive``.
 
-Each runner reads an embedder (or builds one from an LLM), trains it with the Hugging Face trainer family
-(sentence-transformers' ``SentenceTransformerTrainer`` for the embedding objectives, the plain ``Trainer`` for
-MNTP), and writes a model directory. Because the trainers run on accelerate, the same stage runs on several
-processes unchanged::
+Each runner reads an embedder (or builds one from an LLM), trains it through the one training engine
+(:mod:`embedforge.training.engine`: a sentence-transformers loss for the embedding objectives, a ``compute_loss``
+function for MNTP's language-model head) with the options of its ``train:`` key, and writes a model directory.
+Because the engine's trainers run on accelerate, the same stage runs on several processes unchanged::
 
     torchrun --nproc_per_node 4 -m embedforge.cli run recipe.yaml
 
-Checkpoints go to ``<out_dir>.ckpt/`` every ``save_steps`` and on SIGTERM / Ctrl-C; a rerun resumes from the
-newest one. A NaN loss stops the run before it touches the weights (:mod:`embedforge.training.guard`).
+Checkpoints go to ``<out_dir>.ckpt/`` every ``train.save_steps`` and on SIGTERM / Ctrl-C; a rerun with the same
+settings resumes from the newest one. A NaN loss stops the run before it touches the weights
+(:mod:`embedforge.training.guard`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedforge.configs import StageContext
 from embedforge.data import load_texts, max_chars_for
-from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig, TrainOptions, data_name
+from embedforge.convert.train_config import (
+    AdapterTrainConfig, ContrastiveConfig, MntpConfig, SimcseConfig, data_name,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -69,106 +71,27 @@ def load_pairs(spec: str | dict[str, Any], limit: int | None, hard_negatives: bo
     return ds
 
 
-def steps_for(rows: int, config: TrainOptions, max_steps: int | None = None) -> int:
-    """Optimizer steps: ``max_steps``, capped at ``epochs`` passes over ``rows`` examples on every process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = max(1, math.ceil(rows / (config.batch_size * world)))
-    return max(1, min(max_steps or config.max_steps, math.ceil(config.epochs * per_epoch)))
+# ------------------------------------------------------------------------------------------ training
 
 
-# ------------------------------------------------------------------------------------------ trainers
+def _train(trainer: Any, ckpt: Path, config: Any, ctx: StageContext, where: str, **phase: Any) -> dict[str, Any]:
+    """:func:`~embedforge.training.engine.run_training` with the stage's resume settings (``phase`` tells the
+    contrastive schedule's phases apart) and the callbacks the caller put in ``ctx.extra['train_callbacks']``."""
+    from embedforge.training.engine import run_training
+    from embedforge.training.guard import training_settings
+
+    return run_training(trainer, ckpt, training_settings(config, phase),
+                        callbacks=ctx.extra.get("train_callbacks", []), where=where)
 
 
-def _common_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
-    import torch
-
-    from embedforge.training.precision import use_bf16
-
-    bf16 = use_bf16(config.precision)
-    return dict(
-        output_dir=os.fspath(ckpt_dir),
-        max_steps=steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=int(config.warmup_ratio * steps),
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
-        report_to="none",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-    )
-
-
-def _run_trainer(trainer: Any, ckpt_dir: Path, extra_callbacks: list[Any], config: TrainOptions, where: str,
-                 **phase: Any) -> dict[str, Any]:
-    """Train under the shared guards (:func:`~embedforge.training.guard.guarded_train`): resume only from a
-    checkpoint made with the same settings, stop on NaN or a signal; returns wall time and final loss."""
-    from embedforge.training.guard import guarded_train, loss_history, training_settings
-    from embedforge.training.memory import peak_gpu_mb, reset_peak_gpu
-
-    reset_peak_gpu()
-    start = time.perf_counter()
-    result, resume = guarded_train(trainer, ckpt_dir, training_settings(config, phase), extra_callbacks, where)
-    stats = {
-        "steps": trainer.state.global_step,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "train_loss": float(result.training_loss),
-        "resumed_from": resume,
-        "loss_history": loss_history(trainer),
-    }
-    gpu_mb = peak_gpu_mb()  # training only: loading, quantizing and merging are outside this window
-    if gpu_mb is not None:
-        stats["peak_gpu_mb"] = gpu_mb
-    return stats
-
-
-def _st_trainer(model: Any, args: Any, train: Any, loss: Any) -> Any:
-    from sentence_transformers import SentenceTransformerTrainer
-
-    from embedforge.training.guard import GuardedTrainerMixin
-
-    class Trainer(GuardedTrainerMixin, SentenceTransformerTrainer):
-        pass
-
-    return Trainer(model=model, args=args, train_dataset=train, loss=loss)
-
-
-def _st_args(config: TrainOptions, ckpt_dir: Path, steps: int, learning_rate: float,
-             prompts: dict[str, Any] | None = None) -> Any:
-    from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
-
-    return SentenceTransformerTrainingArguments(
-        **_common_args(config, ckpt_dir, steps, learning_rate),
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        prompts=prompts or None,
-    )
-
-
-def _callbacks(ctx: StageContext) -> list[Any]:
-    return list(ctx.extra.get("train_callbacks", []))
-
-
-def _ckpt_dir(out_dir: Path) -> Path:
-    return Path(os.fspath(out_dir) + ".ckpt")
-
-
-def _finish(model: Any, out_dir: Path, config: TrainOptions, parent: str | None, ctx: StageContext, stage: str,
-            stats: dict[str, Any]) -> None:
-    from embedforge.training.guard import check_weights, last_checkpoint
+def _finish(model: Any, out_dir: Path, config: AdapterTrainConfig, parent: str | None, ctx: StageContext,
+            stage: str, stats: dict[str, Any]) -> None:
     from embedforge.convert.train_model import finish_adapter, save_trained
+    from embedforge.training.engine import checkpoint_dir, is_main_process
+    from embedforge.training.guard import check_weights, last_checkpoint
     from embedforge.training.memory import peak_rss_mb
 
-    check_weights(model, stage, last_checkpoint(_ckpt_dir(out_dir)))  # never publish NaN weights
+    check_weights(model, stage, last_checkpoint(checkpoint_dir(out_dir)))  # never publish NaN weights
     backbone_dir = parent
     if backbone_dir is None:
         from embedforge.sources import resolve_source
@@ -176,10 +99,10 @@ def _finish(model: Any, out_dir: Path, config: TrainOptions, parent: str | None,
         backbone_dir = os.fspath(resolve_source(config.model))
     adapter = finish_adapter(model, config, source_backbone=backbone_dir)
     stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         save_trained(model, out_dir, stage=stage, config=config, parent=parent, ctx=ctx, adapter=adapter,
                      train_stats=stats)
-        shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ MNTP
@@ -227,6 +150,33 @@ def masked_positions_loss(hidden: Any, labels: Any, head: Any, softcap: float | 
     return F.cross_entropy(logits, targets[where])
 
 
+def mntp_objective(backbone: Any, head: Any) -> Any:
+    """The module MNTP trains: its forward is the backbone, then :func:`masked_positions_loss` with ``head``.
+
+    The trainer calls this module (under torchrun: the DistributedDataParallel wrapper around it), so every weight
+    the loss uses, the LoRA matrices inside ``backbone`` included, is seen by the wrapper and its gradients are
+    averaged over the processes.
+    """
+    import torch
+
+    class MaskedNextTokenObjective(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.head = head
+            self.softcap = getattr(backbone.config, "final_logit_softcapping", None)
+
+        def forward(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> Any:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return masked_positions_loss(hidden.last_hidden_state, labels, self.head, self.softcap)
+
+    return MaskedNextTokenObjective()
+
+
+def _objective_loss(model: Any, inputs: dict[str, Any]) -> Any:
+    return model(input_ids=inputs["input_ids"], labels=inputs["labels"], attention_mask=inputs.get("attention_mask"))
+
+
 def lm_head_for(backbone: Any, config: MntpConfig, parent: str | None) -> Any:
     """A causal-LM wrapper sharing ``backbone``'s weights, with the LM head tied to the input embeddings or read
     from the original LLM (``lm_source``, default: the lineage's source)."""
@@ -268,10 +218,8 @@ def _read_lm_head(config: MntpConfig, parent: str | None) -> Any:
 
 def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``mntp``: LoRA masked next-token prediction under bidirectional attention; LoRA merged at the end."""
-    from transformers import Trainer, TrainingArguments
-
-    from embedforge.training.guard import GuardedTrainerMixin
     from embedforge.convert.train_model import add_lora, backbone_of, load_start_model
+    from embedforge.training.engine import build_trainer, checkpoint_dir, trainer_arguments, world_size
 
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
@@ -286,23 +234,13 @@ def run_mntp(config: MntpConfig, out_dir: Path, ctx: StageContext) -> None:
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_lm = add_lora(lm, config) if config.lora_r > 0 else lm                           # 4. LoRA
-    steps = steps_for(len(tokenized), config)
-    ckpt = _ckpt_dir(out_dir)
-    args = TrainingArguments(**_common_args(config, ckpt, steps, config.learning_rate))
+    steps = config.train.steps(len(tokenized), world_size())
+    ckpt = checkpoint_dir(out_dir)
+    args = trainer_arguments(config.train, ckpt, steps, sentence_transformers=False)
 
-    backbone, head = backbone_of(model), lm.lm_head
-    softcap = getattr(backbone.config, "final_logit_softcapping", None)
-
-    class MntpTrainer(GuardedTrainerMixin, Trainer):
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                              use_cache=False).last_hidden_state
-            loss = masked_positions_loss(hidden, inputs["labels"], head, softcap)
-            return (loss, None) if return_outputs else loss
-
-    trainer = MntpTrainer(model=peft_lm, args=args, train_dataset=tokenized, data_collator=collator)
-    stats = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "mntp")  # 5. train
+    objective = mntp_objective(backbone_of(model), lm.lm_head)  # the LoRA layers sit in the backbone itself
+    trainer = build_trainer(objective, args, tokenized, compute_loss=_objective_loss, data_collator=collator)
+    stats = _train(trainer, ckpt, config, ctx, ctx.stage_name or "mntp")                  # 5. train
     if config.lora_r > 0:
         peft_lm.merge_and_unload()                                                        # 6. merge (in place)
     _finish(model, out_dir, config, parent, ctx, ctx.stage_name or "mntp", stats)         # 7. save
@@ -357,6 +295,7 @@ def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from embedforge.convert.train_model import backbone_of, load_start_model, preflight, prepare_for_training
+    from embedforge.training.engine import build_trainer, checkpoint_dir, trainer_arguments, world_size
 
     preflight(config)                                                                     # 0. refuse early
     out_dir = Path(out_dir)
@@ -369,17 +308,25 @@ def run_simcse(config: SimcseConfig, out_dir: Path, ctx: StageContext) -> None:
     restore_dropout = enable_dropout(backbone_of(model), config.dropout)                  # 4. dropout views
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / config.temperature,
                                         gather_across_devices=config.gather_across_devices)
-    steps = steps_for(len(pairs), config)
-    ckpt = _ckpt_dir(out_dir)
-    trainer = _st_trainer(model, _st_args(config, ckpt, steps, config.learning_rate), pairs, loss)
+    steps = config.train.steps(len(pairs), world_size())
+    ckpt = checkpoint_dir(out_dir)
+    args = trainer_arguments(config.train, ckpt, steps, batch_sampler=_no_duplicates())
+    trainer = build_trainer(model, args, pairs, loss=loss)
     try:
-        stats = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "simcse")  # 5. train
+        stats = _train(trainer, ckpt, config, ctx, ctx.stage_name or "simcse")           # 5. train
     finally:
         restore_dropout()
     _finish(model, out_dir, config, parent, ctx, ctx.stage_name or "simcse", stats)       # 6. save
 
 
 # ----------------------------------------------------------------------------------------- contrastive
+
+
+def _no_duplicates() -> Any:
+    """The batch sampler of the embedding objectives: no text twice in a batch (it would be its own negative)."""
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    return BatchSamplers.NO_DUPLICATES
 
 
 def contrastive_loss(model: Any, config: ContrastiveConfig) -> Any:
@@ -428,17 +375,18 @@ def _contrastive_sets(specs: list[Any], config: ContrastiveConfig, max_chars: in
 def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext) -> None:
     """Stage ``contrastive``: supervised InfoNCE with LoRA; optional second stage on other data (NV-Embed)."""
     from embedforge.convert.train_model import load_start_model, preflight, prepare_for_training
+    from embedforge.modules.prompts import check_model_prompts
+    from embedforge.training.engine import build_trainer, checkpoint_dir, trainer_arguments, world_size
 
     preflight(config)                                                                     # 0. refuse early
-    from embedforge.modules.prompts import check_model_prompts
-
     out_dir = Path(out_dir)
     model, parent = load_start_model(config)                                              # 1. embedder
     check_model_prompts(model, config.prompts, "prompts")  # before any data is loaded or step taken
-    schedule = [("stage1", config.data, config.max_steps, config.learning_rate)]          # 2. schedule
+    train = config.train
+    schedule = [("stage1", config.data, train.max_steps, train.learning_rate)]            # 2. schedule
     if config.stage2_data:
-        schedule.append(("stage2", config.stage2_data, config.stage2_max_steps or config.max_steps,
-                         config.stage2_learning_rate or config.learning_rate))
+        schedule.append(("stage2", config.stage2_data, config.stage2_max_steps or train.max_steps,
+                         config.stage2_learning_rate or train.learning_rate))
     max_chars = max_chars_for(config.max_seq_length or model.max_seq_length)
     sets = [(name, _contrastive_sets(specs, config, max_chars), steps, lr) for name, specs, steps, lr in schedule]
     prepare_for_training(model, config)                                                   # 3. LoRA
@@ -448,15 +396,17 @@ def run_contrastive(config: ContrastiveConfig, out_dir: Path, ctx: StageContext)
         prompts = {d: {"anchor": config.prompts[d]} for d in data if d in config.prompts}
         if len(data) == 1:
             only = next(iter(data))
-            train: Any = data[only]
+            dataset: Any = data[only]
             prompts = prompts.get(only) or None  # type: ignore[assignment]
         else:
-            train = data
-        steps = steps_for(sum(len(d) for d in data.values()), config, max_steps)
-        ckpt = _ckpt_dir(out_dir) / name if len(sets) > 1 else _ckpt_dir(out_dir)
-        trainer = _st_trainer(model, _st_args(config, ckpt, steps, lr, prompts), train, loss)
-        all_stats[name] = _run_trainer(trainer, ckpt, _callbacks(ctx), config, ctx.stage_name or "contrastive",
-                                       phase=name)
+            dataset = data
+        rows = sum(len(d) for d in data.values())
+        steps = dataclasses.replace(train, max_steps=max_steps).steps(rows, world_size())
+        ckpt = checkpoint_dir(out_dir) / name if len(sets) > 1 else checkpoint_dir(out_dir)
+        args = trainer_arguments(train, ckpt, steps, learning_rate=lr, batch_sampler=_no_duplicates(),
+                                 prompts=prompts or None)
+        trainer = build_trainer(model, args, dataset, loss=loss)
+        all_stats[name] = _train(trainer, ckpt, config, ctx, ctx.stage_name or "contrastive", phase=name)
         logger.info("%s done: %s", name, all_stats[name])
     stats = {"stages": all_stats, "steps": sum(s["steps"] for s in all_stats.values()),
              "wall_s": round(sum(s["wall_s"] for s in all_stats.values()), 1)}

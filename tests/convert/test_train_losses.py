@@ -14,6 +14,7 @@ from embedforge.configs import ConfigError
 from embedforge.convert.losses import FilteredInfoNCELoss, infonce_logits, similarity_matching_loss
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
 from embedforge.convert.training import masked_positions_loss, mntp_loss
+from embedforge.training.options import TrainOptions
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +118,27 @@ def test_config_checks() -> None:
         MntpConfig(model="m", adapter="keep")
     with pytest.raises(ConfigError, match="temperature"):
         SimcseConfig(model="m", temperature=0)
-    assert ContrastiveConfig(model="m", data=["x"], precision="bf16").precision.value == "bf16"
+    with pytest.raises(ConfigError, match="stage2_learning_rate"):
+        ContrastiveConfig(model="m", data=["x"], stage2_learning_rate=0.0)
+    bf16 = ContrastiveConfig(model="m", data=["x"], train=TrainOptions(precision="bf16"))
+    assert bf16.train.precision.value == "bf16"
+
+
+def test_each_stage_keeps_its_own_training_defaults() -> None:
+    """A recipe's ``train:`` mapping changes only the keys it names; the rest are the stage's defaults."""
+    from embedforge.typed_config import build_config
+
+    rates = {MntpConfig: 5e-5, SimcseConfig: 3e-5, ContrastiveConfig: 2e-4}
+    for cls, rate in rates.items():
+        values = {"model": "m", "data": ["x"]}
+        default = build_config(cls, values).train
+        assert (default.learning_rate, default.batch_size, default.max_steps, default.epochs) == (rate, 32, 100, 1.0)
+        assert (default.warmup_ratio, default.save_steps, default.save_total_limit, default.logging_steps,
+                default.seed) == (0.05, 50, 2, 10, 0)
+        changed = build_config(cls, {**values, "train": {"batch_size": 8}}).train
+        assert changed.batch_size == 8 and changed.learning_rate == rate and changed.logging_steps == 10
+    with pytest.raises(ConfigError, match=r"^train\.max_steps: must be positive"):
+        build_config(ContrastiveConfig, {"model": "m", "data": ["x"], "train": {"max_steps": 0}})
 
 
 def test_train_config_imports_without_torch() -> None:

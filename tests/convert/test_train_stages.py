@@ -15,9 +15,15 @@ import torch
 from embedforge.configs import StageContext
 from embedforge.convert.train_config import ContrastiveConfig, MntpConfig, SimcseConfig
 from embedforge.testing import sample_texts, sigterm_at
+from embedforge.training.options import TrainOptions
 
-FAST = dict(batch_size=4, max_steps=3, save_steps=2, logging_steps=1, max_seq_length=32, learning_rate=5e-3,
-            lora_r=4, lora_alpha=8)
+FAST = dict(max_seq_length=32, lora_r=4, lora_alpha=8)
+
+
+def fast(**changes: Any) -> TrainOptions:
+    """The training options of these tests: 3 steps of 4 examples, a checkpoint every 2 steps, a high rate."""
+    return TrainOptions(**{"batch_size": 4, "max_steps": 3, "save_steps": 2, "logging_steps": 1,
+                           "learning_rate": 5e-3, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,7 @@ def test_contrastive_merge_equals_kept_adapter(embedder_dir: Path, data_files: d
     from embedforge.convert.training import run_contrastive
     from embedforge.model import read_lineage
 
-    common = dict(model=str(embedder_dir), data=[str(data_files["triplets"])], lora_dropout=0.0, **FAST)
+    common = dict(model=str(embedder_dir), data=[str(data_files["triplets"])], lora_dropout=0.0, train=fast(), **FAST)
     run_contrastive(ContrastiveConfig(**common), tmp_path / "merged", StageContext())
     run_contrastive(ContrastiveConfig(**common, adapter="keep"), tmp_path / "kept", StageContext())
 
@@ -95,7 +101,7 @@ def test_contrastive_two_stages_prompts_filtering_and_truncation(
         model=str(embedder_dir), data=[str(data_files["pairs"])],
         stage2_data=[str(data_files["triplets"]), str(data_files["pairs"])], stage2_max_steps=2,
         prompts={"pairs": "Find the related sentence: "}, false_negative_margin=0.0, layers=1,
-        gradient_checkpointing=True, **FAST,
+        gradient_checkpointing=True, train=fast(), **FAST,
     )
     run_contrastive(cfg, tmp_path / "out", StageContext())
     stats = read_lineage(tmp_path / "out")["extra"]["train"]["stages"]
@@ -113,7 +119,7 @@ def test_gradcache_loss_runs(
     original = training.contrastive_loss
     monkeypatch.setattr(training, "contrastive_loss", lambda *a: made.append(original(*a)) or made[-1])
     cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], cache_minibatch=2,
-                            **{**FAST, "max_steps": 2})
+                            train=fast(max_steps=2), **FAST)
     training.run_contrastive(cfg, tmp_path / "out", StageContext())
     assert type(made[0]).__name__ == "CachedMultipleNegativesRankingLoss" and made[0].mini_batch_size == 2
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
@@ -124,7 +130,7 @@ def test_simcse_trains_from_raw_text(embedder_dir: Path, data_files: dict[str, P
     from embedforge.model import read_lineage
 
     llm = embedder_dir.parent / "llm"  # an LLM, not an embedder: the stage builds a bidirectional mean embedder
-    cfg = SimcseConfig(model=str(llm), data=[str(data_files["texts"])], precision="bf16", **FAST)
+    cfg = SimcseConfig(model=str(llm), data=[str(data_files["texts"])], train=fast(precision="bf16"), **FAST)
     run_simcse(cfg, tmp_path / "out", StageContext())  # bf16 autocast (on CPU here)
     lineage = read_lineage(tmp_path / "out")
     assert lineage["stage"] == "simcse" and lineage["source"] == str(llm)
@@ -139,8 +145,8 @@ def test_mntp_updates_the_backbone_and_keeps_it_bidirectional(
 
     from embedforge.convert.training import run_mntp
 
-    run_mntp(MntpConfig(model=str(embedder_dir), data=[str(data_files["texts"])], mask_probability=0.3, **FAST),
-             tmp_path / "out", StageContext())
+    run_mntp(MntpConfig(model=str(embedder_dir), data=[str(data_files["texts"])], mask_probability=0.3,
+                        train=fast(), **FAST), tmp_path / "out", StageContext())
     before, after = load_file(embedder_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert set(before) == set(after)  # same layout: no LoRA or LM-head leftovers
     changed = [k for k in before if not torch.allclose(before[k], after[k])]
@@ -154,7 +160,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: d
     from embedforge.model import read_lineage
 
     cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])],
-                            **{**FAST, "max_steps": 4, "save_steps": 100})
+                            train=fast(max_steps=4, save_steps=100), **FAST)
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted, match="Rerun"):
         run_contrastive(cfg, out, StageContext(extra={"train_callbacks": [sigterm_at(1)]}))
@@ -164,6 +170,27 @@ def test_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: d
     run_contrastive(cfg, out, StageContext())
     train = read_lineage(out)["extra"]["train"]["stages"]["stage1"]
     assert train["resumed_from"].endswith("checkpoint-1") and train["steps"] == 4
+
+
+def test_mntp_sigterm_checkpoints_and_rerun_resumes(embedder_dir: Path, data_files: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """MNTP's checkpoint holds the trained module's weights (backbone LoRA) and a rerun resumes from it."""
+    from safetensors.torch import load_file
+
+    from embedforge.convert.training import run_mntp
+    from embedforge.model import read_lineage
+    from embedforge.training.guard import TrainingInterrupted
+
+    cfg = MntpConfig(model=str(embedder_dir), data=[str(data_files["texts"])], train=fast(save_steps=100), **FAST)
+    with pytest.raises(TrainingInterrupted, match="Rerun"):
+        run_mntp(cfg, tmp_path / "out", StageContext(extra={"train_callbacks": [sigterm_at(1)]}))
+    assert (tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "out").exists()
+    assert any("lora_B" in name for name in load_file(tmp_path / "out.ckpt" / "checkpoint-1" / "trainable.safetensors"))
+    run_mntp(cfg, tmp_path / "out", StageContext())
+    train = read_lineage(tmp_path / "out")["extra"]["train"]
+    assert train["resumed_from"].endswith("checkpoint-1") and train["steps"] == 3
+    assert not (tmp_path / "out.ckpt").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
@@ -182,7 +209,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(losses.FilteredInfoNCELoss, "compute_loss_from_embeddings", poisoned)
-    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], **{**FAST, "max_steps": 5})
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], train=fast(max_steps=5),
+                            **FAST)
     with pytest.raises(NanLossError, match="step 3.*checkpoint-2"):
         run_contrastive(cfg, tmp_path / "out", StageContext())
     ckpts = sorted(p.name for p in (tmp_path / "out.ckpt").iterdir() if p.name.startswith("checkpoint-"))
@@ -199,7 +227,8 @@ def test_qlora_without_cuda_is_refused_before_loading(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(train_model, "load_start_model", lambda *a: pytest.fail("the model was loaded"))
-    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit", **FAST)
+    cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit",
+                            train=fast(), **FAST)
     with pytest.raises(UsageError, match=r"needs a CUDA GPU.*quantization: none") as err:
         run_contrastive(cfg, tmp_path / "out", StageContext())
     assert err.value.exit_code == 2 and "\n" not in str(err.value)
@@ -221,10 +250,12 @@ def test_qlora_without_bitsandbytes_names_the_pip_line(
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     monkeypatch.setattr(train_model, "load_start_model", lambda *a: pytest.fail("the model was loaded"))
     if stage == "simcse":
-        cfg: Any = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], quantization="4bit", **FAST)
+        cfg: Any = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], quantization="4bit",
+                                train=fast(), **FAST)
         runner = training.run_simcse
     else:
-        cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit", **FAST)
+        cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["pairs"])], quantization="4bit",
+                                train=fast(), **FAST)
         runner = training.run_contrastive
     with pytest.raises(UsageError) as err:
         runner(cfg, tmp_path / "out", StageContext())
@@ -238,7 +269,7 @@ def test_qlora_trains_and_merges_on_gpu(embedder_dir: Path, data_files: dict[str
     from embedforge.convert.training import run_contrastive
 
     cfg = ContrastiveConfig(model=str(embedder_dir), data=[str(data_files["triplets"])], quantization="4bit",
-                            gradient_checkpointing=True, precision="bf16", **FAST)
+                            gradient_checkpointing=True, train=fast(precision="bf16"), **FAST)
     run_contrastive(cfg, tmp_path / "out", StageContext())
     assert not np.allclose(_vectors(embedder_dir), _vectors(tmp_path / "out"), atol=1e-4)
     stats = json.loads((tmp_path / "out" / "embedforge.json").read_text())["extra"]["train"]
@@ -275,10 +306,42 @@ def test_simcse_views_differ_by_dropout_in_training_only(
     from embedforge.convert.training import run_simcse
 
     probe = _DropoutProbe()
-    cfg = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])],
-                       **{**FAST, "lora_r": lora_r, "max_steps": 1, "lora_dropout": 0.0})
+    cfg = SimcseConfig(model=str(embedder_dir), data=[str(data_files["texts"])], train=fast(max_steps=1),
+                       **{**FAST, "lora_r": lora_r, "lora_dropout": 0.0})
     run_simcse(cfg, tmp_path / "out", StageContext(extra={"train_callbacks": [probe]}))
     assert probe.train_equal is False, "the two SimCSE views are identical: dropout is not active in training"
     assert probe.eval_equal is True
     # The saved model carries no training dropout.
     assert AutoConfig.from_pretrained(tmp_path / "out").attention_dropout == 0.0
+
+
+def test_recipe_train_key_reaches_the_contrastive_trainer(
+    embedder_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train: {learning_rate: X}`` in a recipe sets the trainer's rate; every other training option keeps the
+    contrastive stage's own default (batch 32, max_steps 100, logging every 10 steps, warmup 0.05, seed 0)."""
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+    from embedforge.model import read_lineage
+    from embedforge.training import engine
+
+    made = []
+    original = engine.trainer_arguments
+    monkeypatch.setattr(engine, "trainer_arguments", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    out = tmp_path / "tuned"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: lr\nstages:\n  - name: tune\n    stage: contrastive\n    model: {embedder_dir}\n"
+                      f"    out: {out}\n    data: ['{data_files['triplets']}']\n    lora_r: 4\n    lora_alpha: 8\n"
+                      "    train: {learning_rate: 0.0123}\n")
+    res = CliRunner().invoke(main, ["run", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert len(made) == 1
+    args = made[0]
+    assert args.learning_rate == 0.0123
+    assert (args.per_device_train_batch_size, args.logging_steps, args.seed, args.save_steps) == (32, 10, 0, 50)
+    assert args.max_steps == 1  # 24 triplets at batch 32: one pass (epochs 1.0) comes before max_steps 100
+    train = read_lineage(out)["config"]["train"]
+    assert train["learning_rate"] == 0.0123
+    assert (train["batch_size"], train["max_steps"], train["epochs"], train["warmup_ratio"]) == (32, 100, 1.0, 0.05)
+    assert read_lineage(out)["extra"]["train"]["steps"] == 1
