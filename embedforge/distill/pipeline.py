@@ -137,6 +137,9 @@ def train_student(student: Any, config: DistillConfig, texts: list[str], targets
     # a corpus smaller than one batch per process trains on whole-corpus batches (every batch is full: drop_last)
     options = dataclasses.replace(config.train, batch_size=min(config.train.batch_size, len(texts) // world))
     steps = options.steps(len(texts), world, drop_last=True)
+    if world > 1:
+        logger.info("%s: %d processes, each training on its own share of the batches (global batch %d x %d), "
+                    "%d steps", where, world, world, options.batch_size, steps)
     extra: dict[str, Any] = {}
     if config.batching == Batching.LENGTH:
         from functools import partial

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 WORKER = textwrap.dedent(
     """
     import json, os, sys
@@ -46,10 +48,10 @@ WORKER = textwrap.dedent(
         def on_train_end(self, args, state, control, **kwargs):
             self.steps = state.global_step
 
-    teacher_dir, texts, out, cache = sys.argv[1:5]
+    teacher_dir, texts, out, cache, batching = sys.argv[1:6]
     cfg = build_config(DistillConfig, {
         "model": teacher_dir, "texts": [texts], "layers": 1, "max_seq_length": 32, "shard_size": 32,
-        "batching": "length", "train": {"batch_size": 8, "max_steps": 3, "save_steps": 100, "logging_steps": 1},
+        "batching": batching, "train": {"batch_size": 8, "max_steps": 3, "save_steps": 100, "logging_steps": 1},
     })
     probe = Probe()
     pipeline.run(cfg, Path(out), StageContext(cache_dir=Path(cache), extra={"train_callbacks": [probe]}))
@@ -66,7 +68,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_distill(bert_teacher: Path, texts_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batching", ["length", "random"])
+def test_two_process_gloo_distill(bert_teacher: Path, texts_file: Path, tmp_path: Path, batching: str) -> None:
     from sentence_transformers import SentenceTransformer
 
     from embedforge.model import read_lineage
@@ -77,7 +80,7 @@ def test_two_process_gloo_distill(bert_teacher: Path, texts_file: Path, tmp_path
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(bert_teacher), str(texts_file),
-           str(out), str(cache)]
+           str(out), str(cache), batching]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
