@@ -33,7 +33,8 @@ STAGES: dict[str, StageEntry] = {
     "contrastive": StageEntry("embedforge.convert.train_config:ContrastiveConfig",
                               "embedforge.convert.training:run_contrastive", distributed=True),
     # distill/
-    "distill": StageEntry("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run"),
+    "distill": StageEntry("embedforge.distill.config:DistillConfig", "embedforge.distill.pipeline:run",
+                          distributed=True),
     # compress/ (also: embedding quantizer / learned binarizer training)
     "binarizer": StageEntry("embedforge.compress.config:BinarizerConfig", "embedforge.compress.pipeline:run_binarizer",
                             distributed=True),

@@ -302,4 +302,4 @@ def test_recipes_explain_spells_the_layers_type() -> None:
     row = next(r for r in describe_config(DistillConfig) if r["key"] == "layers")
     assert row["type"] == "int | list[int] | dict[str, int] | None"
     assert "{every: K}" in row["help"] and "{spread: N}" in row["help"]
-    assert next(r for r in describe_config(DistillConfig) if r["key"] == "text_limit")["type"] == "int | None"
+    assert next(r for r in describe_config(DistillConfig) if r["key"] == "data_limit")["type"] == "int | None"

@@ -164,8 +164,8 @@ def test_under_torchrun_other_ranks_wait_for_rank_zero(tmp_path: Path, monkeypat
 
 def test_training_stages_are_marked_distributed_in_the_registry() -> None:
     """Whether a stage runs on every torchrun rank is the registry's ``distributed`` flag, not a list in recipe.py."""
-    assert {name for name in stages.STAGES if stages.is_distributed(name)} == {"mntp", "simcse", "contrastive",
-                                                                               "binarizer", "compress"}
+    every_training_stage = {"mntp", "simcse", "contrastive", "distill", "binarizer", "compress"}
+    assert {name for name in stages.STAGES if stages.is_distributed(name)} == every_training_stage
     assert not stages.is_distributed("toy")  # a plain (config, runner) pair is single-process
 
 

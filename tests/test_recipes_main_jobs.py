@@ -28,7 +28,10 @@ def test_quickstart_is_the_whole_chain() -> None:
     assert [s.stage for s in stages.values()] == ["convert", "distill", "export", "eval"]
     distill, export, ev = stages["distilled"].config, stages["onnx"].config, stages["eval"].config
     assert distill.student_model == _out(stages["embedder"]) and distill.matryoshka_dims == [256, 128, 64]
-    assert "scifact-corpus" in distill.texts and distill.precision.value == "bf16"
+    assert "scifact-corpus" in distill.texts and distill.train.precision.value == "bf16"
+    # 300 steps of 64 texts: the step budget alone ends the run (one pass would be 330 steps)
+    assert (distill.train.max_steps, distill.train.epochs, distill.train.batch_size) == (300, None, 64)
+    assert (distill.train.learning_rate, distill.train.seed) == (2e-4, 42)
     assert export.model == _out(stages["distilled"]) and export.binary and export.int8
     assert ev.export == _out(stages["onnx"]) and ev.binary_rescore and ev.truncate_dims == [256, 128, 64]
     assert ev.tasks == ["stsb-dev", "sick-trial", "scifact-dev"]
@@ -41,6 +44,10 @@ def test_distill_student_has_two_students_each_exported_and_evaluated() -> None:
         assert stages[f"{student}_onnx"].config.model == _out(stages[student])
         ev = stages[f"eval_{student}"].config
         assert ev.model == _out(stages[student]) and ev.export == _out(stages[f"{student}_onnx"])
+    layers, static = stages["layers"].config.train, stages["static"].config.train
+    assert (layers.batch_size, layers.epochs, layers.max_steps, layers.learning_rate) == (64, 1.0, None, 2e-4)
+    assert (static.batch_size, static.epochs, static.learning_rate, static.warmup_ratio) == (256, 2.0, 0.01, 0.0)
+    assert layers.seed == static.seed == 42
 
 
 def test_llm2vec_gpu_names_its_measurement_status_and_uses_qlora() -> None:

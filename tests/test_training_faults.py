@@ -126,12 +126,19 @@ def test_convert_stages_stop_on_divergence(stage: str, embedder_dir: Path, files
     assert str(err.value).startswith(f"{stage}: ")
 
 
-def test_distill_stops_on_divergence(bert_dir: Path, files: dict[str, Path], tmp_path: Path) -> None:
+def _distill_config(bert_dir: Path, files: dict[str, Path], **train: Any) -> Any:
+    """A one-layer distill stage on the test texts; ``train`` keys change only themselves (distill defaults stay)."""
     from embedforge.distill.config import DistillConfig
+    from embedforge.typed_config import build_config
+
+    return build_config(DistillConfig, {"model": str(bert_dir), "texts": [str(files["texts"])], "layers": 1,
+                                        "max_seq_length": 32, "train": {"batch_size": 8, "save_steps": 100, **train}})
+
+
+def test_distill_stops_on_divergence(bert_dir: Path, files: dict[str, Path], tmp_path: Path) -> None:
     from embedforge.distill.pipeline import run
 
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
-                        max_steps=6, save_steps=100, learning_rate=HUGE_LR, max_seq_length=32)
+    cfg = _distill_config(bert_dir, files, max_steps=6, learning_rate=HUGE_LR)
     with pytest.raises(NanLossError) as err:
         run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
     _assert_diverged(err, tmp_path / "student")
@@ -145,7 +152,6 @@ def test_distill_refuses_nan_weights_even_when_the_loss_stayed_finite(
     import torch
 
     from embedforge.distill import pipeline
-    from embedforge.distill.config import DistillConfig
 
     real_train = pipeline.train_student
 
@@ -156,8 +162,7 @@ def test_distill_refuses_nan_weights_even_when_the_loss_stayed_finite(
         return stats
 
     monkeypatch.setattr(pipeline, "train_student", train_then_break)
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
-                        max_steps=2, save_steps=100, max_seq_length=32)
+    cfg = _distill_config(bert_dir, files, max_steps=2)
     with pytest.raises(NanLossError, match=r"trained weights are NaN or infinite") as err:
         pipeline.run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
     _assert_diverged(err, tmp_path / "student")
@@ -242,20 +247,20 @@ def test_changed_learning_rate_starts_over_instead_of_resuming(
 
 def test_distill_changed_settings_start_over(bert_dir: Path, files: dict[str, Path], tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    from embedforge.distill.config import DistillConfig
     from embedforge.distill.pipeline import run
     from embedforge.model import read_lineage
 
-    common = dict(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8, max_steps=4,
-                  save_steps=100, max_seq_length=32)
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
-        run(DistillConfig(**common, learning_rate=1e-3), tmp_path / "s",
+        run(_distill_config(bert_dir, files, max_steps=4, learning_rate=1e-3), tmp_path / "s",
             StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
     with caplog.at_level(logging.WARNING, logger="embedforge.training.guard"):
-        run(DistillConfig(**common, learning_rate=1e-7), tmp_path / "s", StageContext(**ctx))
-    assert any("(learning_rate: 0.001 -> 1e-07); starting over" in r.getMessage() for r in caplog.records)
-    assert read_lineage(tmp_path / "s")["metrics"]["distill"]["resumed_from_step"] == 0
+        run(_distill_config(bert_dir, files, max_steps=4, learning_rate=1e-7), tmp_path / "s", StageContext(**ctx))
+    changed = [r.getMessage() for r in caplog.records if "training config changed" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].endswith("starting over"), changed
+    assert '"learning_rate": 0.001,' in changed[0] and '-> {' in changed[0] and '"learning_rate": 1e-07,' in changed[0]
+    stats = read_lineage(tmp_path / "s")["metrics"]["distill"]
+    assert stats["resumed_from"] is None and stats["steps"] == 4
 
 
 def test_nan_message_points_at_the_last_good_checkpoint(embedder_dir: Path, files: dict[str, Path],
@@ -308,12 +313,10 @@ def test_cut_off_checkpoint_is_skipped_for_the_previous_one(
 
 def test_distill_skips_a_cut_off_checkpoint(bert_dir: Path, files: dict[str, Path], tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    from embedforge.distill.config import DistillConfig
     from embedforge.distill.pipeline import run
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_dir), texts=[str(files["texts"])], layers=1, batch_size=8,
-                        max_steps=3, save_steps=100, max_seq_length=32)
+    cfg = _distill_config(bert_dir, files, max_steps=3)
     ctx = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
         run(cfg, tmp_path / "s", StageContext(**ctx, extra={"train_callbacks": [sigterm_at(2)]}))
@@ -323,7 +326,7 @@ def test_distill_skips_a_cut_off_checkpoint(bert_dir: Path, files: dict[str, Pat
         run(cfg, tmp_path / "s", StageContext(**ctx))
     assert any("checkpoint-2 (no trainer_state.json); starting over" in r.getMessage() for r in caplog.records)
     stats = read_lineage(tmp_path / "s")["metrics"]["distill"]
-    assert stats["resumed_from_step"] == 0 and stats["steps"] == 3
+    assert stats["resumed_from"] is None and stats["steps"] == 3
 
 
 # ------------------------------------------------------------------------------------------ no pickle

@@ -257,13 +257,15 @@ def _kd_texts(args: argparse.Namespace, work: Path) -> Path:
 
 def _distill_config(args: argparse.Namespace, work: Path, start: Path, steps: int) -> Any:
     from embedforge.distill.config import DistillConfig
+    from embedforge.typed_config import build_config
 
-    return DistillConfig(
+    # the step budget alone ends the run (epochs off), as --kd-steps always meant
+    return build_config(DistillConfig, dict(
         model=args.teacher, student="model", student_model=str(start), texts=[str(_kd_texts(args, work))],
-        max_seq_length=args.kd_len, batch_size=args.kd_batch, max_steps=steps, learning_rate=args.kd_lr,
-        batching=args.kd_batching, batch_pieces=args.kd_pieces, save_steps=25, matryoshka_dims=[],
-        precision=args.kd_precision,
-    )
+        max_seq_length=args.kd_len, batching=args.kd_batching, batch_pieces=args.kd_pieces, matryoshka_dims=[],
+        train=dict(batch_size=args.kd_batch, max_steps=steps, epochs=None, learning_rate=args.kd_lr,
+                   save_steps=25, precision=args.kd_precision),
+    ))
 
 
 def _distilled(args: argparse.Namespace, work: Path, name: str) -> tuple[Path, dict]:

@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from embedforge.configs import StageContext
     from embedforge.distill.config import DistillConfig
     from embedforge.distill.pipeline import run
+    from embedforge.typed_config import build_config
     from embedforge.model import load_model, read_lineage
     from embedforge.sources import resolve_source
 
@@ -258,19 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         write(out, results)
 
     # 3. each student: distill (resumable), throughput against the teacher in the same call, scores
-    layer_common = dict(student="layers", learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                        max_steps=args.max_steps, target_rotation=args.rotation, batching=args.batching,
+    # --max-steps > 0 alone ends a layer student's run (epochs off), as it always did here
+    layer_train = dict(learning_rate=args.lr, batch_size=args.batch_size,
+                       max_steps=args.max_steps if args.max_steps > 0 else None,
+                       epochs=None if args.max_steps > 0 else args.epochs)
+    layer_common = dict(student="layers", train=layer_train, target_rotation=args.rotation, batching=args.batching,
                         full_dim_weight=args.full_dim_weight)
     specs = {
         "layers2": dict(layers=[int(i) for i in args.keep_layers.split(",")], **layer_common),
         "layers3": dict(layers=[1, 3, 5], **layer_common),
-        "static": dict(student="static", learning_rate=args.static_lr, epochs=args.static_epochs,
-                       batch_size=256, warmup_ratio=0.0),
+        "static": dict(student="static", train=dict(learning_rate=args.static_lr, epochs=args.static_epochs,
+                                                    batch_size=256, warmup_ratio=0.0)),
     }
     for name in [s for s in args.students.split(",") if s]:
         model_dir = out / "models" / name
-        cfg = DistillConfig(model=str(teacher_dir), texts=[str(texts_file)], matryoshka_dims=DIMS,
-                            max_seq_length=args.max_seq_length, save_steps=100, shard_size=1024, **specs[name])
+        spec = {**specs[name], "train": {**specs[name]["train"], "save_steps": 100}}
+        cfg = build_config(DistillConfig, dict(model=str(teacher_dir), texts=[str(texts_file)], matryoshka_dims=DIMS,
+                                               max_seq_length=args.max_seq_length, shard_size=1024, **spec))
         start = time.perf_counter()
         run(cfg, model_dir, ctx)
         entry = results["models"].setdefault(name, {})

@@ -121,6 +121,7 @@ def main(argv=None):
 
     from embedforge.distill import pipeline
     from embedforge.distill.config import DistillConfig
+    from embedforge.typed_config import build_config
 
     start, bi, texts, targets = setup()
     log("setup done", len(texts), targets.shape, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
@@ -128,11 +129,11 @@ def main(argv=None):
         ("len", dict()),
         ("mix4", dict(batching="random", batch_pieces=4)),
         ("mix4-bi", dict(batching="random", batch_pieces=4), "bi"),
-        ("mix4-lr3", dict(batching="random", batch_pieces=4, learning_rate=3e-4)),
+        ("mix4-lr3", dict(batching="random", batch_pieces=4, train={"learning_rate": 3e-4})),
         ("mix4-cos40", dict(batching="random", batch_pieces=4, cosine_weight=40.0)),
-        ("mix4-3000", dict(batching="random", batch_pieces=4, max_steps=3000)),
-        ("len-3000", dict(max_steps=3000)),
-        ("len-1800", dict(max_steps=1800)),
+        ("mix4-3000", dict(batching="random", batch_pieces=4, train={"max_steps": 3000})),
+        ("len-3000", dict(train={"max_steps": 3000})),
+        ("len-1800", dict(train={"max_steps": 1800})),
     ]
     only = args.variants
     results = {}
@@ -141,12 +142,15 @@ def main(argv=None):
         if only and name not in only:
             continue
         base = dict(model="minilm-l6", student="model", student_model=bi if len(item) > 2 else start,
-                    texts=["unused"], max_seq_length=128, batch_size=64, max_steps=1000, learning_rate=1e-4,
-                    batching="length", save_steps=100000, matryoshka_dims=[], precision="bf16")
-        base.update(over)
+                    texts=["unused"], max_seq_length=128, batching="length", matryoshka_dims=[])
+        # the step budget alone ends the run (epochs off), as max_steps always meant here
+        train = dict(batch_size=64, max_steps=1000, epochs=None, learning_rate=1e-4, save_steps=100000,
+                     precision="bf16")
+        base.update({k: v for k, v in over.items() if k != "train"})
+        train.update(over.get("train", {}))
         if SMOKE:
-            base["max_steps"] = 2
-        cfg = DistillConfig(**base)
+            train["max_steps"] = 2
+        cfg = build_config(DistillConfig, {**base, "train": train})
         t = time.time()
         torch.manual_seed(0)
         student = pipeline.build_student(cfg, targets.shape[1], texts, targets)

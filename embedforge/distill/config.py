@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import ClassVar
 
 from embedforge.backbone import LAYERS_HELP, LayerSpec, check_layers
 from embedforge.configs import check, choice, opt
-from embedforge.training.precision import Precision
+from embedforge.training.options import TrainOptions, train_field
 
 
 class StudentKind(str, enum.Enum):
@@ -50,6 +51,8 @@ class Batching(str, enum.Enum):
 class DistillConfig:
     """Distill one or more teachers into a smaller, faster student."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"text_limit": "data_limit"}
+
     model: str = opt(help="the teacher: model directory, alias (minilm-l6) or hub id")
     extra_teachers: list[str] = opt(
         factory=list, help="more teachers; their normalized vectors are concatenated after the first one's"
@@ -61,7 +64,7 @@ class DistillConfig:
         factory=lambda: ["texts"],
         help="unlabeled training texts: built-in data set names or files; every text column is used",
     )
-    text_limit: int | None = opt(None, help="use at most this many texts (after de-duplication)")
+    data_limit: int | None = opt(None, help="use at most this many texts (after de-duplication)")
     student: StudentKind = opt(StudentKind.LAYERS, help="layers | static | model")
     student_model: str | None = opt(None, help="student=model only: HF model or sentence-transformers directory")
     layers: LayerSpec | None = opt(None, help="student=layers (required there): the teacher's " + LAYERS_HELP)
@@ -77,12 +80,6 @@ class DistillConfig:
     )
     shard_size: int = opt(4096, help="texts per cached shard of teacher vectors")
     teacher_prompt: str | None = opt(None, help="text put before every text when the teacher encodes it")
-    batch_size: int = opt(128, help="student training batch size (the in-batch similarity losses need >= 2)")
-    epochs: float = opt(1.0, help="passes over the texts")
-    max_steps: int = opt(-1, help="stop after this many steps (overrides epochs when > 0)")
-    learning_rate: float = opt(1e-4, help="peak learning rate (static students like ~1e-2)")
-    warmup_ratio: float = opt(0.05, help="share of the steps spent warming up the learning rate")
-    weight_decay: float = opt(0.0, help="AdamW weight decay")
     cosine_weight: float = opt(10.0, help="weight of the cosine loss (1 - cos to the teacher vector)")
     similarity_weight: float = opt(200.0, help="weight of the similarity-matrix MSE loss")
     relative_weight: float = opt(20.0, help="weight of the relative-similarity hinge loss")
@@ -116,14 +113,10 @@ class DistillConfig:
     layer_dims: list[list[int]] = opt(
         factory=list, help="Starbucks 2D pairs [[layer, dim], ...]: the state after that layer, cut to dim"
     )
-    precision: Precision = opt(
-        Precision.AUTO,
-        help="auto | fp32 | bf16: bf16 autocast for the student's forward and backward (the losses stay fp32); "
-             "auto is bf16 on a CUDA device that supports it, else fp32; on a CPU, bf16 is opt-in and pays off only "
-             "where the CPU has bf16 instructions (AVX512-BF16 or AMX)",
+    train: TrainOptions = train_field(
+        learning_rate=1e-4, batch_size=128, max_steps=None, epochs=1.0, warmup_ratio=0.05, save_steps=200,
+        save_total_limit=1, seed=42, logging_steps=None,
     )
-    save_steps: int = opt(200, help="write a resumable checkpoint every this many steps")
-    seed: int = opt(42, help="random seed")
     eval_tasks: list[str] = opt(factory=list, help="evaluate the student on these tasks after training")
 
     def __post_init__(self) -> None:
@@ -131,7 +124,6 @@ class DistillConfig:
         self.projection = choice(Projection, self.projection, "projection")
         self.target_rotation = choice(TargetRotation, self.target_rotation, "target_rotation")
         self.batching = choice(Batching, self.batching, "batching")
-        self.precision = choice(Precision, self.precision, "precision")
         check(int(self.batch_pieces) >= 1, "batch_pieces", "must be >= 1")
         check(bool(self.model), "model", "name the teacher")
         n_teachers = 1 + len(self.extra_teachers)
@@ -139,7 +131,7 @@ class DistillConfig:
               f"give one weight per teacher ({n_teachers}), or none")
         check(all(w > 0 for w in self.teacher_weights), "teacher_weights", "weights must be positive")
         check(bool(self.texts), "texts", "list at least one text source")
-        check(self.text_limit is None or self.text_limit > 1, "text_limit", "must be > 1")
+        check(self.data_limit is None or self.data_limit > 1, "data_limit", "must be > 1")
         if self.student == StudentKind.MODEL:
             check(bool(self.student_model), "student_model", "student=model needs student_model")
         if self.student == StudentKind.LAYERS:
@@ -154,10 +146,7 @@ class DistillConfig:
         check(self.teacher_batch_size > 0, "teacher_batch_size", "must be positive")
         check(self.teacher_processes >= 1, "teacher_processes", "must be >= 1")
         check(self.shard_size > 0, "shard_size", "must be positive")
-        check(self.batch_size >= 2, "batch_size", "the in-batch losses need at least 2 texts per batch")
-        check(self.epochs > 0, "epochs", "must be positive")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(self.train.batch_size >= 2, "train.batch_size", "the in-batch losses need at least 2 texts per batch")
         for key in ("cosine_weight", "similarity_weight", "relative_weight", "relative_margin"):
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(self.cosine_weight + self.similarity_weight + self.relative_weight > 0, "cosine_weight",
@@ -173,7 +162,6 @@ class DistillConfig:
                   "a rotated target needs the student's linear head (projection auto or always)")
         if self.layer_dims:
             check(self.student != StudentKind.STATIC, "layer_dims", "a static student has no layers")
-        check(self.save_steps > 0, "save_steps", "must be positive")
 
     @property
     def teachers(self) -> list[str]:

@@ -118,6 +118,13 @@ class DistillObjective(nn.Module):
         self.view_weights += [(f"layer{layer}_dim{dim}", 1.0) for layer, dim in self.layer_dims]
         self.last_views: dict[str, float] = {}
 
+    @property
+    def student(self) -> Any:
+        """The student itself: under torchrun the trainer puts its DDP wrapper in ``self.model`` (the forward pass
+        goes through the wrapper, which syncs the gradients; the student's modules are read from inside it)."""
+        model = self.model
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
     def teacher_rows(self, labels: Tensor) -> Tensor:
         """Teacher vectors for a batch: ``labels`` are row indices (1-D ints) or the vectors themselves."""
         if labels.ndim == 1 and not labels.is_floating_point():
@@ -127,13 +134,13 @@ class DistillObjective(nn.Module):
     def _layer_view(self, features: dict[str, Any], layer: int) -> Tensor:
         """The student's output when its transformer stops after ``layer``."""
         feats = {**features, "token_embeddings": features["all_layer_embeddings"][layer]}
-        for module in list(self.model)[1:]:
+        for module in list(self.student)[1:]:
             feats = module(feats)
         return feats["sentence_embedding"]
 
     def _student_views(self, features: dict[str, Any]) -> list[Tensor]:
         """The student's vector of each view (in ``self.dims`` order, then ``self.layer_dims``) for one batch."""
-        config = getattr(getattr(self.model[0], "auto_model", None), "config", None)
+        config = getattr(getattr(self.student[0], "auto_model", None), "config", None)
         restore = None
         if self.layer_dims and config is not None:
             restore = config.output_hidden_states
@@ -152,7 +159,7 @@ class DistillObjective(nn.Module):
         from embedforge.distill.batching import split_features
 
         features = list(sentence_features)[0]
-        side = getattr(getattr(self.model[0], "tokenizer", None), "padding_side", "right")
+        side = getattr(getattr(self.student[0], "tokenizer", None), "padding_side", "right")
         pieces = split_features(features, self.pieces, side)
         per_piece = [self._student_views(sub) for _, sub in pieces]
         if pieces[0][0] is None:  # the batch stayed whole

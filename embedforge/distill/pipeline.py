@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -34,13 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 def teacher_vectors(config: DistillConfig, texts: list[str], cache_dir: Path) -> tuple[np.ndarray, list[Any]]:
-    """The combined teacher targets for ``texts`` (computed once per teacher, then read from the cache)."""
+    """The combined teacher targets for ``texts`` (computed once per teacher, then read from the cache; under
+    torchrun the first process computes them and the others wait for its cache)."""
     from embedforge.distill.teacher import EncodeSettings, teacher_targets
+    from embedforge.training.engine import is_main_process
 
     settings = EncodeSettings(max_seq_length=config.max_seq_length, batch_size=config.teacher_batch_size,
                               prompt=config.teacher_prompt, shard_size=config.shard_size)
     return teacher_targets(config.teachers, texts, cache_dir, settings, weights=config.weights,
-                           processes=config.teacher_processes)
+                           processes=config.teacher_processes, encode=is_main_process())
 
 
 def rotate_targets(config: DistillConfig, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -108,87 +109,71 @@ def _limit_length(model: Any, length: Any) -> Any:
 
 def train_student(student: Any, config: DistillConfig, texts: list[str], targets: np.ndarray,
                   checkpoint_dir: Path, callbacks: Sequence[Any] = (), where: str = "distill") -> dict[str, Any]:
-    """Train ``student`` on the teacher targets with SentenceTransformerTrainer under the shared training guards
-    (:mod:`embedforge.training.guard`): it stops on a NaN loss before applying it, checkpoints on SIGTERM /
-    Ctrl-C, and resumes only from a complete checkpoint made with the same training settings."""
+    """Train ``student`` on the teacher targets through the one training engine (:mod:`embedforge.training.engine`:
+    NaN guard, checkpoint on SIGTERM / Ctrl-C, resume only from a complete checkpoint made with the same settings).
+
+    The data set's ``label`` column is each text's row in ``targets``. Under torchrun every process trains on its
+    own share of the batches (the batch sampler is sharded per process), so the steps are counted over the
+    global batch of ``train.batch_size`` x processes."""
+    import dataclasses
+
     import torch
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from embedforge.training.guard import NanGuardMixin, guarded_train, loss_history, training_settings
-    from embedforge.training.precision import use_bf16
     from embedforge.distill.losses import JasperStellaLoss, LossWeights
     from embedforge.distill.matryoshka import DistillObjective
+    from embedforge.training.engine import build_trainer, run_training, trainer_arguments, world_size
+    from embedforge.training.guard import training_settings
 
-    generator = torch.Generator().manual_seed(config.seed)
     loss = JasperStellaLoss(
         LossWeights(config.cosine_weight, config.similarity_weight, config.relative_weight),
-        margin=config.relative_margin, max_pairs=config.relative_pairs, generator=generator,
+        margin=config.relative_margin, max_pairs=config.relative_pairs,
+        generator=torch.Generator().manual_seed(config.train.seed),
     )
     objective = DistillObjective(student, torch.from_numpy(targets), loss, dims=config.matryoshka_dims,
                                  layer_dims=config.layer_dims, full_dim_weight=config.full_dim_weight,
                                  pieces=config.batch_pieces)
-    batch_size = min(config.batch_size, len(texts))
-    steps_per_epoch = max(1, len(texts) // batch_size)
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
-    args = SentenceTransformerTrainingArguments(
-        output_dir=os.fspath(checkpoint_dir),
-        per_device_train_batch_size=batch_size,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        warmup_steps=int(config.warmup_ratio * total),
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=1,
-        logging_steps=max(1, min(50, total // 10)),
-        report_to="none",
-        seed=config.seed,
-        dataloader_drop_last=True,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=use_bf16(config.precision),
-    )
+    world = world_size()
+    # a corpus smaller than one batch per process trains on whole-corpus batches (every batch is full: drop_last)
+    options = dataclasses.replace(config.train, batch_size=min(config.train.batch_size, len(texts) // world))
+    steps = options.steps(len(texts), world, drop_last=True)
+    if world > 1:
+        logger.info("%s: %d processes, each training on its own share of the batches (global batch %d x %d), "
+                    "%d steps", where, world, world, options.batch_size, steps)
+    extra: dict[str, Any] = {}
     if config.batching == Batching.LENGTH:
         from functools import partial
 
         from embedforge.distill.batching import LengthGroupedBatchSampler
 
-        args.batch_sampler = partial(LengthGroupedBatchSampler, lengths=[len(t) for t in texts])
+        # a sampler of whole batches: under torchrun accelerate deals its batches out to the processes in turn
+        extra["batch_sampler"] = partial(LengthGroupedBatchSampler, lengths=[len(t) for t in texts])
+    args = trainer_arguments(options, checkpoint_dir, steps, dataloader_drop_last=True, **extra)
     dataset = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
-
-    class DistillTrainer(NanGuardMixin, SentenceTransformerTrainer):
-        pass
-
-    trainer = DistillTrainer(model=student, args=args, train_dataset=dataset, loss=objective)
+    trainer = build_trainer(student, args, dataset, loss=objective)
     # Train on inputs cut to max_seq_length; the saved student keeps the length it had (the teacher's).
     saved_length = _limit_length(student, config.max_seq_length)
-    start = time.perf_counter()
     try:
-        result, resume = guarded_train(trainer, checkpoint_dir, training_settings(config), callbacks, where)
+        stats = run_training(trainer, checkpoint_dir, training_settings(config), callbacks=callbacks, where=where)
     finally:
         _limit_length(student, saved_length)
-    return {
-        "train_seconds": round(time.perf_counter() - start, 2),
-        "steps": int(result.global_step),
-        "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,
-        "train_loss": float(result.training_loss),
-        "last_views": objective.last_views,
-        "last_terms": loss.last_terms,
-        "matryoshka_dims": objective.dims,
-        "loss_history": loss_history(trainer),
-    }
+    return {**stats, "last_views": objective.last_views, "last_terms": loss.last_terms,
+            "matryoshka_dims": objective.dims}
 
 
 # ------------------------------------------------------------------------------------------------ runner
 
 
 def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
-    """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory."""
-    from embedforge.training.guard import check_weights, last_checkpoint
+    """Recipe stage ``distill``: write the trained student to ``out_dir`` as a model directory.
+
+    Under torchrun every process runs it: the first one encodes the teacher vectors while the others wait for the
+    finished cache and read it, every process trains on its share of the batches, and the first one publishes."""
     from embedforge.data import load_texts, max_chars_for
     from embedforge.model import is_complete, save_model
+    from embedforge.training.engine import checkpoint_dir as checkpoint_folder
+    from embedforge.training.engine import is_main_process, world_size
+    from embedforge.training.guard import check_weights, last_checkpoint
 
     out_dir = Path(out_dir)
     if is_complete(out_dir, config) and not ctx.force:
@@ -197,15 +182,15 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     start = time.perf_counter()
 
     # 1. texts
-    texts = load_texts(config.texts, limit=config.text_limit, max_chars=max_chars_for(config.max_seq_length),
-                       min_texts=2, purpose="distillation")
+    texts = load_texts(config.texts, limit=config.data_limit, max_chars=max_chars_for(config.max_seq_length),
+                       min_texts=2 * world_size(), purpose="distillation")
     if config.student == StudentKind.LAYERS:  # before the teachers encode anything
         from embedforge.preflight import check_layers_fit
         from embedforge.sources import resolve_source
 
         check_layers_fit(os.fspath(resolve_source(config.model)), config.layers)
 
-    # 2. teacher vectors
+    # 2. teacher vectors (under torchrun: encoded by the first process only, read by all)
     targets, reports = teacher_vectors(config, texts, Path(ctx.cache_dir))
     teacher_dim = int(targets.shape[1])
     targets, rotation = rotate_targets(config, targets)
@@ -214,11 +199,13 @@ def run(config: DistillConfig, out_dir: Path, ctx: StageContext) -> None:
     student = build_student(config, teacher_dim, texts, targets, rotation)
 
     # 4. training
-    checkpoint_dir = out_dir.parent / f"{out_dir.name}.ckpt"
+    checkpoint_dir = checkpoint_folder(out_dir)
     where = ctx.stage_name or "distill"
     stats = train_student(student, config, texts, targets, checkpoint_dir,
                           callbacks=ctx.extra.get("train_callbacks", ()), where=where)
     check_weights(student, where, last_checkpoint(checkpoint_dir))  # never publish NaN weights
+    if not is_main_process():  # the first process publishes; the trained weights are the same on every one
+        return
 
     # 5. save
     extra = {

@@ -14,6 +14,9 @@ multi-GiB teacher is read only once. Each shard is written to a temporary file a
 so an interrupted run (or a crashed worker process) loses only the shards it had not finished; a rerun
 encodes just the missing ones. Several processes (one per GPU, or CPU processes) can share the work.
 
+Under torchrun only the first process encodes; the others find the same folder from the same fingerprint, wait for
+its ``done.json`` and read the shards (:func:`await_teacher`), so no two processes of a job write one cache.
+
 Several teachers are combined as in Jasper: each teacher's rows are L2-normalized, multiplied by its weight,
 concatenated, and the result normalized again.
 """
@@ -78,11 +81,13 @@ def _read_digests(path: Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def directory_fingerprint(path: str | os.PathLike[str], *, digest_cache: str | os.PathLike[str] | None = None) -> str:
+def directory_fingerprint(path: str | os.PathLike[str], *, digest_cache: str | os.PathLike[str] | None = None,
+                          update: bool = True) -> str:
     """A sha256 over a model directory's file names and whole contents.
 
     With ``digest_cache`` (a JSON file) each file's digest is memoized by path, size and modification time, so an
-    unchanged teacher is not read again on the next run (see :func:`file_digest`).
+    unchanged teacher is not read again on the next run (see :func:`file_digest`); ``update=False`` only reads the
+    memo (a process that must not write the cache).
     """
     root = Path(path)
     h = hashlib.sha256()
@@ -97,7 +102,7 @@ def directory_fingerprint(path: str | os.PathLike[str], *, digest_cache: str | o
         if rel.startswith(".") or "/." in rel or rel == "embedforge.json":
             continue  # lineage records change with metrics; they say nothing about the vectors
         h.update(f"{rel}\0{f.stat().st_size}\0{file_digest(f, digests)}\0".encode())
-    if memo_file is not None and digests != before:
+    if memo_file is not None and update and digests != before:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic_json(memo_file, digests)
     return h.hexdigest()
@@ -318,6 +323,39 @@ def _encode_parallel(teacher: str, settings: EncodeSettings, directory: Path, to
     return sorted(done)
 
 
+def await_teacher(teacher: str, texts: Sequence[str], cache_dir: str | os.PathLike[str],
+                  settings: EncodeSettings | None = None, *, timeout_s: float | None = None,
+                  poll_s: float = 1.0) -> CacheReport:
+    """Wait until another process (the first of a torchrun job) has finished ``teacher``'s cache for ``texts``,
+    then report it like :func:`encode_teacher` would; writes nothing.
+
+    Waits ``timeout_s`` at most (default ``$EMBEDFORGE_RANK_WAIT_S``, else 24 hours), then raises
+    :class:`~embedforge.errors.RunError`.
+    """
+    from embedforge.errors import RunError
+    from embedforge.sources import resolve_source
+
+    settings = settings or EncodeSettings()
+    teacher = os.fspath(resolve_source(teacher))
+    texts = list(texts)
+    start = time.perf_counter()
+    root = Path(cache_dir) / "teacher-vectors"
+    fingerprint = directory_fingerprint(teacher, digest_cache=root / DIGESTS_FILE, update=False)
+    directory = root / cache_fingerprint(teacher, texts, settings, teacher_fingerprint=fingerprint)
+    done = directory / "done.json"
+    limit = timeout_s if timeout_s is not None else float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
+    logger.info("teacher %s: waiting for the first process to finish its vectors in %s", teacher, directory)
+    while not done.is_file():
+        if time.perf_counter() - start > limit:
+            raise RunError(f"{directory}: the teacher vectors of {teacher} were not finished by the first process "
+                           f"within {limit:.0f} s; check its log, or raise EMBEDFORGE_RANK_WAIT_S")
+        time.sleep(poll_s)
+    meta = json.loads(done.read_text())
+    return CacheReport(directory=directory, n_texts=len(texts), dim=int(meta["dim"]),
+                       teacher_fingerprint=fingerprint, reused_shards=list(range(int(meta["n_shards"]))),
+                       seconds=time.perf_counter() - start)
+
+
 def load_vectors(directory: str | os.PathLike[str]) -> np.ndarray:
     """All rows of one finished teacher cache, in text order (float32)."""
     d = Path(directory)
@@ -351,9 +389,16 @@ def teacher_targets(
     weights: Sequence[float] | None = None,
     processes: int = 1,
     show_progress: bool = True,
+    encode: bool = True,
 ) -> tuple[np.ndarray, list[CacheReport]]:
-    """Encode (or reuse) every teacher's vectors and combine them; returns (targets, one report per teacher)."""
-    reports = [encode_teacher(t, texts, cache_dir, settings, processes=processes, show_progress=show_progress)
-               for t in teachers]
+    """Encode (or reuse) every teacher's vectors and combine them; returns (targets, one report per teacher).
+
+    ``encode=False`` (every torchrun process but the first) writes nothing: it waits for each teacher's cache to be
+    finished by the process that encodes it (:func:`await_teacher`) and reads it."""
+    if encode:
+        reports = [encode_teacher(t, texts, cache_dir, settings, processes=processes, show_progress=show_progress)
+                   for t in teachers]
+    else:
+        reports = [await_teacher(t, texts, cache_dir, settings) for t in teachers]
     vectors = [load_vectors(r.directory) for r in reports]
     return combine_teachers(vectors, weights), reports

@@ -109,6 +109,7 @@ def test_first_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path
     from embedforge.convert.pipeline import run_convert
     from embedforge.distill.config import DistillConfig
     from embedforge.distill.pipeline import run as run_distill
+    from embedforge.typed_config import build_config
     from embedforge.model import read_lineage
     from embedforge.modules import load_embedder
 
@@ -124,9 +125,10 @@ def test_first_layers_then_distill_from_a_teacher(tiny_llama_dir: Path, tmp_path
     texts = sample_texts() * 4
     texts_file = tmp_path / "texts.jsonl"
     texts_file.write_text("".join(json.dumps({"text": f"{t} #{i}"}) + "\n" for i, t in enumerate(texts)))
-    cfg = DistillConfig(model=str(teacher_dir), student="model", student_model=str(student_dir),
-                        texts=[str(texts_file)], projection="always", batch_size=8, max_steps=6,
-                        learning_rate=5e-4, warmup_ratio=0.0, save_steps=100, max_seq_length=32)
+    cfg = build_config(DistillConfig, dict(
+        model=str(teacher_dir), student="model", student_model=str(student_dir), texts=[str(texts_file)],
+        projection="always", max_seq_length=32,
+        train=dict(batch_size=8, max_steps=6, epochs=None, learning_rate=5e-4, warmup_ratio=0.0, save_steps=100)))
     out = tmp_path / "distilled"
     run_distill(cfg, out, StageContext(cache_dir=tmp_path / "cache"))
     student = load_embedder(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,14 @@ import torch
 
 from embedforge.configs import ConfigError, StageContext
 from embedforge.distill.config import DistillConfig, StudentKind
+
+
+def distill_config(**values: Any) -> DistillConfig:
+    """A DistillConfig built as a recipe stage is: ``train={...}`` changes only the keys it names, the other
+    training options keep the distill stage's defaults (seed 42, save_total_limit 1, ...)."""
+    from embedforge.typed_config import build_config
+
+    return build_config(DistillConfig, values)
 
 
 def test_config_imports_without_torch():
@@ -31,17 +40,17 @@ def test_config_imports_without_torch():
         ({"student": "model"}, "student_model"),
         ({"student": "nope"}, "student"),
         ({"layers": 1, "teacher_weights": [1.0, 2.0]}, "teacher_weights"),
-        ({"layers": 1, "batch_size": 1}, "batch_size"),
+        ({"layers": 1, "train": {"batch_size": 1}}, "train.batch_size"),
         ({"layers": 1, "layer_dims": [[0, 8]]}, "layer_dims"),
         ({"student": "static", "layer_dims": [[1, 8]]}, "layer_dims"),
         ({"layers": 1, "matryoshka_dims": [0]}, "matryoshka_dims"),
         ({"layers": 1, "full_dim_weight": 0.0}, "full_dim_weight"),
-        ({"layers": 1, "precision": "fp16"}, "precision"),
+        ({"layers": 1, "train": {"precision": "fp16"}}, "train.precision"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
-        DistillConfig(model="teacher", **kwargs)
+        distill_config(model="teacher", **kwargs)
     assert err.value.key == key
 
 
@@ -66,9 +75,9 @@ def test_run_layer_student_saves_a_matryoshka_model(bert_teacher, texts_file, tm
 
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2], batch_size=16,
-                        max_steps=4, save_steps=2, matryoshka_dims=[16, 8], layer_dims=[[1, 8]], shard_size=40,
-                        max_seq_length=32)
+    cfg = distill_config(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2],
+                         train={"batch_size": 16, "max_steps": 4, "save_steps": 2}, matryoshka_dims=[16, 8],
+                         layer_dims=[[1, 8]], shard_size=40, max_seq_length=32)
     out = tmp_path / "student"
     ctx = StageContext(cache_dir=tmp_path / "cache")
     from embedforge.distill.pipeline import run
@@ -100,8 +109,8 @@ def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
     from embedforge.distill import pipeline
     from embedforge.testing import sigterm_at
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=1, batch_size=16,
-                        max_steps=4, save_steps=100, shard_size=64)
+    cfg = distill_config(model=str(bert_teacher), texts=[str(texts_file)], layers=1,
+                         train={"batch_size": 16, "max_steps": 4, "save_steps": 100}, shard_size=64)
     out = tmp_path / "student"
     cache = tmp_path / "cache"
     # A first run is stopped by SIGTERM after step 2: it writes a checkpoint and publishes nothing.
@@ -112,7 +121,7 @@ def test_run_resumes_from_a_checkpoint(bert_teacher, texts_file, tmp_path):
 
     pipeline.run(cfg, out, StageContext(cache_dir=cache))
     stats = json.loads((out / "embedforge.json").read_text())["metrics"]["distill"]
-    assert stats["resumed_from_step"] == 2 and stats["steps"] == 4
+    assert stats["resumed_from"] == str(tmp_path / "student.ckpt" / "checkpoint-2") and stats["steps"] == 4
 
 
 def test_two_teachers_any_model_student_gets_a_fitted_projection(bert_teacher, bert_teacher_b, texts, tmp_path):
@@ -176,9 +185,9 @@ def test_training_lowers_the_loss(bert_teacher, texts, tmp_path, precision):
     from embedforge.testing import tiny_decoder
 
     decoder = tiny_decoder("qwen2", tmp_path / "qwen2")
-    cfg = DistillConfig(model=str(bert_teacher), student="model", student_model=str(decoder), batch_size=16,
-                        max_steps=12, learning_rate=2e-4, warmup_ratio=0.0, save_steps=100, texts=["unused"],
-                        precision=precision)
+    cfg = distill_config(model=str(bert_teacher), student="model", student_model=str(decoder), texts=["unused"],
+                         train={"batch_size": 16, "max_steps": 12, "learning_rate": 2e-4, "warmup_ratio": 0.0,
+                                "save_steps": 100, "precision": precision})
     targets, _ = pipeline.teacher_vectors(cfg, texts, tmp_path / "cache")
     student = pipeline.build_student(cfg, 32, texts, targets)
     loss = JasperStellaLoss(max_pairs=10_000)
@@ -208,7 +217,8 @@ def test_cli_distill_command(bert_teacher, texts_file, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cli-student"
     result = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), f"texts=[{texts_file}]",
-                                       "layers=1", "max_steps=2", "batch_size=8", "matryoshka_dims=[16]"])
+                                       "layers=1", "train.max_steps=2", "train.batch_size=8",
+                                       "matryoshka_dims=[16]"])
     assert result.exit_code == 0, result.output
     assert read_lineage(out)["extra"]["matryoshka_dims"] == [32, 16]
     bad = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "layers=0"])
@@ -216,6 +226,13 @@ def test_cli_distill_command(bert_teacher, texts_file, tmp_path, monkeypatch):
     old = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "first_layers=1"])
     assert old.exit_code == 2, old.output
     assert "first_layers: no longer a key; did you mean 'layers'? (write layers: 1)" in old.output
+    # training options live under train:, and text_limit is data_limit: the old spellings say where they went
+    moved = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "layers=1", "max_steps=2"])
+    assert moved.exit_code == 2, moved.output
+    assert "max_steps: training options moved under the train: key; write train: {max_steps: 2}" in moved.output
+    renamed = CliRunner().invoke(main, ["distill", str(bert_teacher), "--out", str(out), "layers=1", "text_limit=5"])
+    assert renamed.exit_code == 2, renamed.output
+    assert "text_limit: renamed; write data_limit: 5" in renamed.output
 
 
 def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_path):
@@ -227,9 +244,9 @@ def test_pca_rotated_targets_and_length_batches(bert_teacher, texts_file, tmp_pa
     from embedforge.distill.matryoshka import pca_rotation
     from embedforge.model import read_lineage
 
-    cfg = DistillConfig(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2], batch_size=16,
-                        max_steps=3, save_steps=100, matryoshka_dims=[8], target_rotation="pca",
-                        batching="length", max_seq_length=32)
+    cfg = distill_config(model=str(bert_teacher), texts=[str(texts_file)], layers=[0, 2],
+                         train={"batch_size": 16, "max_steps": 3, "save_steps": 100}, matryoshka_dims=[8],
+                         target_rotation="pca", batching="length", max_seq_length=32)
     from embedforge.data import load_texts
 
     texts = load_texts(cfg.texts)
@@ -271,3 +288,41 @@ def test_run_refuses_missing_teacher_layers_before_encoding(bert_teacher, texts_
     assert str(err.value) == (f"layers: layer index 3 is out of range for the model ({bert_teacher}), which has 3 "
                               "layers (0..2, or -3..-1)")
     assert not out.exists()
+
+
+class _Stop(Exception):
+    """Raised by the stand-in for run_training once the trainer was built."""
+
+
+def test_recipe_train_key_reaches_the_trainer_and_keeps_the_distill_defaults(bert_teacher, texts_file, tmp_path,
+                                                                               monkeypatch):
+    """``train: {batch_size: 4}`` on a distill stage of a recipe changes the trainer's batch size only: the learning
+    rate (1e-4), seed (42), checkpoint settings and the epoch-bounded step count stay the distill stage's."""
+    from embedforge.distill import pipeline
+    from embedforge.recipe import load_recipe
+    from embedforge.training import engine
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - name: student\n    stage: distill\n    model: {bert_teacher}\n"
+                      f"    out: {tmp_path / 'student'}\n    texts: [{texts_file}]\n    layers: 1\n"
+                      "    max_seq_length: 32\n    train: {batch_size: 4}\n")
+    cfg = load_recipe(recipe).stages[0].config
+    train = cfg.train
+    assert (train.batch_size, train.learning_rate, train.seed, train.max_steps, train.epochs) == (4, 1e-4, 42, None, 1.0)
+    assert (train.warmup_ratio, train.save_steps, train.save_total_limit, train.logging_steps) == (0.05, 200, 1, None)
+
+    seen = {}
+
+    def capture(trainer, *args, **kwargs):
+        seen["args"] = trainer.args
+        raise _Stop
+
+    monkeypatch.setattr(engine, "run_training", capture)
+    with pytest.raises(_Stop):
+        pipeline.run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
+    args = seen["args"]
+    assert args.per_device_train_batch_size == 4
+    assert (args.learning_rate, args.seed, args.save_steps, args.save_total_limit) == (1e-4, 42, 200, 1)
+    assert args.max_steps == 96 // 4  # one pass (epochs 1.0, no step bound) over the 96 texts, full batches only
+    assert args.warmup_steps == int(0.05 * 24) and args.dataloader_drop_last
+    assert args.lr_scheduler_type == "linear"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from embedforge.distill.teacher import (
+    DIGESTS_FILE,
     EncodeSettings,
+    await_teacher,
     cache_fingerprint,
     combine_teachers,
     directory_fingerprint,
@@ -167,3 +169,24 @@ def test_file_digests_are_memoized_by_path_size_and_mtime(bert_teacher, tmp_path
     assert directory_fingerprint(teacher, digest_cache=memo) != first
     assert os.fspath(weights.resolve()) not in json.loads(memo.read_text())
     assert T.directory_fingerprint(teacher) != first
+
+
+def test_other_processes_wait_for_the_finished_cache_and_write_nothing(bert_teacher, texts, tmp_path):
+    """A torchrun process other than the first finds the first one's cache by fingerprint, reads it once it is
+    finished, and writes nothing into it; an unfinished cache is a one-line RunError after the wait."""
+    from embedforge.errors import RunError
+
+    settings = EncodeSettings(shard_size=40)
+    with pytest.raises(RunError) as err:
+        await_teacher(str(bert_teacher), texts, tmp_path, settings, timeout_s=0.0, poll_s=0.01)
+    assert "were not finished by the first process within 0 s" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "teacher-vectors").exists()  # waiting wrote nothing, not even the digest memo
+
+    first = encode_teacher(str(bert_teacher), texts, tmp_path, settings, show_progress=False)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher-vectors").rglob("*")}
+    other = await_teacher(str(bert_teacher), texts, tmp_path, settings, timeout_s=0.0)
+    assert (other.directory, other.dim, other.teacher_fingerprint) == (first.directory, 32, first.teacher_fingerprint)
+    assert other.encoded_shards == [] and other.reused_shards == [0, 1, 2]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher-vectors").rglob("*")} == files
+    vectors, _ = teacher_targets([str(bert_teacher)], texts, tmp_path, settings, encode=False)
+    np.testing.assert_allclose(vectors, load_vectors(first.directory), atol=1e-6)
