@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from embedforge.configs import StageContext
+from embedforge.errors import RunError
 from embedforge.training.guard import NanLossError, TrainingInterrupted
 from embedforge.testing import sample_texts, sigterm_at
 
@@ -366,7 +367,8 @@ def test_planted_pickle_in_the_heal_checkpoint_never_runs(bert_dir: Path, files:
     rng_file = tmp_path / "again.ckpt" / "checkpoint-2" / "rng_state.pth"
     assert rng_file.is_file()
     torch.save({"python": _Planted(marker)}, rng_file)
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+    with pytest.raises(RunError, match=r"checkpoint-2 holds a file that cannot be loaded safely .*remove .*"
+                                       r"checkpoint-2 and rerun$"):
         run(cfg, out, StageContext())
     assert not marker.exists(), "a pickle from the checkpoint folder was executed"
     assert not out.exists()

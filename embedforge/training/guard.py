@@ -31,6 +31,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
+from _pickle import UnpicklingError  # the error torch's weights_only loading raises; nothing is unpickled here
+
 from transformers import TrainerCallback
 
 from embedforge.errors import Interrupted, RunError
@@ -364,6 +366,12 @@ def guarded_train(trainer: Any, ckpt_dir: str | os.PathLike[str], settings: dict
     guard.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+    except UnpicklingError as exc:  # torch's weights_only loading refused a file of the checkpoint
+        if not resume:
+            raise
+        raise RunError(f"{where}: {resume} holds a file that cannot be loaded safely (only tensors and plain data "
+                       f"are; {str(exc).splitlines()[0][:120]}); it was not made by this trainer: remove {resume} "
+                       "and rerun") from exc
     finally:
         guard.restore()
     if guard.received is not None:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from embedforge.distill.teacher import (
-    DIGESTS_FILE,
     EncodeSettings,
     await_teacher,
     cache_fingerprint,
