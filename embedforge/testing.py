@@ -162,3 +162,19 @@ def sigterm_at(step: int) -> Any:
             return control
 
     return _SigtermAt()
+
+
+def run_cli(*args: str) -> Any:
+    """``embedforge ARGS`` in-process (click's test runner); returns the click ``Result``."""
+    from click.testing import CliRunner
+
+    from embedforge.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def error_line(output: str) -> str:
+    """The one ``Error: ...`` line of a CLI output, without its prefix (fails when there is not exactly one)."""
+    lines = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert len(lines) == 1, output
+    return lines[0][len("Error: "):]

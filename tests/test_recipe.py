@@ -15,6 +15,7 @@ from embedforge.model import LINEAGE_FILE, make_lineage
 from embedforge.recipe import (
     RecipeError, build_config, load_recipe, parse_overrides, run_recipe, shipped_recipes,
 )
+from embedforge.testing import error_line, run_cli
 
 
 class Color(str, Enum):
@@ -219,18 +220,8 @@ def test_a_stage_model_is_freed_before_the_next_stage(tmp_path: Path, monkeypatc
 # ------------------------------------------------------------------------------ values, overrides, YAML safety
 
 
-def _cli(*args: str):
-    from click.testing import CliRunner
-
-    from embedforge.cli import main
-
-    return CliRunner().invoke(main, list(args))
 
 
-def _error_line(output: str) -> str:
-    lines = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, output
-    return lines[0][len("Error: "):]
 
 
 @pytest.mark.parametrize("spelling,value", [("2e-4", 2e-4), ("1E-3", 1e-3), (".5", 0.5), ("1e+12", 1e12),
@@ -241,7 +232,7 @@ def test_every_float_spelling_is_a_float(tmp_path: Path, spelling: str, value: f
     path = _write(tmp_path, text)
     assert load_recipe(path).stages[0].config.rate == value  # in the YAML file
     assert load_recipe(path, parse_overrides([f"second.rate={spelling}"])).stages[1].config.rate == value
-    res = _cli("run", str(path), f"second.rate={spelling}")  # through the CLI, to the stage
+    res = run_cli("run", str(path), f"second.rate={spelling}")  # through the CLI, to the stage
     assert res.exit_code == 0, res.output
     assert [r[0] for r in RUNS] == ["first", "second"]
     assert json.loads((tmp_path / "runs" / "second" / LINEAGE_FILE).read_text())["config"]["rate"] == value
@@ -250,9 +241,9 @@ def test_every_float_spelling_is_a_float(tmp_path: Path, spelling: str, value: f
 def test_text_is_not_a_float(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"rate: expected float or None, got 'abc'"):
         build_config(ToyConfig, {"model": "m", "rate": "abc"})
-    res = _cli("run", str(_write(tmp_path, RECIPE.format(base=tmp_path / "runs"))), "second.rate=abc")
+    res = run_cli("run", str(_write(tmp_path, RECIPE.format(base=tmp_path / "runs"))), "second.rate=abc")
     assert res.exit_code == 2
-    assert _error_line(res.output).endswith("stage 'second': rate: expected float or None, got 'abc'")
+    assert error_line(res.output).endswith("stage 'second': rate: expected float or None, got 'abc'")
     assert not (tmp_path / "runs").exists()
 
 
@@ -260,9 +251,9 @@ def test_text_is_not_a_float(tmp_path: Path) -> None:
 def test_null_or_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
-    res = _cli("run", str(path), f"second.out={value}")
+    res = run_cli("run", str(path), f"second.out={value}")
     assert res.exit_code == 2
-    assert "stage 'second': out: expected the directory the stage writes, got " in _error_line(res.output)
+    assert "stage 'second': out: expected the directory the stage writes, got " in error_line(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None, nothing run
     text = RECIPE.format(base=tmp_path / "runs").replace("out: ${vars.base}/second", f"out: {value}")
     with pytest.raises(RecipeError, match=r"r\.yaml:14: stage 'second': out: expected the directory"):
@@ -271,12 +262,12 @@ def test_null_or_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_override_of_an_unknown_var_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
-    res = _cli("run", str(path), "vars.bsae=/elsewhere")
+    res = run_cli("run", str(path), "vars.bsae=/elsewhere")
     assert res.exit_code == 2
-    assert _error_line(res.output) == (f"{path}: override 'vars.bsae': the recipe has no var 'bsae' "
+    assert error_line(res.output) == (f"{path}: override 'vars.bsae': the recipe has no var 'bsae' "
                                        "(did you mean 'base'?); vars: base")
-    res = _cli("recipes", "validate", str(path), "--set", "vars.nosuch=1")
-    assert res.exit_code == 2 and "the recipe has no var 'nosuch'; vars: base" in _error_line(res.output)
+    res = run_cli("recipes", "validate", str(path), "--set", "vars.nosuch=1")
+    assert res.exit_code == 2 and "the recipe has no var 'nosuch'; vars: base" in error_line(res.output)
     assert not (tmp_path / "runs").exists()
     assert load_recipe(path, parse_overrides(["vars.base=/x"])).stages[0].out == Path("/x/first")
 
@@ -284,9 +275,9 @@ def test_override_of_an_unknown_var_is_refused(tmp_path: Path) -> None:
 def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path: Path) -> None:
     text = RECIPE.format(base=tmp_path / "runs").replace("    size: 4\n", "    size: 4\n    color: red\n    size: 5\n")
     path = _write(tmp_path, text)
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2
-    assert _error_line(res.output) == f"{path}:12: stages[0].size: duplicate key (first given at line 10); keep one"
+    assert error_line(res.output) == f"{path}:12: stages[0].size: duplicate key (first given at line 10); keep one"
     with pytest.raises(RecipeError, match=r"r\.yaml:4: vars: duplicate key \(first given at line 1\)"):
         load_recipe(_write(tmp_path, "vars: {}\nname: x\nstages: []\nvars: {}\n"))
 
@@ -321,9 +312,9 @@ def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
 def test_yaml_tags_are_refused_in_one_line(tmp_path: Path, tagged: str, tag: str) -> None:
     text = RECIPE.format(base=tmp_path / "runs").replace("    tags: [a, b]", f"    tags: {tagged}")
     path = _write(tmp_path, text)
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{path}:16: YAML tag {tag} is not supported in recipes; remove it (values "
+    assert error_line(res.output) == (f"{path}:16: YAML tag {tag} is not supported in recipes; remove it (values "
                                        "are plain text, numbers, true/false, null, lists and mappings)")
     assert "Traceback" not in res.output
 
@@ -340,9 +331,9 @@ def test_task_files_are_checked_by_their_path_part(tmp_path: Path) -> None:
             f"    tasks: {tasks}\n")
     recipe = load_recipe(_write(tmp_path, text))
     assert len(recipe.stages[0].config.tasks) == 5
-    res = _cli("recipes", "validate", str(_write(tmp_path, text.replace(str(sts), str(tmp_path / "nope.tsv")))))
+    res = run_cli("recipes", "validate", str(_write(tmp_path, text.replace(str(sts), str(tmp_path / "nope.tsv")))))
     assert res.exit_code == 2
-    assert _error_line(res.output).endswith(f"stage 'eval': tasks[0]: file or directory not found: {tmp_path}/nope.tsv")
+    assert error_line(res.output).endswith(f"stage 'eval': tasks[0]: file or directory not found: {tmp_path}/nope.tsv")
     missing = text.replace(f"retrieval:{beir}:dev", f"retrieval:{tmp_path}/gone:dev")
     with pytest.raises(RecipeError, match=r"tasks\[3\]: file or directory not found: .*/gone$"):
         load_recipe(_write(tmp_path, missing))
@@ -354,16 +345,16 @@ def test_task_files_are_checked_by_their_path_part(tmp_path: Path) -> None:
 def test_null_var_inside_an_out_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs"))
-    res = _cli("run", str(path), "vars.base=null")
+    res = run_cli("run", str(path), "vars.base=null")
     assert res.exit_code == 2
-    assert _error_line(res.output) == (f"{path}:8: stage 'first': out: ${{vars.base}} is null and cannot be part of "
+    assert error_line(res.output) == (f"{path}:8: stage 'first': out: ${{vars.base}} is null and cannot be part of "
                                        "the text '${vars.base}/first'; give it a text value")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no ./None/first
 
 
 def test_a_value_yaml_cannot_build_is_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, RECIPE.format(base=tmp_path / "runs").replace("    tags: [a, b]", "    tags: [2024-13-45]"))
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{path}:16: invalid value '2024-13-45': month must be in 1..12; quote it to "
+    assert error_line(res.output) == (f"{path}:16: invalid value '2024-13-45': month must be in 1..12; quote it to "
                                        "keep it as text")

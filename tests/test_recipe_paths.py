@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 from embedforge import preflight, stages
-from embedforge.cli import main
 from embedforge.configs import opt
 from embedforge.model import LINEAGE_FILE, make_lineage
 from embedforge.recipe import load_recipe, stage_inputs
+from embedforge.testing import error_line, run_cli
 
 STS_ROWS = ["sentence1\tsentence2\tscore", "a cat sits\ta cat is sitting\t4.5", "a dog runs\tthe sky is blue\t0.5",
             "a man cooks\ta man is cooking\t5.0", "a girl sings\ta car drives\t1.0"]
@@ -58,14 +57,8 @@ def paths_stage(monkeypatch: pytest.MonkeyPatch):
     yield
 
 
-def _cli(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
-def _error_line(output: str) -> str:
-    lines = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, output
-    return lines[0][len("Error: "):]
 
 
 def _recipe(tmp_path: Path, *stage_bodies: str) -> Path:
@@ -111,9 +104,9 @@ def test_an_out_holding_a_task_file_is_refused_at_validation(spec: str, tmp_path
     read = folder / ("sts.tsv" if "{f}" in spec else "beir")
     before = _tree(folder)
     path = _recipe(tmp_path, f"stage: eval\nmodel: some/model\nout: {folder}\ntasks: ['{task}']")
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{path}:5: stage 'eval': out: {folder} is (or contains) {read}, which stage "
+    assert error_line(res.output) == (f"{path}:5: stage 'eval': out: {folder} is (or contains) {read}, which stage "
                                        "'eval' reads; writing there would delete it: choose another out")
     assert _tree(folder) == before
 
@@ -122,9 +115,9 @@ def test_a_later_out_holding_an_earlier_stages_task_file_is_refused(tmp_path: Pa
     folder = _eval_output(tmp_path / "evals")
     path = _recipe(tmp_path, f"stage: eval\nmodel: some/model\nout: {tmp_path}/e\ntasks: ['sts:{folder}/sts.tsv']",
                    f"stage: paths\nname: later\nout: {folder}")
-    res = _cli("run", str(path))
+    res = run_cli("run", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{path}:9: stage 'later': out: {folder} is (or contains) {folder}/sts.tsv, "
+    assert error_line(res.output) == (f"{path}:9: stage 'later': out: {folder} is (or contains) {folder}/sts.tsv, "
                                        "which stage 'eval' reads; writing there would delete it: choose another out")
     assert RUNS == [] and not (tmp_path / "e").exists() and (folder / "sts.tsv").is_file()
 
@@ -134,9 +127,9 @@ def test_an_eval_run_does_not_delete_the_task_file_it_reads(tiny_st_dir: Path, t
     folder = _eval_output(tmp_path / "evals")
     before = _tree(folder)
     path = _recipe(tmp_path, f"stage: eval\nmodel: {tiny_st_dir}\nout: {folder}\ntasks: ['sts:{folder}/sts.tsv']")
-    res = _cli("run", str(path))
+    res = run_cli("run", str(path))
     assert res.exit_code == 2, res.output
-    assert "is (or contains)" in _error_line(res.output)
+    assert "is (or contains)" in error_line(res.output)
     assert _tree(folder) == before
 
 
@@ -147,16 +140,16 @@ def test_a_beir_data_folder_is_an_input(tmp_path: Path) -> None:
     beir = _beir(tmp_path / "scifact")
     before = _tree(beir)
     path = _recipe(tmp_path, f"stage: binarizer\nmodel: some/model\nout: {beir}\ndata: beir:{beir}")
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{path}:5: stage 'binarizer': out: {beir} is (or contains) {beir}, which "
+    assert error_line(res.output) == (f"{path}:5: stage 'binarizer': out: {beir} is (or contains) {beir}, which "
                                        "stage 'binarizer' reads; writing there would delete it: choose another out")
     assert _tree(beir) == before
     missing = _recipe(tmp_path, f"stage: compress\nmodel: some/model\nout: {tmp_path}/c\n"
                                 f"heal_data: beir:{tmp_path}/gone:dev")
-    res = _cli("recipes", "validate", str(missing))
+    res = run_cli("recipes", "validate", str(missing))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == (f"{missing}:6: stage 'compress': heal_data: file or directory not found: "
+    assert error_line(res.output) == (f"{missing}:6: stage 'compress': heal_data: file or directory not found: "
                                        f"{tmp_path}/gone")
     assert not (tmp_path / "c").exists()
 
@@ -164,14 +157,14 @@ def test_a_beir_data_folder_is_an_input(tmp_path: Path) -> None:
 def test_a_changed_beir_folder_reruns_the_stage(tmp_path: Path) -> None:
     beir = _beir(tmp_path / "scifact")
     path = _recipe(tmp_path, f"stage: paths\nout: {tmp_path}/out\ndata: beir:{beir}:test")
-    assert _cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
-    res = _cli("run", str(path))
+    assert run_cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
+    res = run_cli("run", str(path))
     assert res.exit_code == 0 and "paths: skipped" in res.output and RUNS == ["paths"]
     (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "a dog"}\n')
-    res = _cli("run", str(path), "--dry-run")
+    res = run_cli("run", str(path), "--dry-run")
     assert res.exit_code == 0
     assert res.output.strip() == f"paths (paths) -> {tmp_path}/out: will run: input {beir} changed"
-    res = _cli("run", str(path))
+    res = run_cli("run", str(path))
     assert res.exit_code == 0 and "paths: ran" in res.output and RUNS == ["paths", "paths"]
 
 
@@ -181,8 +174,8 @@ def test_a_changed_beir_folder_reruns_the_stage(tmp_path: Path) -> None:
 def test_a_word_that_names_the_out_does_not_block_a_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = _recipe(tmp_path, "stage: paths\nout: blue\ncolor: blue")
-    assert _cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
-    res = _cli("run", str(path))  # ./blue now exists: it is the out, not something the stage reads
+    assert run_cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
+    res = run_cli("run", str(path))  # ./blue now exists: it is the out, not something the stage reads
     assert res.exit_code == 0, res.output
     assert res.output.strip() == f"paths: skipped -> {tmp_path}/blue"
     assert (tmp_path / "blue" / "result.txt").read_text() == "blue"
@@ -197,7 +190,7 @@ def test_builtin_names_and_aliases_are_not_local_inputs(body: str, tmp_path: Pat
     out = body.split("out: ")[1].split("\n")[0]
     (tmp_path / out).mkdir()  # an earlier run's output: the stage reads the built-in / alias, not this folder
     (tmp_path / out / LINEAGE_FILE).write_text(json.dumps(make_lineage(stage=body.split()[1], source="x")))
-    res = _cli("recipes", "validate", str(_recipe(tmp_path, body)))
+    res = run_cli("recipes", "validate", str(_recipe(tmp_path, body)))
     assert res.exit_code == 0, res.output
     assert "Error" not in res.output
 
@@ -220,10 +213,10 @@ def test_a_changed_local_model_named_without_a_slash_reruns_the_stage(key: str, 
     teacher = _toy_model(work / "teacher" if key == "extra_teachers" else work, "v1")
     monkeypatch.chdir(work)
     path = _recipe(tmp_path, f"stage: paths\nout: {tmp_path}/out\n{key}: {value}")
-    assert _cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
-    assert "paths: skipped" in _cli("run", str(path)).output and RUNS == ["paths"]
+    assert run_cli("run", str(path)).exit_code == 0 and RUNS == ["paths"]
+    assert "paths: skipped" in run_cli("run", str(path)).output and RUNS == ["paths"]
     (teacher / "result.txt").write_text("v2")  # the model it read is retrained
-    res = _cli("run", str(path))
+    res = run_cli("run", str(path))
     assert res.exit_code == 0, res.output
     assert res.output.strip() == f"paths: ran -> {tmp_path}/out" and RUNS == ["paths", "paths"]
 
@@ -269,18 +262,18 @@ def test_the_out_check_the_existence_check_and_the_inputs_agree(form: str, tmp_p
     target = (root / read).resolve() if read else root / ("pairs" if form == "data-kind" else value.strip("[]"))
     assert stage_inputs(recipe.stages[0]) == ([str(target)] if read else [])
     writer = _recipe(tmp_path, body, f"stage: paths\nname: writer\nout: {target}")
-    res = _cli("recipes", "validate", str(writer))
+    res = run_cli("recipes", "validate", str(writer))
     if read:
         assert res.exit_code == 2, res.output
-        assert f"is (or contains) {target}, which stage 'reader' reads" in _error_line(res.output)
+        assert f"is (or contains) {target}, which stage 'reader' reads" in error_line(res.output)
     else:
         assert res.exit_code == 0, res.output
     if gone:  # a path the finder counts must exist
         missing = _recipe(tmp_path, body.replace(f"{key}: {value.format(root=root)}", f"{key}: {gone.format(root=root)}"))
-        res = _cli("recipes", "validate", str(missing))
+        res = run_cli("recipes", "validate", str(missing))
         assert res.exit_code == 2, res.output
-        assert _error_line(res.output).startswith(f"{missing}:6: stage 'reader': {key}")
-        assert "file or directory not found: " in _error_line(res.output) and "gone" in res.output
+        assert error_line(res.output).startswith(f"{missing}:6: stage 'reader': {key}")
+        assert "file or directory not found: " in error_line(res.output) and "gone" in res.output
 
 
 @pytest.mark.parametrize("body,read", [
@@ -302,9 +295,9 @@ def test_model_folders_named_without_a_slash_are_inputs_of_the_real_stages(body:
 
 def test_a_path_no_file_system_accepts_is_a_one_line_error(tmp_path: Path) -> None:
     path = _recipe(tmp_path, f'stage: binarizer\nmodel: some/model\nout: {tmp_path}/b\ndata: "./a\\0b.jsonl"')
-    res = _cli("recipes", "validate", str(path))  # was a ValueError traceback (embedded null byte)
+    res = run_cli("recipes", "validate", str(path))  # was a ValueError traceback (embedded null byte)
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output) == f"{path}:6: stage 'binarizer': data: file or directory not found: './a\\x00b.jsonl'"
+    assert error_line(res.output) == f"{path}:6: stage 'binarizer': data: file or directory not found: './a\\x00b.jsonl'"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
@@ -318,12 +311,12 @@ def test_a_data_folder_named_without_a_slash_is_an_input_of_the_real_stages(body
     path = _recipe(tmp_path, body.format(out=tmp_path / "out"))
     assert stage_inputs(load_recipe(path).stages[0]) == [str(tmp_path / "saved")]
     clash = _recipe(tmp_path, body.format(out=tmp_path / "saved"))
-    res = _cli("recipes", "validate", str(clash))
+    res = run_cli("recipes", "validate", str(clash))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output).endswith(f"out: {tmp_path}/saved is (or contains) {tmp_path}/saved, which stage "
+    assert error_line(res.output).endswith(f"out: {tmp_path}/saved is (or contains) {tmp_path}/saved, which stage "
                                             f"'{body.split()[1]}' reads; writing there would delete it: choose "
                                             "another out")
     (tmp_path / "saved").rmdir()
-    res = _cli("recipes", "validate", str(path))
+    res = run_cli("recipes", "validate", str(path))
     assert res.exit_code == 2, res.output
-    assert _error_line(res.output).endswith(": file or directory not found: saved")
+    assert error_line(res.output).endswith(": file or directory not found: saved")
