@@ -63,10 +63,11 @@ class Experiment:
     command: list[str] | None = None
 
     def spec(self) -> dict[str, Any]:
-        """What the config hash covers: the recipe (its text when it is a file), overrides, command, metrics."""
+        """What the config hash covers: the recipe (its parsed document when it is a file, so that editing its
+        comments, e.g. the measured time in its header, keeps the result current), overrides, command, metrics."""
         recipe: Any = self.recipe
         if isinstance(recipe, str):
-            recipe = {"file": recipe, "text": (ROOT / recipe).read_text()}
+            recipe = {"file": recipe, "document": yaml_load(ROOT / recipe)}
         return {"recipe": recipe, "overrides": self.overrides, "command": self.command,
                 "metrics": [[m.name, m.stage, m.key] for m in self.metrics]}
 

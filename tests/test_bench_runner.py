@@ -133,3 +133,21 @@ def test_a_shipped_recipe_runs_with_overrides_into_the_work_folder(tmp_path: Pat
     with pytest.raises(Exception, match=r"metrics\.s: no stage named 'evl' \(stages: onnx, eval\)"):
         bench_run.run_experiment(exp, tmp_path / "results", tmp_path / "work")
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
+
+
+def test_a_recipe_files_comments_do_not_change_the_config_hash(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe's header states its measured time: writing it there must not make that very result stale."""
+    monkeypatch.setattr(bench_run, "ROOT", tmp_path)
+    (tmp_path / "r.yaml").write_text("# measured: not yet\nstages:\n  - {stage: eval, model: m, tasks: [stsb-dev]}\n")
+    exp = tmp_path / "e.yaml"
+    exp.write_text("recipe: r.yaml\nmetrics: {s: {stage: eval, key: [stsb-dev, spearman]}}\n")
+
+    def spec_hash() -> str:
+        return bench_run.config_hash(bench_run.load_experiment(exp).spec())
+
+    first = spec_hash()
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text().replace("not yet", "15.4 min"))
+    assert spec_hash() == first
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text().replace("stsb-dev]", "sick-trial]"))
+    assert spec_hash() != first
