@@ -671,14 +671,16 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
     from embedforge.outputs import check_output, clean_leftovers, output_lock
 
     _check_only(recipe, only)
-    recorded = run_dir is not None and int(os.environ.get("RANK", "0")) == 0
+    from embedforge.training.engine import is_main_process
+
+    recorded = run_dir is not None and is_main_process()
     if recorded:
         from embedforge.rundir import check_run_dir, log_to, record_run
 
         run_dir = check_run_dir(run_dir)  # before anything (a stage's lock file) is written into it
     check_recipe(recipe, force=force, only=only)  # every stage's inputs and outputs, before anything is written
     with contextlib.ExitStack() as held:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             for st in recipe.stages:
                 if not only or st.name in only:
                     held.enter_context(output_lock(st.out))
@@ -706,8 +708,10 @@ def _run_stages(recipe: Recipe, *, force: bool = False, only: list[str] | None =
     from embedforge.model import NO_OUTPUT, input_identity, record_inputs
 
     done: list[tuple[Stage, str]] = []
+    from embedforge.training.engine import world_size
+
     rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     remade: dict[Path, str] = {}
     for i, st in enumerate(recipe.stages):
         if only and st.name not in only:

@@ -94,14 +94,9 @@ class TrainOptions:
         return self.logging_steps if self.logging_steps is not None else max(1, steps // 100)
 
 
-def train_defaults(**changes: Any) -> Any:
-    """A ``default_factory`` for a stage's ``train`` field: :class:`TrainOptions` with the stage's own defaults."""
-    return lambda: TrainOptions(**changes)
-
-
 def train_field(**defaults: Any) -> Any:
     """The ``train`` field of a training stage config, defaulting to :class:`TrainOptions` with ``defaults``."""
-    return opt(factory=train_defaults(**defaults), help=TRAIN_HELP)
+    return opt(factory=lambda: TrainOptions(**defaults), help=TRAIN_HELP)
 
 
 #: Top-level keys of earlier releases whose value now lives under ``train:`` (old name -> new key).
