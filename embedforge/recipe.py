@@ -630,17 +630,13 @@ def _check_only(recipe: Recipe, only: list[str] | None) -> None:
 
 
 def _wait_for(st: Stage, inputs: list[str], rank: int, poll_s: float = 2.0) -> None:
-    import time
-
     from embedforge.model import stale_reason
+    from embedforge.training.engine import wait_until
 
-    timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
-    start = time.monotonic()
     logger.info("rank %d: waiting for rank 0 to finish stage %s", rank, st.name)
-    while stale_reason(st.out, st.config, inputs) is not None:
-        if time.monotonic() - start > timeout:
-            raise RecipeError(f"rank {rank}: stage {st.name!r} did not complete on rank 0 within {timeout:.0f} s")
-        time.sleep(poll_s)
+    late = wait_until(lambda: stale_reason(st.out, st.config, inputs) is None, poll_s=poll_s)
+    if late is not None:
+        raise RecipeError(f"rank {rank}: stage {st.name!r} did not complete on rank 0 within {late:.0f} s")
 
 
 def check_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = None) -> None:

@@ -177,12 +177,10 @@ def _wait_for_main(out_dir: Path, started: float, poll_s: float = 2.0) -> None:
     that no process starts the recipe's next stage before its input exists. A barrier once training has joined the
     processes; otherwise (no healing: only the first process works) the others wait for a lineage file written
     after ``started``. A no-op in a single process."""
-    import os
-
     import torch.distributed as dist
 
     from embedforge.model import LINEAGE_FILE
-    from embedforge.training.engine import is_main_process, world_size
+    from embedforge.training.engine import is_main_process, wait_until, world_size
 
     if world_size() <= 1:
         return
@@ -191,13 +189,10 @@ def _wait_for_main(out_dir: Path, started: float, poll_s: float = 2.0) -> None:
         return
     if is_main_process():
         return
-    timeout = float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
     lineage = out_dir / LINEAGE_FILE
-    while not (lineage.is_file() and lineage.stat().st_mtime >= started - 1.0):
-        if time.time() - started > timeout:
-            raise RunError(f"compress: {out_dir} was not written by the first process within {timeout:.0f} s; "
-                           "see its log")
-        time.sleep(poll_s)
+    late = wait_until(lambda: lineage.is_file() and lineage.stat().st_mtime >= started - 1.0, poll_s=poll_s)
+    if late is not None:
+        raise RunError(f"compress: {out_dir} was not written by the first process within {late:.0f} s; see its log")
 
 
 def _check_against_model(config: CompressConfig, model: Any) -> list[int] | None:

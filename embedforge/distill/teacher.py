@@ -333,6 +333,7 @@ def await_teacher(teacher: str, texts: Sequence[str], cache_dir: str | os.PathLi
     :class:`~embedforge.errors.RunError`.
     """
     from embedforge.errors import RunError
+    from embedforge.training.engine import wait_until
     from embedforge.sources import resolve_source
 
     settings = settings or EncodeSettings()
@@ -343,13 +344,11 @@ def await_teacher(teacher: str, texts: Sequence[str], cache_dir: str | os.PathLi
     fingerprint = directory_fingerprint(teacher, digest_cache=root / DIGESTS_FILE, update=False)
     directory = root / cache_fingerprint(teacher, texts, settings, teacher_fingerprint=fingerprint)
     done = directory / "done.json"
-    limit = timeout_s if timeout_s is not None else float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
     logger.info("teacher %s: waiting for the first process to finish its vectors in %s", teacher, directory)
-    while not done.is_file():
-        if time.perf_counter() - start > limit:
-            raise RunError(f"{directory}: the teacher vectors of {teacher} were not finished by the first process "
-                           f"within {limit:.0f} s; check its log, or raise EMBEDFORGE_RANK_WAIT_S")
-        time.sleep(poll_s)
+    late = wait_until(done.is_file, timeout_s, poll_s)
+    if late is not None:
+        raise RunError(f"{directory}: the teacher vectors of {teacher} were not finished by the first process "
+                       f"within {late:.0f} s; check its log, or raise EMBEDFORGE_RANK_WAIT_S")
     meta = json.loads(done.read_text())
     return CacheReport(directory=directory, n_texts=len(texts), dim=int(meta["dim"]),
                        teacher_fingerprint=fingerprint, reused_shards=list(range(int(meta["n_shards"]))),

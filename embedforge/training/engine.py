@@ -39,6 +39,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def wait_until(ready: Callable[[], bool], timeout_s: float | None = None, poll_s: float = 2.0) -> float | None:
+    """Poll ``ready()`` until it is true (a process of a torchrun job waiting for what the first one writes).
+
+    Returns None once ready, or the limit in seconds when it passed first (the caller says what was late). The
+    limit is ``timeout_s``, else ``$EMBEDFORGE_RANK_WAIT_S``, else 24 hours.
+    """
+    limit = timeout_s if timeout_s is not None else float(os.environ.get("EMBEDFORGE_RANK_WAIT_S", 24 * 3600))
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > limit:
+            return limit
+        time.sleep(poll_s)
+    return None
+
+
 def checkpoint_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Where a stage writing ``out_dir`` keeps its checkpoints: ``<out_dir>.ckpt`` (embedforge's own folder)."""
     return Path(os.fspath(out_dir) + ".ckpt")
