@@ -57,10 +57,11 @@ class ExportConfig:
         factory=lambda: [t.value for t in Int8Target],
     )
     int8_keep_float: list[str] | None = opt(
-        None, help="MatMuls the dynamic int8 graphs keep in float: substrings of node names, or 'ffn_down:<layers>' "
-        "(MLP output projections of the listed layers, e.g. 'ffn_down:0,1,2', 'ffn_down:-1', 'ffn_down:all'); "
-        "None: auto -- ['down_proj'] for decoders, whose MLP output projections see outlier activations, none for "
-        "encoders. ['ffn_down:0,1,2'] keeps a BERT-like encoder closest to fp32, at some int8 speed"
+        None, help="MatMuls the dynamic int8 graphs keep in float: substrings of node names, 'ffn_down:<layers>' "
+        "(MLP output projections of the listed layers, e.g. 'ffn_down:0,1,2', 'ffn_down:-1', 'ffn_down:all') or "
+        "'head' (a Dense layer after pooling); None: auto -- ['down_proj', 'v_proj', 'head'] for decoders, whose "
+        "MLP inputs and pooled vectors carry outlier activations, none for encoders. ['ffn_down:0,1,2'] keeps a "
+        "BERT-like encoder closest to fp32, at some int8 speed"
     )
     int8_split_first_token: bool | None = opt(
         None, help="int8 graphs: run each MLP block on the first token and on the other tokens separately, so the "

@@ -241,7 +241,7 @@ def export_model(config: ExportConfig, out_dir: str | os.PathLike[str], *, recip
         encoder_like = fuse_info["applied"] or model_type in precision.BERT_LIKE  # the auto defaults differ
         keep_float = config.int8_keep_float
         if keep_float is None:
-            keep_float = [] if encoder_like else ["down_proj"]
+            keep_float = [] if encoder_like else list(precision.DECODER_KEEP_FLOAT)
         split_wanted = encoder_like if config.int8_split_first_token is None else config.int8_split_first_token
         int8_base, split = base, []
         if config.int8 and split_wanted and spec.padding_side == "right":

@@ -74,17 +74,61 @@ def test_causal_decoder_with_int8_and_token_graph(tiny_llama_dir: Path, tmp_path
     manifest = _check(model_dir, tmp_path / "export", int8=["arm64"], last_hidden_state=True, fp16=True)
     assert manifest["fusion"]["applied"] is False  # decoders keep the plain graph
     assert {"fp32", "fp16", "int8_arm64", "last_hidden_state"} <= set(manifest["graphs"])
-    # decoders keep each layer's MLP down projection in float by default (2 layers here) and skip the
-    # first-token split unless asked for
+    # decoders keep each layer's MLP down and value projections in float by default (2 layers here) and skip
+    # the first-token split unless asked for
     quant = manifest["graphs"]["int8_arm64"]["quantization"]
     kept = quant["kept_float"]
     assert quant["first_token_split"]["mlp_blocks"] == 0
-    assert kept["patterns"] == ["down_proj"] and kept["matmuls"] == 2
-    assert all("down_proj" in n for n in kept["nodes"])
+    assert kept["patterns"] == ["down_proj", "v_proj", "head"] and kept["matmuls"] == 4
+    assert sorted(n.split("/")[-2] for n in kept["nodes"]) == ["down_proj", "down_proj", "v_proj", "v_proj"]
     assert manifest["graphs"]["int8_arm64"]["quantization"]["embeddings"] == "int8"
     got = OnnxEncoder(tmp_path / "export", "onnx/model_qint8_arm64.onnx").encode(TEXTS)
     cos = (got * _reference(model_dir, TEXTS)).sum(1)
     assert cos.min() > 0.95
+
+
+def _float_matmul_weights(graph: Path) -> set[str]:
+    """Initializer names that a float MatMul / Gemm of ``graph`` multiplies by (the weights left unquantized)."""
+    import onnx
+
+    g = onnx.load(str(graph), load_external_data=False).graph
+    names = {i.name for i in g.initializer}
+    return {x for n in g.node if n.op_type in ("MatMul", "Gemm") for x in n.input if x in names}
+
+
+def test_decoder_int8_keeps_a_dense_head_in_float(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A Dense head after pooling (the distilled students' projection) stays float in the int8 graph by default:
+    onnxruntime rewrites a Gemm to "<name>_MatMul" before it reads the excluded nodes, which once quantized the
+    head whatever the config said; ``int8_keep_float`` naming only the MLP quantizes it, and the head's int8
+    activation scale (set by the pooled vector's outlier channels) moves the vectors away from fp32."""
+    import torch
+    from sentence_transformers.base.modules import Dense
+
+    from embedforge.export.encoder import OnnxEncoder
+    from embedforge.model import save_model
+    from embedforge.modules import load_embedder
+
+    model = load_embedder(str(_embedder(tiny_llama_dir, tmp_path / "base", pooling="mean")))
+    dim = model.get_embedding_dimension()
+    head = Dense(dim, 24, bias=True, activation_function=torch.nn.Identity())
+    model.append(head)
+    weight = f"chain.{len(model) - 1}.linear.weight"
+    model_dir = save_model(model, tmp_path / "model", stage="convert", source="test")
+    _check(model_dir, tmp_path / "auto", int8=["avx512_vnni"])
+    graph = tmp_path / "auto" / "onnx" / "model_qint8_avx512_vnni.onnx"
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    kept = manifest["graphs"]["int8_avx512_vnni"]["quantization"]["kept_float"]["nodes"]
+    assert [n for n in kept if not n.startswith("/chain.0/")] == [f"/chain.{len(model) - 1}/linear/Gemm"]
+    # the head's weight (transposed when the quantizer rewrites the Gemm as a MatMul) is still a float input
+    assert any(w.startswith(weight) for w in _float_matmul_weights(graph))
+    auto = OnnxEncoder(tmp_path / "auto", "onnx/model_qint8_avx512_vnni.onnx").encode(TEXTS)
+
+    _check(model_dir, tmp_path / "mlp", int8=["avx512_vnni"], int8_keep_float=["down_proj"])
+    quantized = tmp_path / "mlp" / "onnx" / "model_qint8_avx512_vnni.onnx"
+    assert not any(w.startswith(weight) for w in _float_matmul_weights(quantized))
+    mlp = OnnxEncoder(tmp_path / "mlp", "onnx/model_qint8_avx512_vnni.onnx").encode(TEXTS)
+    ref = _reference(model_dir, TEXTS)
+    assert (auto * ref).sum(1).mean() > (mlp * ref).sum(1).mean()
 
 
 def test_decoder_int8_with_first_token_split(tiny_llama_dir: Path, tmp_path: Path) -> None:
