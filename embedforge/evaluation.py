@@ -189,10 +189,17 @@ def check_sts_scores(gold: np.ndarray, source: str) -> None:
 # ----------------------------------------------------------------------------------------- retrieval
 
 
+#: the per-query key :func:`retrieval_metrics` adds with ``per_query=True`` (at the default k_ndcg)
+PER_QUERY = "ndcg@10_per_query"
+
+
 def retrieval_metrics(scores: np.ndarray, doc_ids: list[str], query_ids: list[str],
                       qrels: dict[str, dict[str, int]], *, k_ndcg: int = 10, k_recall: int = 100,
-                      k_mrr: int = 10) -> dict[str, float]:
-    """nDCG@10 (graded gains, log2 discount), Recall@100 and MRR@10 (x100) from a query x doc score matrix."""
+                      k_mrr: int = 10, per_query: bool = False) -> dict[str, Any]:
+    """nDCG@10 (graded gains, log2 discount), Recall@100 and MRR@10 (x100) from a query x doc score matrix.
+
+    ``per_query``: also ``"ndcg@10_per_query"``, each judged query's nDCG (x100) in ``query_ids`` order, for paired
+    comparisons of two score matrices over the same queries."""
     top = max(k_ndcg, k_recall, k_mrr)
     top = min(top, scores.shape[1])
     # argpartition then sort only the head: the corpus can be large.
@@ -216,12 +223,30 @@ def retrieval_metrics(scores: np.ndarray, doc_ids: list[str], query_ids: list[st
                 rr = 1.0 / (r + 1)
                 break
         rrs.append(rr)
-    return {
+    out: dict[str, Any] = {
         f"ndcg@{k_ndcg}": float(np.mean(ndcgs) * 100),
         f"recall@{k_recall}": float(np.mean(recalls) * 100),
         f"mrr@{k_mrr}": float(np.mean(rrs) * 100),
         "queries": len(ndcgs),
     }
+    if per_query:
+        out[f"ndcg@{k_ndcg}_per_query"] = [float(x * 100) for x in ndcgs]
+    return out
+
+
+def paired_difference(reference: Sequence[float], other: Sequence[float], *, resamples: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """Mean of ``other - reference`` over the same queries and its 95% bootstrap interval (queries resampled
+    with replacement ``resamples`` times): whether a gap between two encoders of one model is larger than what
+    the choice of queries alone would move."""
+    ref, oth = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if ref.ndim != 1 or ref.shape != oth.shape or len(ref) == 0:
+        raise ValueError(f"paired_difference needs two equally long, non-empty score lists, got {len(reference)} "
+                         f"and {len(other)}")
+    diff = oth - ref
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return {"delta": round(float(diff.mean()), 2), "ci95_low": round(float(np.percentile(means, 2.5)), 2),
+            "ci95_high": round(float(np.percentile(means, 97.5)), 2), "queries": len(diff)}
 
 
 def evaluate_retrieval(model: Any, beir: BeirData, *, query_prompt: str | None = None,
@@ -474,13 +499,14 @@ def _prefix(x: np.ndarray, dim: int | None) -> np.ndarray:
 
 
 def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: int | None = None,
-                       binary: bool = False, rescore_depth: int = 40) -> dict[str, Any]:
+                       binary: bool = False, rescore_depth: int = 40, per_query: bool = False) -> dict[str, Any]:
     """Metrics of one task from vectors of :func:`encode_task_vectors`, cut to ``dim`` and renormalized.
 
     ``binary``: retrieval searches the documents' sign bits (hamming distance to the query's) for the top
     ``rescore_depth`` and re-ranks them by float query . calibrated int8 document; STS pairs are scored float
     first sentence . int8 second sentence (the score a rescoring index returns); classification has no binary
-    counterpart here and is reported as not applicable.
+    counterpart here and is reported as not applicable. ``per_query``: retrieval metrics carry each query's
+    nDCG@10 too (see :func:`retrieval_metrics`).
     """
     from embedforge.quantization import BinaryRescoreIndex, Int8Calibration
 
@@ -503,7 +529,8 @@ def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: i
     if task.kind == "retrieval":
         q, d = _prefix(vectors["q"], dim), _prefix(vectors["d"], dim)
         if not binary:
-            return retrieval_metrics(q @ d.T, vectors["doc_ids"], vectors["query_ids"], data.qrels)
+            return retrieval_metrics(q @ d.T, vectors["doc_ids"], vectors["query_ids"], data.qrels,
+                                     per_query=per_query)
         depth = min(rescore_depth, len(d))
         k = min(100, depth)
         index = BinaryRescoreIndex.build(d, Int8Calibration.fit(d))
@@ -512,7 +539,8 @@ def score_task_vectors(task: Task, data: Any, vectors: dict[str, Any], *, dim: i
         rows = np.repeat(np.arange(len(q))[:, None], ids.shape[1], axis=1)
         keep = ids >= 0
         full[rows[keep], ids[keep]] = scores[keep]
-        out = retrieval_metrics(full, vectors["doc_ids"], vectors["query_ids"], data.qrels, k_recall=k)
+        out = retrieval_metrics(full, vectors["doc_ids"], vectors["query_ids"], data.qrels, k_recall=k,
+                                per_query=per_query)
         out["rescore_depth"] = depth
         return out
     if binary:
@@ -544,7 +572,9 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
     width), ``dim`` (the width again for the PyTorch and binary artifacts, which make the quality-vs-dimension
     curves; None for the ONNX graphs), ``precision`` (float / binary), ``size_bytes`` and ``size_mb`` on disk,
     ``vector_bytes`` per stored vector, ``throughput`` (texts/s while encoding every task text, the same texts for
-    every artifact) and ``results`` (task metrics).
+    every artifact) and ``results`` (task metrics). Every artifact after the first has ``vs_pytorch`` in its
+    retrieval tasks' metrics: its nDCG@10 minus the full PyTorch model's over the same queries, with a 95%
+    bootstrap interval (:func:`paired_difference`).
     """
     import gc
 
@@ -553,6 +583,7 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
     arts = plan_artifacts(config)
     encoded: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
     records: list[dict[str, Any]] = []
+    reference_queries: dict[str, list[float]] = {}  # the PyTorch model's nDCG@10 per query, per retrieval task
     for art in arts:
         if art.source is None:
             encoder = _artifact_encoder(art)
@@ -581,8 +612,16 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
             raise ConfigError(f"truncate_dims: {dims} is larger than the {full_dim} dimensions of {art.source}; use "
                               f"at most {full_dim}", key="truncate_dims")
         metrics = {t.name: score_task_vectors(t, d, v, dim=art.dims, binary=art.binary,
-                                              rescore_depth=config.rescore_depth)
+                                              rescore_depth=config.rescore_depth, per_query=True)
                    for t, d, v in zip(parsed, loaded, vectors)}
+        for task_name, m in metrics.items():  # retrieval: paired with the full PyTorch model, query by query
+            queries = m.pop(PER_QUERY, None)
+            if queries is None:
+                continue
+            if not records:
+                reference_queries[task_name] = queries
+            else:
+                m["vs_pytorch"] = paired_difference(reference_queries[task_name], queries)
         vector_bytes = (-(-dims // 8) + dims) if art.binary and dims else (4 * dims if dims else None)
         # "dim" places the PyTorch and binary artifacts on the quality-vs-dimension curves (the ONNX graphs are
         # full-width copies of the PyTorch point and stay off them); "dims" is every artifact's width.
@@ -601,14 +640,16 @@ def evaluate_artifacts(config: EvalConfig, *, show_progress: bool = True) -> dic
 
 def artifacts_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per artifact with its size, throughput and the headline score of every task."""
-    from embedforge.report import table
+    from embedforge.report import paired_text, table
 
+    paired = [t for t in records[0]["results"] if any(paired_text(r["results"].get(t)) for r in records)]
     rows = []
     for r in records:
         row = {"artifact": r["name"], "kind": r["kind"], "dims": r["dims"], "size MiB": r["size_mb"],
                "bytes/vector": r["vector_bytes"], "texts/s": r["throughput"]}
         for task, m in r["results"].items():
             row[task] = main_score(task, m) if "not_applicable" not in m else None
+        row.update({f"{task} vs pytorch (95% CI)": paired_text(r["results"].get(task)) for task in paired})
         rows.append(row)
     return table(rows)
 

@@ -401,6 +401,14 @@ def _f(value: Any, digits: int = 1) -> Any:
     return None if value is None else round(float(value), digits)
 
 
+def paired_text(metrics: Any) -> str | None:
+    """``+0.12 [-0.80, +1.05]`` from a task's ``vs_pytorch`` record (eval stage), None without one."""
+    p = metrics.get("vs_pytorch") if isinstance(metrics, dict) else None
+    if not isinstance(p, dict) or not all(_num(p.get(k)) is not None for k in ("delta", "ci95_low", "ci95_high")):
+        return None
+    return f"{p['delta']:+.2f} [{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}]"
+
+
 def _task_label(task: str) -> str:
     """A short column name for a task: ``sts:/long/path/sts.tsv`` becomes ``sts:sts.tsv``."""
     kind, sep, rest = task.partition(":")
@@ -529,9 +537,16 @@ def build_report(run_dir: str | os.PathLike[str]) -> RunReport:
         rows = [{"artifact": a.name, "kind": a.kind, "dim": a.dim or "full", "precision": a.precision,
                  "size MiB": _f(a.size_mb), "texts/s": _f(a.throughput), "quality": _f(a.quality, 2),
                  **{_task_label(t): _f(headline(a.results.get(t) or {}), 2) for t in tasks}} for a in artifacts]
+        paired = [t for t in tasks if any(paired_text(a.results.get(t)) for a in artifacts)]
+        for row, a in zip(rows, artifacts):
+            row.update({f"{_task_label(t)} vs PyTorch": paired_text(a.results.get(t)) for t in paired})
         blocks.append(Block("table", rows=rows))
         blocks.append(Block("p", "Quality is the mean of each task's headline score (Spearman x100 for STS, "
                                  "nDCG@10 for retrieval, accuracy for classification)."))
+        if paired:
+            blocks.append(Block("p", "\"vs PyTorch\": the artifact's nDCG@10 minus the full PyTorch model's over "
+                                     "the same queries, with a 95% bootstrap interval over queries in brackets: an "
+                                     "interval that contains 0 is a gap the choice of queries alone could make."))
 
     # Matryoshka
     blocks.append(Block("h2", "Quality vs Matryoshka dimension"))

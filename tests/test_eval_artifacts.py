@@ -89,10 +89,22 @@ def test_one_stage_scores_every_artifact(tiny_st_dir: Path, export_dir: Path, ta
     # fp32 ONNX is the same model: same scores; the others are close to it
     assert records["onnx-fp32"]["results"][sts]["spearman"] == pytest.approx(results[sts]["spearman"], abs=0.5)
     assert records["onnx-fp32"]["results"][ret]["ndcg@10"] == pytest.approx(results[ret]["ndcg@10"], abs=1.0)
+    # every artifact after the PyTorch model carries its paired nDCG@10 difference to it; the mean of the
+    # per-query differences is the difference of the means (the same queries are judged for both)
+    assert "vs_pytorch" not in records["pytorch"]["results"][ret]
+    for name, r in records.items():
+        m = r["results"][ret]
+        assert "ndcg@10_per_query" not in m and "vs_pytorch" not in r["results"][sts]
+        if name != "pytorch":
+            paired = m["vs_pytorch"]
+            assert paired["delta"] == pytest.approx(m["ndcg@10"] - results[ret]["ndcg@10"], abs=0.006)
+            assert paired["ci95_low"] <= paired["delta"] <= paired["ci95_high"]
+            assert paired["queries"] == results[ret]["queries"]
     assert records["binary-rescore"]["results"][ret]["rescore_depth"] == 20
     assert "recall@20" in records["binary-rescore"]["results"][ret]
     report = (out / "report.md").read_text()
     assert "## Every artifact" in report and "binary-rescore@16" in report
+    assert f"| {ret} vs pytorch (95% CI) |" in report
 
 
 def _reference_binary_rescore(q: np.ndarray, d: np.ndarray, depth: int) -> np.ndarray:

@@ -34,6 +34,31 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["ndcg@10"] == pytest.approx((ndcg_a + dcg_b / idcg_b) / 2 * 100)
     assert m["mrr@10"] == pytest.approx((0.5 + 1.0) / 2 * 100)
     assert m["recall@100"] == pytest.approx(100.0)
+    assert "ndcg@10_per_query" not in m
+    # per query, in query order, for paired comparisons; a query without a relevant document is not judged
+    three = np.stack([scores[0], scores[1], scores[1]])
+    paired = retrieval_metrics(three, ["d1", "d2", "d3"], ["a", "c", "b"], {**qrels, "c": {}}, per_query=True)
+    assert paired["ndcg@10_per_query"] == pytest.approx([ndcg_a * 100, dcg_b / idcg_b * 100])
+
+
+def test_paired_difference_interval() -> None:
+    from embedforge.evaluation import paired_difference
+
+    # a constant gap has no spread: the interval is the gap itself
+    same = paired_difference([10.0, 20.0, 30.0], [11.0, 21.0, 31.0])
+    assert same == {"delta": 1.0, "ci95_low": 1.0, "ci95_high": 1.0, "queries": 3}
+    # noisy gaps: the bootstrap interval is close to the normal one, mean +- 1.96 standard errors
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 100, 400)
+    b = a + rng.normal(0.5, 10.0, 400)
+    got = paired_difference(a, b)
+    diff = b - a
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff))
+    assert got["delta"] == pytest.approx(diff.mean(), abs=0.005)
+    assert got["ci95_low"] == pytest.approx(diff.mean() - half, abs=0.15)
+    assert got["ci95_high"] == pytest.approx(diff.mean() + half, abs=0.15)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0, 2.0], [1.0])
 
 
 def test_retrieval_matches_sentence_transformers_evaluator(tiny_st_dir: Path) -> None:

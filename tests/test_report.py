@@ -217,7 +217,8 @@ def test_report_reads_the_artifacts_form_of_metrics(tmp_path: Path) -> None:
     arts = [{"name": "pytorch", "kind": "pytorch", "size_mb": 500.0, "throughput": 40.0,
              "results": {"stsb-dev": {"spearman": 80.0}, "scifact-dev": {"ndcg@10": 40.0}}},
             {"name": "onnx-int8", "kind": "onnx", "path": str(model), "throughput": 120.0,
-             "results": {"stsb-dev": {"spearman": 79.5}, "scifact-dev": {"ndcg@10": 39.0}}}]
+             "results": {"stsb-dev": {"spearman": 79.5}, "scifact-dev": {"ndcg@10": 39.0, "vs_pytorch": {
+                 "delta": -1.0, "ci95_low": -2.25, "ci95_high": 0.5, "queries": 300}}}}]
     arts += [{"name": f"{p}-{d}", "kind": "matryoshka", "dim": d, "precision": p, "size_mb": 500.0,
               "results": {"stsb-dev": {"spearman": 70.0 + d / 64 - (5 if p == "binary" else 0)}}}
              for d in (64, 128, 256) for p in ("float", "binary")]
@@ -237,9 +238,11 @@ def test_report_reads_the_artifacts_form_of_metrics(tmp_path: Path) -> None:
     built = build_report(run_dir)
     assert sorted(p.name for p in built.plots) == ["lineage.png", "matryoshka.png", "stages.png", "tradeoff.png"]
     md = built.markdown.read_text()
-    assert "| onnx-int8 | onnx | full | float | 1.00 | 120.00 | 59.25 | 79.50 | 39.00 |" in md  # size from path
-    assert "| pytorch | pytorch | full | float | 500.00 | 40.00 | 60.00 | 80.00 | 40.00 |" in md
-    assert "| onnx-fp32 | onnx | full | float | 33.00 | - | 60.00 | 80.00 | 40.00 |" in md  # from the manifest
+    # size from path; the paired difference to PyTorch of the retrieval task in its own column
+    assert "| onnx-int8 | onnx | full | float | 1.00 | 120.00 | 59.25 | 79.50 | 39.00 | -1.00 [-2.25, +0.50] |" in md
+    assert "| pytorch | pytorch | full | float | 500.00 | 40.00 | 60.00 | 80.00 | 40.00 | - |" in md
+    assert "| onnx-fp32 | onnx | full | float | 33.00 | - | 60.00 | 80.00 | 40.00 | - |" in md  # from the manifest
+    assert "scifact-dev vs PyTorch |" in md and "95% bootstrap interval" in md
     assert "| binary-64 | 64 | binary | 66.00 |" in md and "| float-256 | 256 | float | 74.00 |" in md
     assert "No loss plot: this run has no training stage." in md
     assert built.summary[1] == "best: pytorch 60.0 (500 MiB); smallest: onnx-int8 59.2 (1 MiB)"
