@@ -403,7 +403,11 @@ def _f(value: Any, digits: int = 1) -> Any:
 
 def paired_text(metrics: Any) -> str | None:
     """``+0.12 [-0.80, +1.05]`` from a task's ``vs_pytorch`` record (eval stage), None without one."""
-    p = metrics.get("vs_pytorch") if isinstance(metrics, dict) else None
+    return format_paired(metrics.get("vs_pytorch") if isinstance(metrics, dict) else None)
+
+
+def format_paired(p: Any) -> str | None:
+    """``+0.12 [-0.80, +1.05]`` from a record of :func:`embedforge.evaluation.paired_difference`, None for none."""
     if not isinstance(p, dict) or not all(_num(p.get(k)) is not None for k in ("delta", "ci95_low", "ci95_high")):
         return None
     return f"{p['delta']:+.2f} [{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}]"

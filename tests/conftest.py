@@ -30,6 +30,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+class StopBeforeTraining(Exception):
+    """Raised in place of the training loop by :func:`trainer_args`."""
+
+
+@pytest.fixture
+def trainer_args(monkeypatch: pytest.MonkeyPatch):
+    """``trainer_args(start)`` calls ``start()`` with the engine's ``run_training`` replaced by a stop, and returns
+    the ``TrainingArguments`` of the trainer the stage built (nothing is trained)."""
+    from embedforge.training import engine
+
+    def run(start) -> object:
+        seen = {}
+
+        def stop(trainer, *args, **kwargs):
+            seen["args"] = trainer.args
+            raise StopBeforeTraining
+
+        monkeypatch.setattr(engine, "run_training", stop)
+        with pytest.raises(StopBeforeTraining):
+            start()
+        return seen["args"]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_st_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny sentence-transformers BERT directory (random weights)."""

@@ -43,13 +43,9 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
 DEPTHS = (100, 200)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def run(model: str, out: Path) -> dict[str, Any]:
-    from embedforge.evaluation import (encode_task_vectors, load_task_data, paired_difference,
-                                       retrieval_metrics, score_task_vectors)
+    from embedforge.evaluation import (PER_QUERY, encode_task_vectors, l2_normalize, load_task_data,
+                                       paired_difference, retrieval_metrics, score_task_vectors)
     from embedforge.evaluation_config import parse_task
     from embedforge.export.config import ExportConfig
     from embedforge.export.encoder import OnnxEncoder
@@ -78,7 +74,7 @@ def run(model: str, out: Path) -> dict[str, Any]:
         start = time.perf_counter()
         vectors = encode_task_vectors(encoder, task, data, batch_size=32, query_prompt=None, doc_prompt=None)
         seconds = time.perf_counter() - start
-        q, d = _unit(vectors["q"]), _unit(vectors["d"])
+        q, d = l2_normalize(vectors["q"]), l2_normalize(vectors["d"])
         metrics = retrieval_metrics(q @ d.T, vectors["doc_ids"], vectors["query_ids"], data.qrels, per_query=True)
         row: dict[str, Any] = {
             "name": name, "keep_float": keep if name != "fp32" else None,
@@ -91,12 +87,12 @@ def run(model: str, out: Path) -> dict[str, Any]:
             binary = score_task_vectors(task, data, vectors, binary=True, rescore_depth=depth)
             row[f"binary_rescore@{depth}"] = round(binary["ndcg@10"], 2)
         if name == "fp32":
-            reference = {"d": d, "per_query": metrics["ndcg@10_per_query"], "speed": row["texts_per_s"]}
+            reference = {"d": d, "per_query": metrics[PER_QUERY], "speed": row["texts_per_s"]}
         else:
             cos = np.sum(d * reference["d"], axis=1)
             row.update(cosine_mean=round(float(cos.mean()), 4), cosine_min=round(float(cos.min()), 4),
                        speed_vs_fp32=round(row["texts_per_s"] / reference["speed"], 2),
-                       vs_fp32=paired_difference(reference["per_query"], metrics["ndcg@10_per_query"]))
+                       vs_fp32=paired_difference(reference["per_query"], metrics[PER_QUERY]))
             (onnx_dir / file).unlink()
         result["variants"].append(row)
         logger.info("%s: %s", name, {k: v for k, v in row.items() if k != "keep_float"})
@@ -110,18 +106,16 @@ def _four(x: float | None) -> str | None:
 
 
 def _write_md(out: Path, result: dict[str, Any]) -> None:
-    from embedforge.report import table
+    from embedforge.report import format_paired, table
 
     rows = []
     for r in result["variants"]:
-        paired = r.get("vs_fp32") or {}
         rows.append({"graph": r["name"], "float MatMuls": ", ".join(r["keep_float"] or []) or None,
                      "token table": r["token_table"], "MiB": r["size_mib"],
                      "texts/s": r["texts_per_s"], "x fp32": r.get("speed_vs_fp32"),
                      "cos mean": _four(r.get("cosine_mean")), "cos min": _four(r.get("cosine_min")),
                      "nDCG@10": r["ndcg@10"],
-                     "vs fp32 (95% CI)": (f"{paired['delta']:+.2f} [{paired['ci95_low']:+.2f}, "
-                                          f"{paired['ci95_high']:+.2f}]") if paired else None,
+                     "vs fp32 (95% CI)": format_paired(r.get("vs_fp32")),
                      **{f"binary@{k}": r[f"binary_rescore@{k}"] for k in DEPTHS}})
     text = (f"# Dynamic int8: what a decoder keeps in float ({result['model']}, SciFact dev, whole corpus)\n\n"
             + table(rows) + "\n")

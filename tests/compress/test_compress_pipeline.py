@@ -192,14 +192,9 @@ def test_compress_cuts_huge_texts_to_the_model_limit(tmp_path, texts_file, caplo
         f"{corpus}: 1 text(s) longer than {limit} characters were cut to that length (the model reads no further)"]
 
 
-class _Stop(Exception):
-    """Raised by the spy once it has seen the trainer."""
-
-
 @pytest.mark.parametrize("stage", ["compress", "binarizer"])
-def test_recipe_train_key_reaches_the_trainer_and_keeps_the_stage_defaults(tmp_path, texts_file, monkeypatch,
+def test_recipe_train_key_reaches_the_trainer_and_keeps_the_stage_defaults(tmp_path, texts_file, trainer_args,
                                                                            stage):
-    import embedforge.training.engine as engine
     from embedforge.recipe import load_recipe
     from embedforge.stages import runner
 
@@ -210,16 +205,7 @@ def test_recipe_train_key_reaches_the_trainer_and_keeps_the_stage_defaults(tmp_p
     recipe.write_text(f"stages:\n  - name: s\n    stage: {stage}\n    out: {tmp_path / 'out'}\n    model: {src}\n"
                       f"{extra}    train: {{learning_rate: 0.0123}}\n")
     (st,) = load_recipe(recipe).stages
-    seen = {}
-
-    def spy(trainer, *args, **kwargs):
-        seen["args"] = trainer.args
-        raise _Stop
-
-    monkeypatch.setattr(engine, "run_training", spy)
-    with pytest.raises(_Stop):
-        runner(stage)(st.config, st.out, StageContext())
-    args = seen["args"]
+    args = trainer_args(lambda: runner(stage)(st.config, st.out, StageContext()))
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     if stage == "compress":
         assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size, scheduler, args.warmup_steps,

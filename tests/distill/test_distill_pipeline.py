@@ -290,17 +290,12 @@ def test_run_refuses_missing_teacher_layers_before_encoding(bert_teacher, texts_
     assert not out.exists()
 
 
-class _Stop(Exception):
-    """Raised by the stand-in for run_training once the trainer was built."""
-
-
 def test_recipe_train_key_reaches_the_trainer_and_keeps_the_distill_defaults(bert_teacher, texts_file, tmp_path,
-                                                                               monkeypatch):
+                                                                               trainer_args):
     """``train: {batch_size: 4}`` on a distill stage of a recipe changes the trainer's batch size only: the learning
     rate (1e-4), seed (42), checkpoint settings and the epoch-bounded step count stay the distill stage's."""
     from embedforge.distill import pipeline
     from embedforge.recipe import load_recipe
-    from embedforge.training import engine
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"stages:\n  - name: student\n    stage: distill\n    model: {bert_teacher}\n"
@@ -311,16 +306,7 @@ def test_recipe_train_key_reaches_the_trainer_and_keeps_the_distill_defaults(ber
     assert (train.batch_size, train.learning_rate, train.seed, train.max_steps, train.epochs) == (4, 1e-4, 42, None, 1.0)
     assert (train.warmup_ratio, train.save_steps, train.save_total_limit, train.logging_steps) == (0.05, 200, 1, None)
 
-    seen = {}
-
-    def capture(trainer, *args, **kwargs):
-        seen["args"] = trainer.args
-        raise _Stop
-
-    monkeypatch.setattr(engine, "run_training", capture)
-    with pytest.raises(_Stop):
-        pipeline.run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache"))
-    args = seen["args"]
+    args = trainer_args(lambda: pipeline.run(cfg, tmp_path / "student", StageContext(cache_dir=tmp_path / "cache")))
     assert args.per_device_train_batch_size == 4
     assert (args.learning_rate, args.seed, args.save_steps, args.save_total_limit) == (1e-4, 42, 200, 1)
     assert args.max_steps == 96 // 4  # one pass (epochs 1.0, no step bound) over the 96 texts, full batches only
