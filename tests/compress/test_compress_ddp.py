@@ -93,19 +93,27 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return tiny_bert_st(tmp_path / "bert", layers=2), data
 
 
+def _two_process_reports(tmp_path: Path, stage: str, inputs: tuple[Path, Path], out: Path, *,
+                         batch: int) -> list[dict]:
+    """Run ``stage`` under torchrun on two processes; each process's report, after checking that both ran in a
+    world of 2 and took the same 4 steps of ``batch`` rows."""
+    model, data = inputs
+    proc = _torchrun(tmp_path, stage, model, data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["world"] == 2
+        assert [size for size, _ in report["batches"]] == [batch] * 4
+    return reports
+
+
 def test_two_process_binarizer_trains_on_both_and_writes_once(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     from embedforge.model import read_lineage
     from embedforge.modules import load_embedder
     from embedforge.modules.binarizer import LearnedBinarizer
 
-    model, data = inputs
     out = tmp_path / "bin"
-    proc = _torchrun(tmp_path, "binarizer", model, data, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
-    for report in reports:
-        assert report["world"] == 2
-        assert [size for size, _ in report["batches"]] == [8, 8, 8, 8]  # the same 4 steps of 8 vectors each
+    reports = _two_process_reports(tmp_path, "binarizer", inputs, out, batch=8)  # 4 steps of 8 vectors each
     # each process trained on its own share: their first batches differ
     assert reports[0]["batches"][0][1] != reports[1]["batches"][0][1]
     assert (reports[0]["saves"], reports[1]["saves"]) == (1, 0)  # only the first process saved the model
@@ -121,14 +129,8 @@ def test_two_process_healing_trains_on_both_and_writes_once(tmp_path: Path, inpu
     from embedforge.model import read_lineage
     from embedforge.modules import load_embedder
 
-    model, data = inputs
     out = tmp_path / "small"
-    proc = _torchrun(tmp_path, "compress", model, data, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
-    for report in reports:
-        assert report["world"] == 2
-        assert [size for size, _ in report["batches"]] == [4, 4, 4, 4]  # the same 4 steps of 4 texts each
+    reports = _two_process_reports(tmp_path, "compress", inputs, out, batch=4)  # 4 steps of 4 texts each
     # each process trained on its own share: no text in both first batches
     assert not set(reports[0]["batches"][0][1]) & set(reports[1]["batches"][0][1])
     assert (reports[0]["saves"], reports[1]["saves"]) == (1, 0)  # only the first process saved the model
