@@ -446,6 +446,20 @@ class Existing(str, enum.Enum):
     KEEP = "keep"  # a shared cache entry: another process that finished it first wins; no lock, no check
 
 
+def write_npy_atomic(path: str | os.PathLike[str], array: object) -> None:
+    """Write ``array`` to ``path`` as ``.npy`` through a hidden temporary file in the same folder (flushed to disk)
+    and a rename, so a reader (a rerun, another process) never sees half a file."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike[str], *, stage: str | None = None,
                existing: Existing = Existing.REPLACE) -> Iterator[Path]:

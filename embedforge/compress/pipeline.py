@@ -291,8 +291,7 @@ def run_binarizer(config: BinarizerConfig, out_dir: Path, ctx: StageContext) -> 
 def _cached_vectors(model: Any, texts: list[str], batch_size: int, cache: Path) -> np.ndarray:
     """The model's vectors of ``texts``, read from ``cache`` when an earlier run left it; the first process writes
     it (atomically: a rerun never reads half a file), the others only read."""
-    import os
-
+    from embedforge.outputs import write_npy_atomic
     from embedforge.training.engine import is_main_process
 
     if cache.is_file():
@@ -300,10 +299,7 @@ def _cached_vectors(model: Any, texts: list[str], batch_size: int, cache: Path) 
     vectors = _vectors(model, texts, batch_size)
     if is_main_process():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, vectors)
-        os.replace(tmp, cache)
+        write_npy_atomic(cache, vectors)
     return vectors
 
 

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedforge.evaluation import l2_normalize
+from embedforge.outputs import write_npy_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -167,16 +168,6 @@ def _shard_path(directory: Path, index: int) -> Path:
     return directory / f"shard-{index:05d}.npy"
 
 
-def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -202,8 +193,8 @@ def _encode_texts(model: Any, texts: list[str], settings: EncodeSettings) -> np.
     """Encode one shard's texts (length-sorted batches) as normalized float32 rows."""
     from embedforge.evaluation import encode
 
-    return encode(model, texts, batch_size=settings.batch_size, prompt=settings.prompt, normalize=True,
-                  show_progress=False)
+    return np.ascontiguousarray(encode(model, texts, batch_size=settings.batch_size, prompt=settings.prompt,
+                                       normalize=True, show_progress=False), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------- worker processes
@@ -224,7 +215,7 @@ def _worker_init(teacher: str, settings: EncodeSettings, devices: Any, threads: 
 def _worker_encode(index: int, texts: list[str], directory: str) -> tuple[int, int]:
     """Encode one shard in a worker process and write it; returns (shard index, number of texts)."""
     vectors = _encode_texts(_WORKER["model"], texts, _WORKER["settings"])
-    _write_atomic_npy(_shard_path(Path(directory), index), vectors)
+    write_npy_atomic(_shard_path(Path(directory), index), vectors)
     return index, len(texts)
 
 
@@ -285,7 +276,7 @@ def encode_teacher(
         if processes <= 1:
             model = _load_teacher(teacher, settings, _devices(1)[0])
             for i in todo:
-                _write_atomic_npy(_shard_path(directory, i), _encode_texts(model, shard_texts(i), settings))
+                write_npy_atomic(_shard_path(directory, i), _encode_texts(model, shard_texts(i), settings))
                 report.encoded_shards.append(i)
                 bar.update(len(shard_texts(i)))
         else:

@@ -33,13 +33,13 @@ WORKER = textwrap.dedent(
         return forward(self, sentence_features, labels)
 
     matryoshka.DistillObjective.forward = spy
-    write = teacher._write_atomic_npy
+    write = teacher.write_npy_atomic
 
     def counted(path, array):
         shard_writes.append(path.name)
         write(path, array)
 
-    teacher._write_atomic_npy = counted
+    teacher.write_npy_atomic = counted
 
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
